@@ -1,0 +1,165 @@
+"""Building blocks shared by the DiT and the UNet baseline.
+
+Module and parameter names follow facebookresearch/DiT (which uses timm's ``Attention``/``Mlp``), so the official
+checkpoints load with strict keys: ``t_embedder.mlp.0``, ``y_embedder.embedding_table``, ``attn.qkv``, ``attn.proj``,
+``mlp.fc1``, ``mlp.fc2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` (DiT paper, Sec. 3.2).
+
+    x: (N, T, D); shift, scale: (N, D).
+    """
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, ``[cos(t w_i), sin(t w_i)]``.
+
+    ``w_i = max_period ** (-i / (dim // 2))`` for ``i < dim // 2`` (Transformer / ADM / DiT convention: cos first).
+    t: (N,) -> (N, dim), float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal features followed by a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (N,) -> (N, hidden_size)."""
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors, with one extra "null" class (index ``num_classes``) for classifier-free guidance.
+
+    In training, each label is replaced by the null class with probability ``dropout_prob`` (label dropout).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """labels: (N,) int64 in [0, num_classes] (num_classes = null) -> (N, hidden_size)."""
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D sine-cosine position features ``[sin(p w), cos(p w)]``, ``w_i = 10000 ** (-i / (dim / 2))``.
+
+    pos: (M,) float64 -> (M, dim) float64.
+    """
+    assert dim % 2 == 0, "sincos dimension must be even"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding of a ``grid_size x grid_size`` token grid (MAE / DiT).
+
+    Token ``k = i * grid_size + j`` (row i, column j) gets ``[sincos(j), sincos(i)]`` (the official code's meshgrid
+    puts the column index first). Returns (grid_size**2, embed_dim) float64.
+    """
+    assert embed_dim % 4 == 0, "2-D sincos embedding needs embed_dim divisible by 4"
+    i, j = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    emb_col = sincos_1d(j.reshape(-1), embed_dim // 2)
+    emb_row = sincos_1d(i.reshape(-1), embed_dim // 2)
+    return torch.cat([emb_col, emb_row], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) -> (N, T, D)."""
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` (queries) to a context sequence (keys/values), with a padding mask."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, T, D); context: (N, L, C); mask: (N, L) bool, True = real token -> (N, T, D)."""
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, Dh)
+        kv = self.kv(context).view(n, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_mask = None
+        if mask is not None:
+            # Every row needs at least one visible key, or softmax is NaN: an all-padding row (never produced by our
+            # tokenizers, which always keep the [CLS]/BOS token) attends to everything instead.
+            mask = mask.bool() | ~mask.bool().any(dim=1, keepdim=True)
+            attn_mask = mask[:, None, None, :]  # (N, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (N, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP ``fc2(GELU_tanh(fc1(x)))`` (the DiT configuration of timm's ``Mlp``)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
