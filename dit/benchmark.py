@@ -1,0 +1,337 @@
+"""Throughput benchmarks for every registered model: training and sampling img/s, memory, MFU.
+
+Every figure is measured next to a baseline of the same model in the same run (plain eager bf16 autocast), so the
+report is a table of ratios as well as absolute numbers; a bf16 matmul ceiling measured in the same run turns
+FLOP rates into MFU. Run on a GPU through ``tools/benchmark.py``; on CPU it only exercises the plumbing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit.diffusion import create_diffusion
+from dit.models import create_model
+
+# Variants: name -> (description). Each is built by ``_prepare``.
+VARIANTS = {
+    "ref-tf32": "as the official repo ships: fp32 weights, TF32 matmuls, eager, foreach AdamW",
+    "eager-bf16": "baseline: bf16 autocast, eager, foreach AdamW",
+    "fast": "bf16 autocast, regional torch.compile of the blocks, fused AdamW, channels-last (UNet)",
+    "fast-full": "bf16 autocast, whole-model torch.compile, fused AdamW, channels-last (UNet)",
+}
+
+
+@dataclasses.dataclass
+class Result:
+    model: str
+    variant: str
+    params_m: float
+    gflops: float  # forward GFLOP per image (2 per multiply-add)
+    train_img_s: float = float("nan")
+    train_peak_gib: float = float("nan")
+    train_mfu: float = float("nan")
+    fwd_img_s: float = float("nan")
+    fwd_peak_gib: float = float("nan")
+    fwd_mfu: float = float("nan")
+    rel_err: float = float("nan")  # bf16 variant output vs fp32 eager output, ||a - b|| / ||b||
+    compile_s: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call over ``iters`` timed calls (CUDA events on GPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
+    """Measured bf16 dense matmul rate in TFLOP/s (random operands, median of 20)."""
+    if device.type != "cuda":
+        n = 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    sec = time_fn(lambda: a @ b, device, warmup=5, iters=20)
+    return 2 * n**3 / sec / 1e12
+
+
+def _cond_kwargs(model: torch.nn.Module, n: int, device: torch.device, gen: torch.Generator) -> dict:
+    if model.conditioning == "class":
+        return {"y": torch.randint(0, model.num_classes, (n,), device=device, generator=gen)}
+    if model.conditioning == "text":
+        L = 32
+        ctx = torch.randn(n, L, model.context_dim, device=device, generator=gen)
+        mask = torch.ones(n, L, dtype=torch.bool, device=device)
+        return {"context": ctx, "context_mask": mask}
+    return {}
+
+
+def forward_gflops(model: torch.nn.Module, device: torch.device) -> float:
+    """Forward GFLOP per image at the model's input size (torch's counter: 2 FLOPs per multiply-add)."""
+    x = torch.randn(1, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    cond = _cond_kwargs(model, 1, device, torch.Generator(device=device).manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, **cond)
+    return counter.get_total_flops() / 1e9
+
+
+def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
+    """adaLN-Zero models output exactly zero at init; give every parameter a small random value for numerics checks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
+    torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
+    torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
+    model = create_model(name, **overrides)
+    _randomise_zero_init(model)
+    model = model.to(device)
+    is_unet = name.startswith("UNet")
+    if variant in ("fast", "fast-full") and is_unet:
+        model = model.to(memory_format=torch.channels_last)
+    fwd = model
+    if variant == "fast":
+        # Regional compile: the blocks are identical, so one compiled graph serves all of them (short compile time).
+        blocks = getattr(model, "blocks", None)
+        if blocks is not None:
+            for b in blocks:
+                b.compile()
+        else:
+            fwd = torch.compile(model)
+    elif variant == "fast-full":
+        fwd = torch.compile(model)
+    autocast = variant != "ref-tf32"
+    return model, fwd, autocast
+
+
+def bench_one(
+    name: str,
+    variant: str,
+    *,
+    device: torch.device,
+    train_batch: int,
+    fwd_batch: int,
+    ceiling_tflops: float,
+    overrides: dict,
+    warmup: int = 5,
+    iters: int = 20,
+    do_train: bool = True,
+    do_fwd: bool = True,
+) -> Result:
+    model, fwd, autocast = _prepare(name, variant, device, overrides)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    gflops = forward_gflops(model, device)
+    res = Result(model=name, variant=variant, params_m=params, gflops=gflops)
+    gen = torch.Generator(device=device).manual_seed(0)
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+    C, S = model.in_channels, model.input_size
+    mf = torch.channels_last if (variant.startswith("fast") and name.startswith("UNet")) else torch.contiguous_format
+
+    # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error.
+    with torch.no_grad():
+        x = torch.randn(8, C, S, S, device=device, generator=gen)
+        t = torch.randint(0, 1000, (8,), device=device, generator=gen)
+        cond = _cond_kwargs(model, 8, device, gen)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ref = model(x, t, **cond).float()
+        torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
+        t0 = time.perf_counter()
+        with amp:
+            out = fwd(x.contiguous(memory_format=mf), t, **cond).float()
+        res.compile_s = time.perf_counter() - t0
+        res.rel_err = ((out - ref).norm() / ref.norm()).item()
+
+    if do_fwd:
+        x = torch.randn(fwd_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)
+        t = torch.randint(0, 1000, (fwd_batch,), device=device, generator=gen)
+        cond = _cond_kwargs(model, fwd_batch, device, gen)
+
+        def fwd_step():
+            with torch.inference_mode(), amp:
+                fwd(x, t, **cond)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = time_fn(fwd_step, device, warmup, iters)
+        res.fwd_img_s = fwd_batch / sec
+        res.fwd_mfu = gflops * 1e9 * fwd_batch / sec / (ceiling_tflops * 1e12)
+        if device.type == "cuda":
+            res.fwd_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+
+    if do_train:
+        model.train()
+        fused = device.type == "cuda" and variant.startswith("fast")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused)
+        x = torch.randn(train_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)
+        cond = _cond_kwargs(model, train_batch, device, gen)
+
+        def train_step():
+            t = torch.randint(0, diffusion.num_timesteps, (train_batch,), device=device)
+            with amp:
+                loss = diffusion.training_losses(fwd, x, t, model_kwargs=cond)["loss"].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = time_fn(train_step, device, warmup, iters)
+        res.train_img_s = train_batch / sec
+        # Training costs about 3x the forward (forward + backward of activations and weights).
+        res.train_mfu = 3 * gflops * 1e9 * train_batch / sec / (ceiling_tflops * 1e12)
+        if device.type == "cuda":
+            res.train_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        del opt
+    del model, fwd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def environment() -> dict:
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def markdown_table(results: list[Result], baseline: str = "eager-bf16") -> str:
+    base = {r.model: r for r in results if r.variant == baseline}
+    rows = [
+        "| model | variant | params (M) | fwd GFLOP | train img/s | x base | train MFU | train mem GiB "
+        "| fwd img/s | x base | fwd MFU | rel err vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        b = base.get(r.model)
+        tr = r.train_img_s / b.train_img_s if b and b.train_img_s == b.train_img_s else float("nan")
+        fr = r.fwd_img_s / b.fwd_img_s if b and b.fwd_img_s == b.fwd_img_s else float("nan")
+        rows.append(
+            f"| {r.model} | {r.variant} | {r.params_m:.1f} | {r.gflops:.1f} | {r.train_img_s:,.0f} | {tr:.2f} "
+            f"| {r.train_mfu:.1%} | {r.train_peak_gib:.1f} | {r.fwd_img_s:,.0f} | {fr:.2f} | {r.fwd_mfu:.1%} "
+            f"| {r.rel_err:.1e} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    """img/s and memory vs forward GFLOPs, DiT vs UNet, best variant per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[str, Result] = {}
+    for r in results:
+        if r.model not in best or (r.train_img_s > best[r.model].train_img_s):
+            best[r.model] = r
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for fam, marker in (("DiT", "o"), ("UNet", "s")):
+        rs = sorted((r for r in best.values() if r.model.startswith(fam)), key=lambda r: r.gflops)
+        if not rs:
+            continue
+        g = [r.gflops for r in rs]
+        axes[0].plot(g, [r.train_img_s for r in rs], marker=marker, label=fam)
+        axes[1].plot(g, [r.fwd_img_s for r in rs], marker=marker, label=fam)
+        axes[2].plot(g, [r.train_peak_gib for r in rs], marker=marker, label=fam)
+        for r in rs:
+            axes[0].annotate(r.model, (r.gflops, r.train_img_s), fontsize=7)
+    for ax, title in zip(axes, ("training img/s (best variant)", "forward img/s (bf16)", "training peak memory GiB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("forward GFLOP / image")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_benchmarks(
+    models: list[str],
+    variants: list[str],
+    *,
+    train_batch: dict[str, int] | int = 64,
+    fwd_batch: int = 256,
+    iters: int = 20,
+    warmup: int = 5,
+    overrides: dict | None = None,
+    json_out: Path | None = None,
+) -> tuple[dict, list[Result]]:
+    """Measure every (model, variant) pair; returns (environment incl. matmul ceiling, results)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    env["matmul_tflops"] = matmul_ceiling(device)
+    print(f"[bench] {env}", flush=True)
+    results = []
+    for name in models:
+        for v in variants:
+            tb = train_batch.get(name, 64) if isinstance(train_batch, dict) else train_batch
+            t0 = time.perf_counter()
+            try:
+                r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
+                              ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
+                              iters=iters)
+            except torch.cuda.OutOfMemoryError:
+                print(f"[bench] {name} {v}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            results.append(r)
+            print(f"[bench] {name:10s} {v:11s} train {r.train_img_s:9.1f} img/s (b={tb}, MFU {r.train_mfu:.1%}) "
+                  f"fwd {r.fwd_img_s:9.1f} img/s (MFU {r.fwd_mfu:.1%}) err {r.rel_err:.1e} "
+                  f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+            if json_out is not None:
+                json_out.write_text(json.dumps({"env": env, "results": [dataclasses.asdict(x) for x in results]},
+                                               indent=1))
+    return env, results
+
+
+def sampling_budget(gflops: float, img_s_fwd: float, n: int = 50_000, steps: int = 250, cfg: bool = True) -> dict:
+    """GPU-hours to sample ``n`` images with ``steps`` model calls each (doubled by CFG), at a measured forward rate."""
+    calls = n * steps * (2 if cfg else 1)
+    return {"forward_calls": calls, "gpu_hours": calls / img_s_fwd / 3600, "pflop": calls * gflops / 1e6}
