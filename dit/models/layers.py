@@ -22,14 +22,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, downscale_freq_shift: float = 0.0
+) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, ``[cos(t w_i), sin(t w_i)]``.
 
-    ``w_i = max_period ** (-i / (dim // 2))`` for ``i < dim // 2`` (Transformer / ADM / DiT convention: cos first).
+    ``w_i = max_period ** (-i / (dim // 2 - downscale_freq_shift))`` for ``i < dim // 2`` (Transformer / ADM / DiT
+    convention: cos first, shift 0; diffusers' DiT port uses shift 1, which changes every frequency but the first).
     t: (N,) -> (N, dim), float32.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    denom = half - downscale_freq_shift
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / denom)
     args = t[:, None].float() * freqs[None]  # (N, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:
@@ -40,9 +44,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal features followed by a two-layer SiLU MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, downscale_freq_shift: float = 0.0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.downscale_freq_shift = downscale_freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -51,7 +56,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (N,) -> (N, hidden_size)."""
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = timestep_embedding(
+            t, self.frequency_embedding_size, downscale_freq_shift=self.downscale_freq_shift
+        )  # (N, F)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 

@@ -1,0 +1,337 @@
+"""Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:2212.09748).
+
+The class-conditional model is the paper's adaLN-Zero DiT with the exact module and parameter names of
+facebookresearch/DiT, so the official checkpoints (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``) load with strict
+keys. The text variant (``context_dim`` set) follows PixArt-alpha (Chen et al. 2023, Sec. 2.3): a cross-attention
+layer after self-attention in every block, attending to projected text tokens with their padding mask, and a pooled
+text vector added to the timestep embedding that drives adaLN-Zero.
+
+Data flow (paper Fig. 3)::
+
+    x (N, C, H, W) --patchify--> (N, T, D) + pos_embed --[DiTBlock x depth]--> final_layer --> (N, T, p*p*C_out)
+    --unpatchify--> (N, C_out, H, W);   c = t_embedder(t) + y_embedder(y)  [or + pooled_embedder(pooled)]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .registry import register_model
+
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "PatchEmbed", "DIT_CONFIGS"]
+
+# The paper's model sizes (Table 1): name -> (hidden_size, depth, num_heads). Every size has head width 64 but XL (72).
+DIT_CONFIGS: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+DIT_PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p x p`` patches -> tokens with one strided conv (timm's ``PatchEmbed`` without a norm).
+
+    (N, C, H, W) -> (N, (H/p) * (W/p), D), tokens in row-major order.
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, h*w, D)
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning (paper Sec. 3.2, Fig. 3 right), optionally with cross-attention.
+
+    ``x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))``
+    ``x = x + CrossAttn(LN_ca(x), context, mask)``                 (text variant only, PixArt-alpha)
+    ``x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))``
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        cross_attention: bool = False,
+        mlp_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        if cross_attention:
+            self.norm_ca = nn.LayerNorm(hidden_size, eps=1e-6)
+            # Keys/values come from tokens already projected to hidden_size by DiT.context_embedder.
+            self.cross_attn = CrossAttention(hidden_size, hidden_size, num_heads, qkv_bias=True)
+        else:
+            self.norm_ca = None
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (N, T, D); c: (N, D); context: (N, L, D) projected tokens; context_mask: (N, L) bool -> (N, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_ca(x), context, context_mask)  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map to ``p * p * out_channels`` values per token.
+
+    (N, T, D), c: (N, D) -> (N, T, p * p * out_channels).
+    """
+
+    def __init__(self, *, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer with adaLN-Zero blocks; class-conditional, unconditional or text-conditional.
+
+    ``num_classes > 0`` (and no ``context_dim``): class-conditional with label dropout ``class_dropout_prob`` in
+    training (null class index ``num_classes``). ``num_classes = 0``: unconditional. ``context_dim`` set: text model
+    (``num_classes`` must be 0). ``learn_sigma`` doubles the output channels (eps, then the variance interpolation
+    values of Nichol & Dhariwal 2021). ``timestep_freq_shift=1`` reproduces diffusers' DiT timestep features and
+    ``mlp_norm_eps=1e-5`` its pre-MLP LayerNorm, for exact parity with ``DiTTransformer2DModel`` weights.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        context_dim: int | None = None,
+        timestep_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if input_size <= 0 or patch_size <= 0 or input_size % patch_size:
+            raise ValueError(f"DiT: input_size={input_size} must be a positive multiple of patch_size={patch_size}")
+        if in_channels <= 0 or depth <= 0:
+            raise ValueError(f"DiT: in_channels and depth must be positive, got {in_channels}, {depth}")
+        if hidden_size <= 0 or num_heads <= 0 or hidden_size % num_heads:
+            raise ValueError(f"DiT: hidden_size={hidden_size} must be a positive multiple of num_heads={num_heads}")
+        if hidden_size % 4:
+            raise ValueError(f"DiT: hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+        if num_classes < 0:
+            raise ValueError(f"DiT: num_classes must be >= 0, got {num_classes}")
+        if context_dim is not None and context_dim <= 0:
+            raise ValueError(f"DiT: context_dim must be positive or None, got {context_dim}")
+        if context_dim is not None and num_classes:
+            raise ValueError(f"DiT: text models (context_dim={context_dim}) take num_classes=0, got {num_classes}")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"DiT: class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.context_dim = context_dim
+        self.conditioning = "text" if context_dim is not None else ("class" if num_classes > 0 else "none")
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(img_size=input_size, patch_size=patch_size, in_chans=in_channels,
+                                     embed_dim=hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, downscale_freq_shift=timestep_freq_shift)
+        self.y_embedder = (
+            LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if self.conditioning == "class" else None
+        )
+        if context_dim is not None:
+            # PixArt-alpha's caption projection: Linear -> GELU(tanh) -> Linear.
+            self.context_embedder = nn.Sequential(
+                nn.Linear(context_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+            )
+            self.pooled_embedder = nn.Linear(context_dim, hidden_size)
+        else:
+            self.context_embedder = None
+            self.pooled_embedder = None
+        # Fixed (not learned) sin-cos position embedding; a Parameter, not a buffer, so the official key set matches.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                     cross_attention=context_dim is not None, mlp_norm_eps=mlp_norm_eps)
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size=hidden_size, patch_size=patch_size, out_channels=self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official initialisation: xavier-uniform Linear weights, zero biases, adaLN-Zero (paper Sec. 3.2).
+
+        All adaLN modulations and the final linear layer are zero, so a fresh model outputs exactly zero.
+        """
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        pos = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)  # (T, D) float64
+        self.pos_embed.copy_(pos.float().unsqueeze(0))
+        # The patch conv is initialised like a Linear layer over the flattened (C * p * p) patch.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                # PixArt-alpha zero-inits the cross-attention output so every block starts as a plain DiT block.
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+        self.grad_checkpointing = enable
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p * p * C_out) -> (N, C_out, H, W), inverse of the row-major patchify."""
+        c, p = self.out_channels, self.patch_size
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)  # (N, h, w, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        pooled: torch.Tensor | None,
+    ) -> None:
+        s, c = self.input_size, self.in_channels
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"DiT: x must be (N, {c}, {s}, {s}), got shape {tuple(x.shape)}")
+        if x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(
+                f"DiT: spatial size {x.shape[2]}x{x.shape[3]} does not match input_size={s} (the position "
+                f"embedding is built for {s}x{s} latents; create the model with input_size={x.shape[2]})"
+            )
+        n = x.shape[0]
+        if t.shape != (n,):
+            raise ValueError(f"DiT: t must be (N,) = ({n},), got shape {tuple(t.shape)}")
+        if self.conditioning == "class":
+            if y is None:
+                raise ValueError("DiT: class-conditional model needs y (N,) labels (index num_classes = null class)")
+            if y.shape != (n,):
+                raise ValueError(f"DiT: y must be (N,) = ({n},), got shape {tuple(y.shape)}")
+        if self.conditioning == "text":
+            d = self.context_dim
+            if context is None:
+                raise ValueError(f"DiT: text model needs context (N, L, {d}) token embeddings")
+            if context.ndim != 3 or context.shape[0] != n or context.shape[2] != d:
+                raise ValueError(f"DiT: context must be (N, L, {d}) with N={n}, got shape {tuple(context.shape)}")
+            if context_mask is not None and context_mask.shape != context.shape[:2]:
+                raise ValueError(
+                    f"DiT: context_mask must be (N, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
+                )
+            if pooled is not None and pooled.shape != (n, d):
+                raise ValueError(f"DiT: pooled must be (N, {d}), got shape {tuple(pooled.shape)}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (N, C, H, W); t: (N,); y: (N,) int64; context: (N, L, context_dim); context_mask: (N, L) bool
+        (True = real token); pooled: (N, context_dim) -> (N, out_channels, H, W).
+
+        Conditioning a model does not use (y for a text model, context for a class model) is ignored.
+        """
+        self._check_inputs(x, t, y, context, context_mask, pooled)
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training)  # (N, D)
+        ctx = mask = None
+        if self.context_embedder is not None:
+            if context_mask is not None:
+                mask = context_mask.bool()
+            if pooled is None:  # masked mean of the raw tokens, so padding never leaks into the adaLN input
+                if mask is None:
+                    pooled = context.mean(dim=1)  # (N, C_ctx)
+                else:
+                    m = mask.unsqueeze(-1).to(context.dtype)  # (N, L, 1)
+                    pooled = (context * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (N, C_ctx)
+            ctx = self.context_embedder(context.to(c.dtype))  # (N, L, D)
+            c = c + self.pooled_embedder(pooled.to(c.dtype))  # (N, D)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                h = checkpoint(block, h, c, ctx, mask, use_reentrant=False)  # (N, T, D)
+            else:
+                h = block(h, c, ctx, mask)  # (N, T, D)
+        h = self.final_layer(h, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(h)  # (N, C_out, H, W)
+
+
+def _register() -> None:
+    for size, (hidden, depth, heads) in DIT_CONFIGS.items():
+        for p in DIT_PATCH_SIZES:
+            arch = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=p)
+            register_model(f"DiT-{size}/{p}", cls=DiT, **arch)
+            # Text variant: MiniLM-L6 token width (384), no class labels.
+            register_model(f"DiT-{size}/{p}-T", cls=DiT, **arch, context_dim=384, num_classes=0)
+
+
+_register()

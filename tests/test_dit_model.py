@@ -1,0 +1,280 @@
+"""DiT model zoo: shapes, adaLN-Zero init, official sizes and key names, embeddings, input checks, text variant."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dit.models import create_model, list_models
+from dit.models.dit import DiT
+from dit.models.layers import LabelEmbedder, get_2d_sincos_pos_embed, timestep_embedding
+from dit.utils import forward_flops
+
+TINY = dict(depth=1, hidden_size=32, num_heads=2, input_size=8)
+
+
+def _tiny(name: str, **kw) -> DiT:
+    extra = dict(context_dim=16) if name.endswith("-T") else dict(num_classes=10)
+    return create_model(name, **{**TINY, **extra, **kw})
+
+
+def _cond(model: DiT, n: int, gen: torch.Generator) -> dict:
+    if model.conditioning == "class":
+        return dict(y=torch.randint(0, model.num_classes + 1, (n,), generator=gen))
+    if model.conditioning == "text":
+        mask = torch.ones(n, 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        return dict(context=torch.randn(n, 5, model.context_dim, generator=gen), context_mask=mask)
+    return {}
+
+
+def _randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.2) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def test_registry_has_all_paper_names():
+    names = set(list_models("DiT-*"))
+    expected = {f"DiT-{s}/{p}{t}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8) for t in ("", "-T")}
+    assert names == expected
+
+
+@pytest.mark.parametrize("name", [n for n in list_models("DiT-*")])
+def test_every_config_tiny_forward_backward_zero_init(name):
+    gen = torch.Generator().manual_seed(0)
+    model = _tiny(name)
+    assert model.patch_size == int(name.split("/")[1].split("-")[0])
+    assert model.conditioning == ("text" if name.endswith("-T") else "class")
+    assert model.out_channels == 2 * model.in_channels == 8
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([3, 700])
+    cond = _cond(model, 2, gen)
+    out = model(x, t, **cond)
+    assert out.shape == (2, 8, 8, 8)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, torch.zeros_like(out)), "adaLN-Zero: a fresh model must output exactly zero"
+    out.sum().backward()  # at init only the zero final layer gets gradient (adaLN-Zero): learning can start
+    assert model.final_layer.linear.weight.grad.abs().max() > 0
+    model.zero_grad()
+    _randomize(model, gen)
+    out = model(x, t, **cond)
+    assert out.abs().max() > 1e-3
+    out.square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.pos_embed.grad is None and not model.pos_embed.requires_grad
+
+
+def test_unconditional_model():
+    model = create_model("DiT-S/4", **TINY, num_classes=0, learn_sigma=False)
+    assert model.conditioning == "none" and model.y_embedder is None and model.out_channels == 4
+    out = model(torch.randn(3, 4, 8, 8), torch.rand(3) * 999)  # fractional timesteps are fine
+    assert out.shape == (3, 4, 8, 8)
+
+
+# Official parameter counts (facebookresearch/DiT train.py prints sum(p.numel() for p in model.parameters()),
+# pos_embed included) at input_size=32, num_classes=1000, learn_sigma=True.
+OFFICIAL_COUNTS = {"DiT-S/2": 32_963_360, "DiT-B/2": 130_512_416, "DiT-L/2": 458_102_816, "DiT-XL/2": 675_129_632}
+
+
+def _count_formula(hidden: int, depth: int, patch: int, c_in: int = 4, classes: int = 1000, size: int = 32) -> int:
+    """Closed form of the official parameter count (independent of the module code)."""
+    d, tokens, c_out = hidden, (size // patch) ** 2, 2 * c_in
+    patch_embed = d * c_in * patch * patch + d
+    t_embed = 256 * d + d + d * d + d
+    y_embed = (classes + 1) * d
+    block = (6 * d * d + 6 * d) + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    final = (2 * d * d + 2 * d) + (patch * patch * c_out * d + patch * patch * c_out)
+    return patch_embed + t_embed + y_embed + tokens * d + depth * block + final
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "DiT-S/4", "DiT-B/8", "DiT-XL/4",
+                                  "DiT-XL/8"])
+def test_parameter_counts_match_official(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    n = sum(p.numel() for p in model.parameters())
+    size, p = name[4:].split("/")
+    hidden, depth = {"S": (384, 12), "B": (768, 12), "L": (1024, 24), "XL": (1152, 28)}[size]
+    assert n == _count_formula(hidden, depth, int(p))
+    if name in OFFICIAL_COUNTS:
+        assert n == OFFICIAL_COUNTS[name]
+
+
+def test_official_key_names_dit_xl_2():
+    with torch.device("meta"):
+        sd = create_model("DiT-XL/2").state_dict()
+    assert len(sd) == 292  # 2 patch + 4 time + 1 label + 1 pos + 28 * 10 block + 4 final
+    expected_shapes = {
+        "x_embedder.proj.weight": (1152, 4, 2, 2),
+        "t_embedder.mlp.0.weight": (1152, 256),
+        "t_embedder.mlp.2.weight": (1152, 1152),
+        "y_embedder.embedding_table.weight": (1001, 1152),
+        "pos_embed": (1, 256, 1152),
+        "blocks.0.adaLN_modulation.1.weight": (6 * 1152, 1152),
+        "blocks.0.attn.qkv.weight": (3 * 1152, 1152),
+        "blocks.27.attn.proj.bias": (1152,),
+        "blocks.0.mlp.fc1.weight": (4608, 1152),
+        "blocks.0.mlp.fc2.weight": (1152, 4608),
+        "final_layer.linear.weight": (32, 1152),
+        "final_layer.adaLN_modulation.1.weight": (2304, 1152),
+    }
+    for k, shape in expected_shapes.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any("norm" in k for k in sd)  # all LayerNorms are affine-free, as in the official model
+
+
+def test_timestep_embedding_matches_formula_float64():
+    t = torch.tensor([0.0, 1.0, 17.5, 500.0, 999.0])
+    for dim, shift in [(256, 0.0), (256, 1.0), (33, 0.0)]:
+        half = dim // 2
+        i = torch.arange(half, dtype=torch.float64)
+        w = 10000.0 ** (-i / (half - shift))  # (half,)
+        arg = t.double()[:, None] * w[None]
+        ref = torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+        if dim % 2:
+            ref = torch.cat([ref, torch.zeros(len(t), 1, dtype=torch.float64)], dim=1)
+        got = timestep_embedding(t, dim, downscale_freq_shift=shift)
+        assert got.shape == (5, dim) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, atol=2e-4, rtol=0)
+
+
+def test_timestep_freq_shift_changes_embedding():
+    t = torch.tensor([250.0])
+    assert not torch.allclose(timestep_embedding(t, 256), timestep_embedding(t, 256, downscale_freq_shift=1.0))
+
+
+def _mae_sincos_numpy(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Independent re-derivation of the MAE / official DiT 2-D sin-cos embedding (numpy, meshgrid with w first)."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # "xy" indexing: grid[0][i, j] = j, grid[1][i, j] = i
+    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+
+    def one_d(d, pos):
+        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("dim,grid", [(16, 4), (64, 7), (1152, 16)])
+def test_2d_sincos_matches_numpy_reference(dim, grid):
+    ours = get_2d_sincos_pos_embed(dim, grid).numpy()
+    np.testing.assert_allclose(ours, _mae_sincos_numpy(dim, grid), atol=1e-12, rtol=0)
+
+
+def test_pos_embed_is_fixed_sincos_parameter():
+    model = _tiny("DiT-S/2", input_size=16, hidden_size=64)
+    assert isinstance(model.pos_embed, torch.nn.Parameter) and not model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed[0].double(), get_2d_sincos_pos_embed(64, 8), atol=1e-7, rtol=0)
+
+
+def test_label_dropout_rate_and_force_drop():
+    torch.manual_seed(0)
+    emb = LabelEmbedder(num_classes=10, hidden_size=4, dropout_prob=0.3)
+    labels = torch.randint(0, 10, (20000,))
+    dropped = emb.token_drop(labels) == 10
+    assert abs(dropped.float().mean().item() - 0.3) < 0.015
+    force = torch.tensor([1, 0, 1, 0])
+    out = emb.token_drop(torch.tensor([1, 2, 3, 4]), force_drop_ids=force)
+    assert out.tolist() == [10, 2, 10, 4]
+    # Through the model: eval mode never drops, train mode drops at the configured rate.
+    model = _tiny("DiT-S/2", class_dropout_prob=0.5)
+    y = torch.zeros(4000, dtype=torch.long)
+    model.eval()
+    assert torch.equal(model.y_embedder(y, model.training), model.y_embedder.embedding_table.weight[y])
+    model.train()
+    e = model.y_embedder(y, model.training)
+    null = (e == model.y_embedder.embedding_table.weight[10]).all(dim=1).float().mean().item()
+    assert abs(null - 0.5) < 0.04
+
+
+def test_bad_inputs_give_clear_errors():
+    model = _tiny("DiT-S/2")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"x must be \(N, 4, 8, 8\)"):
+        model(torch.randn(2, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match="does not match input_size=8"):
+        model(torch.randn(2, 4, 16, 16), t, y)
+    with pytest.raises(ValueError, match="needs y"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"t must be \(N,\)"):
+        model(x, torch.tensor([1, 2, 3]), y)
+    text = _tiny("DiT-S/2-T")
+    with pytest.raises(ValueError, match="needs context"):
+        text(x, t)
+    with pytest.raises(ValueError, match=r"context must be \(N, L, 16\)"):
+        text(x, t, context=torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="context_mask"):
+        text(x, t, context=torch.randn(2, 5, 16), context_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        DiT(input_size=10, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        DiT(input_size=8, hidden_size=32, depth=1, num_heads=2, context_dim=16, num_classes=10)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    gen = torch.Generator().manual_seed(1)
+    model = _tiny("DiT-S/2", depth=2).double().eval()
+    _randomize(model, gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    t, y = torch.tensor([10, 900]), torch.tensor([1, 3])
+
+    def grads():
+        model.zero_grad()
+        out = model(x, t, y)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    out0, g0 = grads()
+    model.set_grad_checkpointing(True)
+    out1, g1 = grads()
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12)
+
+
+def test_text_variant_ignores_padding_tokens():
+    gen = torch.Generator().manual_seed(2)
+    model = _tiny("DiT-S/2-T", depth=2).double().eval()
+    _randomize(model, gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.tensor([5, 600])
+    ctx = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = model(x, t, context=ctx, context_mask=mask)
+    ctx2 = torch.where(mask[..., None], ctx, torch.randn(ctx.shape, generator=gen, dtype=torch.float64) * 10)
+    torch.testing.assert_close(model(x, t, context=ctx2, context_mask=mask), out, rtol=0, atol=1e-12)
+    # The real tokens matter (so the check above can fail), and without the mask the padding matters too.
+    ctx3 = ctx.clone()
+    ctx3[0, 1] += 1.0
+    assert (model(x, t, context=ctx3, context_mask=mask) - out).abs().max() > 1e-6
+    assert (model(x, t, context=ctx2) - model(x, t, context=ctx)).abs().max() > 1e-6
+    # An explicit pooled vector replaces the masked mean.
+    pooled = (ctx * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(model(x, t, context=ctx, context_mask=mask, pooled=pooled), out, rtol=0, atol=1e-12)
+
+
+def test_unpatchify_inverts_patchify_order():
+    model = _tiny("DiT-S/4", input_size=16, learn_sigma=False)
+    img = torch.randn(2, 4, 16, 16)
+    p = 4
+    # Row-major patches, each flattened as (p, q, c): the layout the final linear layer produces.
+    tokens = img.reshape(2, 4, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, p * p * 4)
+    assert torch.equal(model.unpatchify(tokens), img)
+
+
+@pytest.mark.parametrize("name,paper_gflops", [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-XL/2", 118.64)])
+def test_forward_flops_match_paper(name, paper_gflops):
+    with torch.device("meta"):
+        model = create_model(name)
+    flops = forward_flops(model)  # 2 FLOPs per multiply-add
+    assert math.isclose(flops / 2e9, paper_gflops, rel_tol=0.01)
