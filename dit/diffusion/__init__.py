@@ -1,0 +1,63 @@
+"""The diffusion core: schedules, Gaussian diffusion (ADM numerics), respacing, guidance and diffusers samplers.
+
+Takes any callable ``model(x, t, **model_kwargs)``; never imports ``dit.models``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .diffusers_samplers import SAMPLERS, make_scheduler, sample_with_diffusers
+from .gaussian import GaussianDiffusion
+from .guidance import classifier_free_guidance, official_cfg_forward
+from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .respace import SpacedDiffusion, space_timesteps
+from .schedules import SCHEDULES, betas_for_alpha_bar, get_beta_schedule
+
+
+def create_diffusion(
+    timestep_respacing: str | Sequence[int] | None = "",
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    learn_sigma: bool = True,
+    prediction: str = "eps",
+    loss: str = "hybrid",
+    sigma_small: bool = False,
+) -> SpacedDiffusion:
+    """A ``SpacedDiffusion`` like facebookresearch/DiT's ``create_diffusion``.
+
+    ``timestep_respacing``: ``""``/None (all ``diffusion_steps``), ``"250"``, ``"10,20,30"``, ``"ddim50"`` or a list
+    of section counts. With the defaults this is DiT's training diffusion; ``create_diffusion("250")`` its sampler.
+    ``learn_sigma=False`` uses the fixed-large variance (beta_t) unless ``sigma_small``, like DiT.
+    """
+    betas = get_beta_schedule(noise_schedule, diffusion_steps)
+    if timestep_respacing is None or timestep_respacing == "":
+        timestep_respacing = [diffusion_steps]
+    return SpacedDiffusion(
+        space_timesteps(diffusion_steps, timestep_respacing),
+        betas=betas,
+        prediction=prediction,
+        learn_sigma=learn_sigma,
+        loss=loss,
+        sigma_small=sigma_small,
+    )
+
+
+__all__ = [
+    "GaussianDiffusion",
+    "SpacedDiffusion",
+    "SAMPLERS",
+    "SCHEDULES",
+    "approx_standard_normal_cdf",
+    "betas_for_alpha_bar",
+    "classifier_free_guidance",
+    "create_diffusion",
+    "discretized_gaussian_log_likelihood",
+    "get_beta_schedule",
+    "make_scheduler",
+    "mean_flat",
+    "normal_kl",
+    "official_cfg_forward",
+    "sample_with_diffusers",
+    "space_timesteps",
+]
