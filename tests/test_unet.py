@@ -1,0 +1,260 @@
+"""Tests of the ADM-style UNet baseline (dit/models/unet.py): interface, init, conditioning, FLOPs parity with DiT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit.models import create_model, list_models
+from dit.models.unet import AttentionBlock, ResBlock, UNet
+
+UNET_NAMES = [f"UNet-{s}{t}" for s in ("S", "B", "L", "XL") for t in ("", "-T")]
+# Tiny shapes for any registered name: 2 levels (8x8, 4x4), attention at 4x4, 8-channel heads, 8 groups.
+TINY = dict(
+    input_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+    num_head_channels=8, norm_groups=8,
+)  # fmt: skip
+CTX = 16  # tiny text width for the text variants
+
+
+def tiny(name: str = "UNet-S", **kw) -> UNet:
+    extra = dict(context_dim=CTX) if name.endswith("-T") else {}
+    return create_model(name, **{**TINY, **extra, **kw})
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the zero-initialised layers random values, so every path of the network matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def inputs(model: UNet, n: int = 2, size: int = 8, seq: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random (x, t, conditioning kwargs) for ``model``; text inputs have padding at the end of sample 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, model.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    kw: dict = {}
+    if model.conditioning == "class":
+        kw["y"] = torch.randint(0, model.num_classes, (n,), generator=g)
+    if model.conditioning == "text":
+        kw["context"] = torch.randn(n, seq, model.context_dim, generator=g)
+        mask = torch.ones(n, seq, dtype=torch.bool)
+        mask[0, 3:] = False  # first sample has 2 padding tokens
+        kw["context_mask"] = mask
+    return x, t, kw
+
+
+def test_registered_names_and_attributes():
+    assert list_models("UNet-*") == sorted(UNET_NAMES)
+    for name in UNET_NAMES:
+        with torch.device("meta"):
+            m = create_model(name)
+        text = name.endswith("-T")
+        assert (m.in_channels, m.out_channels, m.input_size, m.learn_sigma) == (4, 8, 32, True)
+        assert m.conditioning == ("text" if text else "class")
+        assert m.num_classes == (0 if text else 1000)
+        assert m.context_dim == (384 if text else None)
+
+
+@pytest.mark.parametrize("name", UNET_NAMES)
+def test_tiny_forward_backward_zero_init(name):
+    torch.manual_seed(0)
+    model = tiny(name)
+    x, t, kw = inputs(model)
+    out = model(x, t, **kw)
+    assert out.shape == (2, model.out_channels, 8, 8)
+    assert torch.equal(out, torch.zeros_like(out)), "a fresh UNet must output exactly zero (zero-init out conv)"
+
+    perturb_(model)
+    out = model(x, t, **kw)
+    assert torch.isfinite(out).all() and out.abs().mean() > 1e-3
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    missing = [n for n, g in grads.items() if g is None and "y_embedder" not in n]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert grads["input_blocks.0.0.weight"].abs().sum() > 0, "the gradient must reach the first conv"
+
+
+def test_learned_sigma_channels():
+    for learn_sigma, expected in ((True, 8), (False, 4)):
+        m = tiny(learn_sigma=learn_sigma)
+        assert m.out_channels == expected
+        x, t, kw = inputs(m)
+        assert m(x, t, **kw).shape == (2, expected, 8, 8)
+    m = tiny(in_channels=3)
+    assert m(torch.randn(1, 3, 8, 8), torch.zeros(1), y=torch.zeros(1, dtype=torch.long)).shape == (1, 6, 8, 8)
+
+
+def test_label_dropout_and_null_class():
+    torch.manual_seed(0)
+    m = perturb_(tiny(num_classes=10, class_dropout_prob=1.0))
+    x, t, kw = inputs(m)
+    null = torch.full_like(kw["y"], 10)
+    m.eval()
+    cond, uncond = m(x, t, **kw), m(x, t, y=null)
+    assert not torch.allclose(cond, uncond), "the label must change the output"
+    m.train()  # with p = 1 every label is replaced by the null class (index num_classes)
+    assert torch.allclose(m(x, t, **kw), uncond, atol=1e-6)
+    assert m.y_embedder.embedding_table.num_embeddings == 11
+    # no null class without label dropout, as in DiT
+    assert tiny(num_classes=10, class_dropout_prob=0.0).y_embedder.embedding_table.num_embeddings == 10
+
+
+def test_unconditional_model():
+    m = perturb_(tiny(num_classes=0))
+    assert m.conditioning == "none" and m.y_embedder is None
+    out = m(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]))
+    assert out.shape == (2, 8, 8, 8)
+
+
+def test_channels_last_same_output():
+    torch.manual_seed(0)
+    m = perturb_(tiny("UNet-B-T")).eval()
+    x, t, kw = inputs(m)
+    ref = m(x, t, **kw)
+    m_cl = m.to(memory_format=torch.channels_last)
+    out = m_cl(x.to(memory_format=torch.channels_last), t, **kw)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_text_variant_ignores_padding_tokens():
+    torch.manual_seed(0)
+    m = perturb_(tiny("UNet-S-T")).eval()
+    x, t, kw = inputs(m)
+    ref = m(x, t, **kw)
+    ctx = kw["context"].clone()
+    ctx[0, 3:] = 100 * torch.randn(2, CTX)  # padding positions of sample 0
+    assert torch.allclose(m(x, t, **{**kw, "context": ctx}), ref, atol=1e-5)
+    ctx = kw["context"].clone()
+    ctx[0, 1] += 1.0  # a real token: must matter
+    changed = m(x, t, **{**kw, "context": ctx})
+    assert not torch.allclose(changed[0], ref[0], atol=1e-4)
+    assert torch.allclose(changed[1], ref[1], atol=1e-6), "samples are independent"
+    # a given pooled vector replaces the masked mean
+    pooled = torch.randn(2, CTX)
+    assert not torch.allclose(m(x, t, **kw, pooled=pooled), ref, atol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = tiny()
+    x, t, kw = inputs(m)
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(2, 3, 8, 8), t, **kw)
+    with pytest.raises(ValueError, match="not divisible"):
+        m(torch.randn(2, 4, 7, 8), t, **kw)
+    with pytest.raises(ValueError, match="needs y"):
+        m(x, t)
+    with pytest.raises(ValueError, match="t must be"):
+        m(x, t[:1], **kw)
+    mt = tiny("UNet-S-T")
+    with pytest.raises(ValueError, match="needs context"):
+        mt(x, t)
+    with pytest.raises(ValueError, match="context must be"):
+        mt(x, t, context=torch.randn(2, 5, CTX + 1))
+    with pytest.raises(ValueError, match="context_mask"):
+        mt(x, t, context=torch.randn(2, 5, CTX), context_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="input_size"):
+        tiny(input_size=9)
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        tiny(attention_resolutions=(8,))
+    with pytest.raises(ValueError, match="norm_groups"):
+        tiny(model_channels=12)
+    with pytest.raises(ValueError, match="num_head_channels"):
+        tiny(num_head_channels=12)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        tiny("UNet-S-T", num_classes=10)
+    with pytest.raises(TypeError, match="Accepted keyword arguments"):
+        create_model("UNet-S", hidden_size=3)
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    m = perturb_(tiny("UNet-S-T", dropout=0.0)).train()
+    x, t, kw = inputs(m)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.set_grad_checkpointing(ckpt)
+        out = m(x, t, **kw)
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        grads[-1]["_out"] = out.detach()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+
+
+def test_variants_without_updown_and_scale_shift():
+    variants = (
+        dict(resblock_updown=False), dict(use_scale_shift_norm=False), dict(channel_mult=(1, 2, 2), input_size=16),
+    )  # fmt: skip
+    for kw in variants:
+        m = perturb_(tiny(**kw))
+        x, t, ykw = inputs(m, size=m.input_size)
+        out = m(x, t, **ykw)
+        assert out.shape == (2, 8, m.input_size, m.input_size) and torch.isfinite(out).all()
+
+
+def test_bf16_model_takes_fp32_inputs():
+    m = perturb_(tiny("UNet-S-T")).to(torch.bfloat16).eval()
+    x, t, kw = inputs(m)
+    out = m(x, t, **kw)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_resblock_adagn_matches_formula_float64():
+    """AdaGN (ADM Sec. 3): out = skip(x) + conv2(drop(SiLU(GN(conv1(SiLU(GN(x)))) * (1 + s) + b)))."""
+    torch.manual_seed(0)
+    blk = perturb_(ResBlock(channels=8, emb_channels=6, out_channels=16, norm_groups=4)).double()
+    x, emb = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    h = blk.in_conv(F.silu(F.group_norm(x, 4, blk.in_norm.weight, blk.in_norm.bias)))
+    scale, shift = (F.silu(emb) @ blk.emb_proj.weight.T + blk.emb_proj.bias).chunk(2, dim=1)
+    h = F.group_norm(h, 4, blk.out_norm.weight, blk.out_norm.bias)
+    h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+    ref = blk.skip(x) + blk.out_conv(F.silu(h))
+    torch.testing.assert_close(blk(x, emb), ref, rtol=1e-12, atol=1e-12)
+    # BigGAN down block: both paths average-pooled, output at half resolution
+    down = ResBlock(channels=8, emb_channels=6, out_channels=8, norm_groups=4, down=True).double()
+    torch.testing.assert_close(down(x, emb), F.avg_pool2d(x, 2))  # zero-init branch -> pooled identity
+    up = ResBlock(channels=8, emb_channels=6, norm_groups=4, up=True).double()
+    torch.testing.assert_close(up(x, emb), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+def test_attention_block_matches_softmax_float64():
+    torch.manual_seed(0)
+    blk = perturb_(AttentionBlock(channels=16, num_heads=2, norm_groups=4)).double()
+    x = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    tok = F.group_norm(x, 4, blk.norm.weight, blk.norm.bias).flatten(2).transpose(1, 2)  # (N, T, C)
+    q, k, v = (tok @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).chunk(3, dim=-1)
+    heads = lambda z: z.view(2, 15, 2, 8).transpose(1, 2)  # noqa: E731  (N, H, T, Dh)
+    w = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(8), dim=-1)
+    o = (w @ heads(v)).transpose(1, 2).reshape(2, 15, 16) @ blk.attn.proj.weight.T + blk.attn.proj.bias
+    ref = x + o.transpose(1, 2).reshape(2, 16, 3, 5)
+    torch.testing.assert_close(blk(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def _forward_gflops(name: str) -> float:
+    """Forward FLOPs (2 per multiply-add) at batch 1 on 32x32x4 latents, on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = create_model(name).eval()
+        x, t, y = torch.randn(1, 4, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y=y)
+    return counter.get_total_flops() / 1e9
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+def test_flops_match_dit(size):
+    dit, unet = _forward_gflops(f"DiT-{size}/2"), _forward_gflops(f"UNet-{size}")
+    reference = dict(S=12.1, B=46.0, L=161.4, XL=237.3)[size]  # the DiT's documented forward GFLOPs
+    assert abs(dit / reference - 1) < 0.02, f"DiT-{size}/2 counts {dit:.1f} GFLOP, expected ~{reference}"
+    assert abs(unet / dit - 1) < 0.08, f"UNet-{size}: {unet:.1f} GFLOP vs DiT-{size}/2 {dit:.1f}"
