@@ -16,7 +16,7 @@ from dit.benchmark import VARIANTS, environment, markdown_table, plot, run_bench
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2,UNet-S,UNet-B,UNet-L,UNet-XL")
-    p.add_argument("--variants", default="eager-bf16,fast", help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="ref-tf32,eager-bf16,compile,fast", help=f"comma list of: {', '.join(VARIANTS)}")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--train-batch-small", type=int, default=256, help="training batch for S models")
     p.add_argument("--fwd-batch", type=int, default=256)

@@ -73,12 +73,18 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 class _WrappedModel:
     """Calls ``model`` with original timesteps: respaced index i -> ``timestep_map[i]`` (same dtype and device)."""
 
-    def __init__(self, model: Model, timestep_map: list[int]):
+    def __init__(self, model: Model, timestep_map: list[int], map_tensors: dict | None = None):
         self.model = model
         self.timestep_map = timestep_map
+        # One host-to-device copy per device/dtype (shared by the diffusion's wrappers), not one per call: a fresh
+        # copy from host memory every model call stalls the host until the GPU queue drains (a hidden sync).
+        self._map_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {} if map_tensors is None else map_tensors
 
     def __call__(self, x: torch.Tensor, ts: torch.Tensor, **kwargs) -> torch.Tensor:
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        key = (ts.device, ts.dtype)
+        map_tensor = self._map_tensors.get(key)
+        if map_tensor is None:
+            map_tensor = self._map_tensors[key] = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
         return self.model(x, map_tensor[ts], **kwargs)
 
     def parameters(self):
@@ -116,8 +122,11 @@ class SpacedDiffusion(GaussianDiffusion):
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
         super().__init__(**{**base_kwargs, "betas": np.array(new_betas, dtype=np.float64)})
+        self._identity_map = self.timestep_map == list(range(self.original_num_steps))
+        self._map_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _wrap_model(self, model: Model) -> Model:
-        if isinstance(model, _WrappedModel):
+        if isinstance(model, _WrappedModel) or self._identity_map:
+            # All steps kept (training): indices are already original timesteps; no mapping, no extra kernels.
             return model
-        return _WrappedModel(model, self.timestep_map)
+        return _WrappedModel(model, self.timestep_map, self._map_tensors)
