@@ -1,0 +1,389 @@
+"""Typed run configuration: dataclasses <- YAML file + dotted command-line overrides.
+
+A config file is a nested mapping whose sections mirror :class:`Config` (``model``, ``data``, ``autoencoder``,
+``text``, ``diffusion``, ``train``, ``sample``, ``run``). Overrides such as ``train.lr=2e-4`` or
+``model.overrides.hidden_size=192`` are applied on top; values are parsed with ``yaml.safe_load``. Every key is
+checked against the dataclass fields (unknown keys name the closest valid key) and every value against the field's
+type annotation, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message is one line naming the source and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build. ``overrides`` are extra ``create_model`` keyword arguments (e.g. ``hidden_size``)."""
+
+    name: str = "DiT-S/2"
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT paper: 0.1)
+    overrides: dict = field(default_factory=dict)
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``shapes`` is the bundled synthetic dataset (no files needed); ``latents`` are pre-extracted
+    shards (``tools/extract_latents.py``); ``folder``/``captions`` are images encoded on the fly."""
+
+    source: Literal["shapes", "folder", "captions", "latents"] = "shapes"
+    path: str | None = None
+    resolution: int = 32
+    num_samples: int = 10000  # size of the bundled shapes dataset
+    seed: int = 0  # generation seed of the bundled shapes dataset
+    flip: bool = True  # random horizontal flip (ADM / DiT)
+    num_workers: int = 2
+    pin_memory: bool = True
+    skip_bad: bool = False  # skip unreadable images (reported) instead of failing on the first one
+
+
+@dataclass
+class AutoencoderConfig:
+    """``vae.load_autoencoder`` spec; ``scale``/``shift`` override the autoencoder's latent normalisation."""
+
+    spec: str = "identity"
+    scale: float | list[float] | None = None
+    shift: float | list[float] | None = None
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning: ``encoder=None`` trains a class-conditional model."""
+
+    encoder: str | None = None
+    caption_dropout: float = 0.1  # probability of replacing a caption by the empty prompt (CFG's null condition)
+    max_length: int = 32
+
+
+@dataclass
+class DiffusionConfig:
+    """``dit.diffusion.create_diffusion`` arguments (``learn_sigma`` comes from the model config)."""
+
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    prediction: str = "eps"
+    loss: str = "hybrid"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpoint cadence. Steps count optimizer updates."""
+
+    global_batch_size: int = 256
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0  # floor of the cosine schedule
+    max_steps: int = 400_000
+    grad_clip: float | None = None  # max global grad norm; None = no clipping (the DiT paper does not clip)
+    ema_decay: float = 0.9999
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    tf32: bool = True
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    sample_every: int = 0  # 0 = only at the end of the run
+    keep_last: int = 2
+    milestone_every: int = 0  # also keep every checkpoint at a multiple of this step (0 = none)
+    resume: str | None = None  # None, "auto" (newest valid checkpoint in run.out_dir) or a checkpoint path
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids drawn from the EMA model during training."""
+
+    cfg_scale: float = 4.0
+    num_steps: int = 50
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    grid_size: int = 4  # grid_size x grid_size images
+    clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None = only in pixel space (identity AE)
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how the run reports."""
+
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on the main process
+    cpu_threads: int | None = None  # torch intra-op threads (None = torch's default); 1 helps on busy small CPUs
+
+
+@dataclass
+class Config:
+    """The whole run: one section per part of the system."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Type checking of values against the annotations
+# --------------------------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return {bool: "a bool", int: "an int", float: "a float", str: "a string", dict: "a mapping"}.get(tp, str(tp))
+
+
+_NO_MATCH = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to annotation ``tp``, or ``_NO_MATCH``. Only lossless, unsurprising conversions:
+    int -> float, and numeric strings -> float (PyYAML reads ``1e-4`` without a dot as a string)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else _NO_MATCH
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):  # exact matches first, so 3 stays an int in "int | float"
+            if _coerce_exact(value, arg):
+                return value
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NO_MATCH:
+                return out
+        return _NO_MATCH
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return _NO_MATCH
+        items = [_coerce(v, inner) for v in value]
+        return _NO_MATCH if any(i is _NO_MATCH for i in items) else items
+    if tp is type(None):
+        return None if value is None else _NO_MATCH
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO_MATCH
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_MATCH
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO_MATCH
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NO_MATCH
+        return _NO_MATCH
+    if tp is str:
+        return value if isinstance(value, str) else _NO_MATCH
+    if tp is dict:
+        return dict(value) if isinstance(value, dict) else _NO_MATCH
+    raise TypeError(f"config annotation {tp!r} is not supported")  # a bug in this file, not a user error
+
+
+def _coerce_exact(value: Any, tp: Any) -> bool:
+    if tp is type(None):
+        return value is None
+    if tp in (bool, int, float, str, dict):
+        return type(value) is tp
+    return False
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for sec in dataclasses.fields(Config):
+        keys += [f"{sec.name}.{f.name}" for f in dataclasses.fields(_section_types(Config)[sec.name])]
+    return keys
+
+
+def _unknown_key(source: str, key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys() + [f.name for f in dataclasses.fields(Config)], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def _set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+    """Set dotted ``key`` (``section.field`` or ``section.<dict field>.sub.key``) with type checking."""
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise _unknown_key(source, key)
+    sec_name, field_name, rest = parts[0], parts[1], parts[2:]
+    if sec_name not in {f.name for f in dataclasses.fields(Config)}:
+        raise _unknown_key(source, key)
+    section = getattr(cfg, sec_name)
+    hints = _section_types(type(section))
+    if field_name not in hints:
+        raise _unknown_key(source, key)
+    tp = hints[field_name]
+    if rest:  # a sub-key inside a free-form mapping such as model.overrides.hidden_size
+        if tp is not dict:
+            raise _unknown_key(source, key)
+        target = getattr(section, field_name)
+        for p in rest[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: {key!r} goes through a non-mapping value")
+        target[rest[-1]] = value
+        return
+    out = _coerce(value, tp)
+    if out is _NO_MATCH:
+        raise ConfigError(f"{source}: {sec_name}.{field_name} must be {_type_name(tp)}, got {value!r} "
+                          f"({type(value).__name__})")
+    setattr(section, field_name, out)
+
+
+def _apply_mapping(cfg: Config, data: Any, source: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train, ...), "
+                          f"got {type(data).__name__}")
+    for sec_name, sec in data.items():
+        if not isinstance(sec_name, str) or sec_name not in {f.name for f in dataclasses.fields(Config)}:
+            raise _unknown_key(source, str(sec_name))
+        if sec is None:
+            continue
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{source}: section {sec_name!r} must be a mapping, got {sec!r}")
+        for k, v in sec.items():
+            _set_value(cfg, f"{sec_name}.{k}", v, source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=2e-4"`` -> ``("train.lr", "2e-4")`` with the value parsed by ``yaml.safe_load``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key, value
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Cross-field checks that types alone cannot express."""
+    t = cfg.train
+    positive = {"train.global_batch_size": t.global_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "train.max_steps": t.max_steps, "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every,
+                "train.keep_last": t.keep_last, "train.max_bad_steps": t.max_bad_steps,
+                "data.resolution": cfg.data.resolution, "sample.num_steps": cfg.sample.num_steps,
+                "sample.grid_size": cfg.sample.grid_size, "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
+                "text.max_length": cfg.text.max_length}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{source}: {key} must be positive, got {v}")
+    for key, v in {"train.warmup_steps": t.warmup_steps, "train.sample_every": t.sample_every,
+                   "train.milestone_every": t.milestone_every, "data.num_workers": cfg.data.num_workers}.items():
+        if v < 0:
+            raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                          f"train.grad_accum_steps ({t.grad_accum_steps})")
+    if not 0.0 <= t.ema_decay <= 1.0:
+        raise ConfigError(f"{source}: train.ema_decay must be in [0, 1], got {t.ema_decay}")
+    if not 0.0 <= cfg.text.caption_dropout <= 1.0:
+        raise ConfigError(f"{source}: text.caption_dropout must be in [0, 1], got {cfg.text.caption_dropout}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"{source}: train.betas must have two values, got {t.betas}")
+    if t.lr <= 0:
+        raise ConfigError(f"{source}: train.lr must be positive, got {t.lr}")
+    if cfg.data.source != "shapes" and not cfg.data.path:
+        raise ConfigError(f"{source}: data.path is required for data.source={cfg.data.source!r}")
+    if cfg.run.cpu_threads is not None and cfg.run.cpu_threads < 1:
+        raise ConfigError(f"{source}: run.cpu_threads must be a positive int or null, got {cfg.run.cpu_threads}")
+    if t.resume is not None and not t.resume:
+        raise ConfigError(f"{source}: train.resume must be null, 'auto' or a checkpoint path")
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a validated :class:`Config` from a nested mapping (e.g. the ``config`` entry of a checkpoint)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (``None`` = all defaults), apply dotted ``overrides`` and validate.
+
+    Raises :class:`ConfigError` (a ``ValueError``) naming the file/override and the key on any problem, and
+    ``FileNotFoundError`` for a missing file.
+    """
+    cfg = Config()
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        _apply_mapping(cfg, data, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_value(cfg, key, value, f"override {text!r}")
+    validate(cfg, source)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (only str/int/float/bool/None/list/dict), e.g. for YAML, checkpoints or TensorBoard."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back with :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}`` (lists and None become strings, for TensorBoard)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

@@ -1,0 +1,666 @@
+"""The training loop: one explicit loop over optimizer steps, on any number of processes through Accelerate.
+
+``train(cfg)`` builds data, autoencoder, (text encoder), model, EMA, diffusion and optimizer from a
+:class:`dit.config.Config`, optionally resumes, and runs ``cfg.train.max_steps`` optimizer steps of
+``global_batch_size`` images each (``grad_accum_steps`` micro-batches per process per step).
+
+Determinism (so that a stopped and resumed run continues exactly like an uninterrupted one):
+- data order is a function of (seed, epoch): the epoch's permutation is ``randperm`` under a generator seeded from
+  both, and the loader state is just ``(epoch, position)``;
+- every micro-step reseeds a private generator (flips, caption dropout, timesteps, noise) and the global torch RNG
+  (the model's internal label dropout, autoencoder sampling) from ``hash(seed, rank, micro_step)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dit import checkpointing
+from dit.config import Config, ConfigError, flatten, save_config, to_dict
+from dit.utils.ema import EMA
+
+logger = logging.getLogger("dit.train")
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite losses in a row); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Randomness and data order
+# --------------------------------------------------------------------------------------------------------------------
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (e.g. ``(seed, rank, micro_step)``); stable across runs and platforms."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch ``epoch`` visits ``n`` items: (n,) int64, a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, 0x5EED))
+    return torch.randperm(n, generator=g)
+
+
+def micro_batches(dataset: Dataset, *, seed: int, epoch: int, position: int, global_micro_batch: int, rank: int,
+                  per_process: int, num_workers: int = 0, pin_memory: bool = False
+                  ) -> Iterator[tuple[dict, int, int]]:
+    """Endless stream of this process's micro-batches, starting at ``(epoch, position)``.
+
+    Global micro-batch k of an epoch covers ``perm[k*G : (k+1)*G]`` (G = ``global_micro_batch``, the tail that does
+    not fill a batch is dropped); process ``rank`` takes its ``per_process`` slice. Yields
+    ``(batch, epoch, position_after)``: resuming from ``(epoch, position_after)`` continues with the next batch.
+    """
+    n = len(dataset)
+    if n < global_micro_batch:
+        raise ValueError(f"the dataset has {n} items, fewer than one global micro-batch ({global_micro_batch}); "
+                         f"lower train.global_batch_size or add data")
+    while True:
+        if position + global_micro_batch > n:
+            epoch, position = epoch + 1, 0
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # before the loader forks its workers, so they see the epoch
+        perm = epoch_permutation(n, seed, epoch)
+        starts = list(range(position, n - global_micro_batch + 1, global_micro_batch))
+        index_lists = [perm[s + rank * per_process: s + (rank + 1) * per_process].tolist() for s in starts]
+        loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, pin_memory=pin_memory)
+        for s, batch in zip(starts, loader):
+            yield batch, epoch, s + global_micro_batch
+        position = n
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step``: linear warm-up, then constant or cosine decay
+    to ``min_ratio`` (Loshchilov & Hutter, SGDR eq. 5 without restarts)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building the parts
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataBundle:
+    """What the loop needs to know about the data."""
+
+    dataset: Dataset
+    kind: str  # "images" (encode on the fly) or "latents"
+    latent_shape: tuple[int, int, int]  # (C, h, w) the model sees
+    class_names: list[str]
+    has_text: bool  # items carry captions (images) or token embeddings (latents)
+    autoencoder_info: dict = field(default_factory=dict)
+    manifest: dict | None = None
+
+
+def _as_plain(v: Any) -> Any:
+    """Tensor/number normalisation constants -> float or list of floats (checkpoint-safe)."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().double()
+        return v.item() if v.numel() == 1 else v.flatten().tolist()
+    return v
+
+
+def autoencoder_info(ae: Any) -> dict:
+    """The ``autoencoder`` entry of a checkpoint: spec, scale, shift, latent_channels, downsample_factor."""
+    return {"spec": str(ae.spec), "scale": _as_plain(ae.scale), "shift": _as_plain(ae.shift),
+            "latent_channels": int(ae.latent_channels), "downsample_factor": int(ae.downsample_factor)}
+
+
+def load_autoencoder(cfg: Config, device: torch.device) -> Any:
+    from vae import load_autoencoder as _load
+
+    kwargs = {k: getattr(cfg.autoencoder, k) for k in ("scale", "shift") if getattr(cfg.autoencoder, k) is not None}
+    ae = _load(cfg.autoencoder.spec, device=device, **kwargs)
+    if isinstance(ae, nn.Module):
+        ae.eval().requires_grad_(False)
+    return ae
+
+
+def _check_path(cfg: Config) -> Path:
+    path = Path(cfg.data.path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path {str(path)!r} does not exist (data.source={cfg.data.source!r})")
+    return path
+
+
+def build_data(cfg: Config, ae: Any | None) -> DataBundle:
+    """The training dataset for ``cfg.data`` (``ae`` is the loaded autoencoder, needed for image sources)."""
+    d = cfg.data
+    if d.source == "latents":
+        from dit.data import LatentDataset
+
+        root = _check_path(cfg)
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"data.path {str(root)!r} has no manifest.json (make latents with "
+                                    f"tools/extract_latents.py)")
+        manifest = json.loads(manifest_path.read_text())
+        ds = LatentDataset(root, flip=d.flip, expect=expected_manifest(cfg), seed=cfg.train.seed)
+        ae_m = dict(manifest.get("autoencoder") or {})
+        info = {"spec": ae_m.get("spec", cfg.autoencoder.spec), "scale": ae_m.get("scale"),
+                "shift": ae_m.get("shift"), "latent_channels": int(manifest["latent_shape"][0]),
+                "downsample_factor": int(ae_m.get("downsample_factor", 1))}
+        return DataBundle(ds, "latents", tuple(int(s) for s in manifest["latent_shape"]),
+                          list(manifest.get("class_names") or []), bool(manifest.get("text_encoder")), info, manifest)
+
+    if ae is None:
+        raise ValueError("build_data: image sources need the autoencoder")
+    if d.resolution % ae.downsample_factor:
+        raise ConfigError(f"data.resolution ({d.resolution}) must be divisible by the autoencoder's downsample "
+                          f"factor ({ae.downsample_factor})")
+    if d.source == "shapes":
+        from dit.data import ShapesDataset
+
+        ds = ShapesDataset(resolution=d.resolution, num_samples=d.num_samples, seed=d.seed)
+        class_names = list(ds.classes)
+    elif d.source == "folder":
+        from dit.data import ImageFolderDataset
+
+        ds = ImageFolderDataset(_check_path(cfg), resolution=d.resolution, flip=False, skip_bad=d.skip_bad)
+        class_names = list(ds.classes)
+    else:  # captions
+        from dit.data import CaptionDataset
+
+        ds = CaptionDataset(_check_path(cfg), resolution=d.resolution, flip=False, skip_bad=d.skip_bad)
+        class_names = list(getattr(ds, "classes", []) or [])
+    h = d.resolution // ae.downsample_factor
+    return DataBundle(ds, "images", (int(ae.latent_channels), h, h), class_names, d.source != "folder",
+                      autoencoder_info(ae))
+
+
+def expected_manifest(cfg: Config) -> dict:
+    """What the config expects of a latent manifest (checked by ``dit.data.check_manifest``)."""
+    exp: dict[str, Any] = {"resolution": cfg.data.resolution, "autoencoder": {"spec": cfg.autoencoder.spec}}
+    if cfg.text.encoder is not None:
+        exp["text_encoder"] = {"spec": cfg.text.encoder, "max_length": cfg.text.max_length}
+    return exp
+
+
+def model_kwargs_for(cfg: Config, data: DataBundle, context_dim: int | None) -> dict:
+    """Keyword arguments for ``create_model(cfg.model.name, **kwargs)``: the data decides sizes and conditioning;
+    ``model.overrides`` win."""
+    from dit.models import model_defaults
+
+    defaults = model_defaults(cfg.model.name)
+    is_text = defaults.get("context_dim") is not None
+    c, h, _ = data.latent_shape
+    kwargs: dict[str, Any] = {"input_size": h, "in_channels": c, "learn_sigma": cfg.model.learn_sigma}
+    if is_text:
+        if context_dim is None:
+            raise ConfigError(f"model.name={cfg.model.name!r} is a text model: set text.encoder (e.g. minilm)")
+        kwargs["context_dim"] = context_dim
+    else:
+        if context_dim is not None:
+            raise ConfigError(f"text.encoder is set but model.name={cfg.model.name!r} is class-conditional; "
+                              f"use a text variant such as {cfg.model.name}-T")
+        if not data.class_names:
+            raise ConfigError(f"model.name={cfg.model.name!r} is class-conditional but data.source="
+                              f"{cfg.data.source!r} has no class names")
+        kwargs["num_classes"] = len(data.class_names)
+        kwargs["class_dropout_prob"] = cfg.model.class_dropout_prob
+    kwargs.update(cfg.model.overrides)
+    return kwargs
+
+
+def diffusion_kwargs(cfg: Config) -> dict:
+    """The ``create_diffusion`` arguments stored in checkpoints (training uses all steps: no respacing)."""
+    return {"noise_schedule": cfg.diffusion.noise_schedule, "diffusion_steps": cfg.diffusion.diffusion_steps,
+            "learn_sigma": cfg.model.learn_sigma, "prediction": cfg.diffusion.prediction,
+            "loss": cfg.diffusion.loss}
+
+
+def configure_tf32(enabled: bool) -> None:
+    """The one place TF32 matmuls/convolutions are switched (Ampere+ GPUs; no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    logger.info("TF32 matmul/cudnn: %s", "on" if enabled else "off")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Samples and plots
+# --------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(model: nn.Module, *, cfg: Config, model_kwargs: dict, latent_shape: tuple[int, int, int],
+                ae: Any, device: torch.device, path: Path, cond: dict, uncond: dict | None) -> Path:
+    """Draw ``grid_size**2`` samples with the diffusion core's DDIM/DDPM (``sample.num_steps`` steps) and CFG,
+    decode them with the autoencoder and save a PNG grid. ``cond``/``uncond``: model kwargs, batch-sized."""
+    from torchvision.utils import save_image
+
+    from dit.diffusion import create_diffusion
+    from dit.diffusion.guidance import classifier_free_guidance
+
+    s = cfg.sample
+    n = s.grid_size ** 2
+    respacing = f"ddim{s.num_steps}" if s.sampler == "ddim" else str(s.num_steps)
+    diffusion = create_diffusion(timestep_respacing=respacing, **diffusion_kwargs(cfg))
+    fn: Any = model
+    if uncond is not None and s.cfg_scale != 1.0:
+        fn = classifier_free_guidance(model, s.cfg_scale, uncond, pred_channels=latent_shape[0])
+    # Pixel-space predictions of x0 live in [-1, 1], so clipping them (ADM's clip_denoised) only removes error;
+    # normalised latents have no such bound (DiT samples latents unclipped).
+    clip = s.clip_denoised if s.clip_denoised is not None else str(ae.spec) == "identity"
+    g = torch.Generator(device=device).manual_seed(s.seed)
+    noise = torch.randn((n, *latent_shape), generator=g, device=device)
+    if s.sampler == "ddim":
+        z = diffusion.ddim_sample_loop(fn, noise.shape, noise=noise, model_kwargs=cond, device=device, eta=0.0,
+                                       clip_denoised=clip)
+    else:
+        z = diffusion.p_sample_loop(fn, noise.shape, noise=noise, model_kwargs=cond, device=device, generator=g,
+                                    clip_denoised=clip)
+    images = ae.decode(z.float()).float()  # (n, 3, H, W) in [-1, 1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=s.grid_size, padding=1)
+    return path
+
+
+def plot_loss_curve(log_path: Path, out_path: Path) -> Path | None:
+    """Loss per step (and a moving average) from ``train_log.jsonl`` to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; called only here, never at import
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    rows = [r for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    win = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - win + 1): i + 1]) / len(losses[max(0, i - win + 1): i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss")
+    ax.plot(steps, smooth, lw=1.5, label=f"moving average ({win})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log rows after ``step`` (they belong to a run continued past the checkpoint we resume from)."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short when the run was killed
+            continue
+    checkpointing.atomic_write(log_path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+
+def train(cfg: Config) -> dict:
+    """Train ``cfg`` and return a summary dict (steps, images_seen, first/last loss, paths, timings)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from dit.diffusion import create_diffusion
+    from dit.models import create_model
+
+    tc = cfg.train
+    out_dir = Path(cfg.run.out_dir)
+    if cfg.data.source != "shapes":
+        _check_path(cfg)  # fail before anything is built
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
+                              log_with="tensorboard" if cfg.run.tensorboard else None, project_dir=str(out_dir))
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    if is_main:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    denom = world * tc.grad_accum_steps
+    if tc.global_batch_size % denom:
+        raise ConfigError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by processes x "
+                          f"train.grad_accum_steps ({world} x {tc.grad_accum_steps})")
+    per_process = tc.global_batch_size // denom
+    global_micro = per_process * world
+    configure_tf32(tc.tf32)
+    if cfg.run.cpu_threads is not None:
+        torch.set_num_threads(cfg.run.cpu_threads)
+    # Model init from the run seed, the same on every rank (DDP would broadcast rank 0's weights anyway).
+    torch.manual_seed(step_seed(tc.seed, 0, -1))
+
+    # ---- data, autoencoder, text encoder ----------------------------------------------------------------------
+    ae = load_autoencoder(cfg, device) if cfg.data.source != "latents" else None
+    data = build_data(cfg, ae)
+    text_encoder = None
+    empty: dict[str, torch.Tensor] | None = None
+    if cfg.text.encoder is not None:
+        if not data.has_text:
+            raise ConfigError(f"text.encoder is set but data.source={cfg.data.source!r} has no captions/text tokens")
+        from dit.text import load_text_encoder
+
+        text_encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+        empty = {k: v.to(device) for k, v in text_encoder.empty_prompt(1).items()}  # (1, L, D), (1, L), (1, D)
+    if ae is None and is_main and cfg.sample.grid_size > 0:
+        ae = load_autoencoder(cfg, device)  # latent training: only needed to decode sample grids
+
+    # ---- model, EMA, optimizer, schedule ----------------------------------------------------------------------
+    model_kwargs = model_kwargs_for(cfg, data, text_encoder.dim if text_encoder is not None else None)
+    try:
+        raw_model = create_model(cfg.model.name, **model_kwargs)
+    except TypeError as e:  # an override the model does not take
+        raise ConfigError(f"model.overrides: {e}") from None
+    if getattr(raw_model, "learn_sigma", cfg.model.learn_sigma) != cfg.model.learn_sigma:
+        raise ConfigError("model.overrides.learn_sigma disagrees with model.learn_sigma: set model.learn_sigma only")
+    raw_model.to(device).train()
+    ema = EMA(raw_model, tc.ema_decay)  # starts as an exact fp32 copy (DiT: update_ema(ema, model, decay=0))
+    diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+                                  weight_decay=tc.weight_decay, fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, schedule=tc.lr_schedule,
+        min_ratio=tc.min_lr / tc.lr))
+
+    # ---- resume -----------------------------------------------------------------------------------------------
+    step, images_seen, epoch, position = 0, 0, 0, 0
+    resumed_from = None
+    found = checkpointing.resolve_resume(tc.resume, out_dir)
+    if found is not None:
+        resumed_from, state = found
+        if state.get("model_name") != cfg.model.name:
+            raise ConfigError(f"checkpoint {str(resumed_from)!r} was trained with model.name="
+                              f"{state.get('model_name')!r}, the config asks for {cfg.model.name!r}")
+        saved_kwargs = state.get("model_kwargs", {})
+        diff = sorted(k for k in set(saved_kwargs) | set(model_kwargs) if saved_kwargs.get(k) != model_kwargs.get(k))
+        if diff:
+            raise ConfigError(f"checkpoint {str(resumed_from)!r} was trained with different model arguments: "
+                              + ", ".join(f"{k}={saved_kwargs.get(k)!r} (config: {model_kwargs.get(k)!r})"
+                                          for k in diff))
+        raw_model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        kernel_flags = [{k: grp.get(k) for k in ("fused", "foreach")} for grp in optimizer.param_groups]
+        optimizer.load_state_dict(state["opt"])
+        for grp, flags in zip(optimizer.param_groups, kernel_flags):
+            grp.update(flags)  # a checkpoint from a GPU run (fused AdamW) may resume on CPU and vice versa
+        scheduler.load_state_dict(state["lr_scheduler"])
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        epoch, position = int(state["data_state"]["epoch"]), int(state["data_state"]["position"])
+        rng = state.get("rng", {})
+        if len(rng.get("torch_cpu", [])) == world:
+            torch.set_rng_state(rng["torch_cpu"][rank])
+        logger.info("resumed from %s at step %d (%d images seen)", resumed_from, step, images_seen)
+    elif tc.resume == "auto":
+        logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpointing.checkpoint_dir(out_dir))
+    elif checkpointing.list_checkpoints(checkpointing.checkpoint_dir(out_dir)):
+        # Starting over would mix two runs' checkpoints (and pruning could delete the new ones): refuse.
+        raise ConfigError(f"run.out_dir {str(out_dir)!r} already holds checkpoints: pass --resume auto "
+                          f"(train.resume=auto) to continue that run, or choose another run.out_dir")
+
+    if cfg.model.grad_checkpointing:
+        raw_model.set_grad_checkpointing(True)
+    model: nn.Module = torch.compile(raw_model) if cfg.model.compile else raw_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if found is not None and accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    log_path = out_dir / "train_log.jsonl"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if found is not None:
+            _truncate_log(log_path, step)
+        elif log_path.exists():
+            log_path.unlink()  # a fresh run (no checkpoints here): drop the log of an earlier, unsaved attempt
+        if cfg.run.tensorboard:
+            accelerator.init_trackers("tb", config=flatten(to_dict(cfg)))
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        logger.info("model %s: %.2f M parameters, latent %s, %d classes, %d process(es) x %d images x %d accum",
+                    cfg.model.name, n_params / 1e6, data.latent_shape, len(data.class_names), world, per_process,
+                    tc.grad_accum_steps)
+    accelerator.wait_for_everyone()
+
+    # Sampling conditions (fixed for the whole run so grids are comparable).
+    n_grid = cfg.sample.grid_size ** 2
+    grid_cond: dict = {}
+    grid_uncond: dict | None = None
+    if text_encoder is not None and empty is not None:
+        prompts = _grid_prompts(data, n_grid)
+        enc = text_encoder.encode(prompts)
+        grid_cond = {"context": enc["tokens"].to(device), "context_mask": enc["mask"].to(device),
+                     "pooled": enc["pooled"].to(device)}
+        grid_uncond = {"context": empty["tokens"].expand(n_grid, -1, -1), "context_mask":
+                       empty["mask"].expand(n_grid, -1), "pooled": empty["pooled"].expand(n_grid, -1)}
+    elif "num_classes" in model_kwargs:
+        num_classes = int(model_kwargs["num_classes"])
+        grid_cond = {"y": torch.arange(n_grid, device=device) % num_classes}
+        if cfg.model.class_dropout_prob > 0:
+            grid_uncond = {"y": torch.full((n_grid,), num_classes, device=device)}
+
+    def save(step_now: int) -> Path | None:
+        cpu_state = torch.get_rng_state()
+        all_cpu = accelerator.gather(cpu_state.to(device)[None]).cpu()  # (world, S) uint8
+        if not is_main:
+            return None
+        state_out = {
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(), "step": step_now, "images_seen": images_seen,
+            "rng": {"torch_cpu": [r for r in all_cpu],
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "data_state": {"epoch": epoch, "position": position, "seed": tc.seed},
+            "config": to_dict(cfg), "model_name": cfg.model.name, "model_kwargs": dict(model_kwargs),
+            "autoencoder": data.autoencoder_info, "diffusion": diffusion_kwargs(cfg),
+            "class_names": list(data.class_names), "text_encoder": cfg.text.encoder, "world_size": world,
+        }
+        if accelerator.scaler is not None:
+            state_out["scaler"] = accelerator.scaler.state_dict()
+        return checkpointing.save_checkpoint(state_out, out_dir, step_now, keep_last=tc.keep_last,
+                                             milestone_every=tc.milestone_every)
+
+    def draw_samples(step_now: int) -> Path | None:
+        path = None
+        if is_main and ae is not None:
+            with accelerator.autocast():
+                path = sample_grid(ema.module, cfg=cfg, model_kwargs=model_kwargs, latent_shape=data.latent_shape,
+                                   ae=ae, device=device, path=out_dir / "samples" / f"step_{step_now:07d}.png",
+                                   cond=grid_cond, uncond=grid_uncond)
+        accelerator.wait_for_everyone()
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    stream = micro_batches(data.dataset, seed=tc.seed, epoch=epoch, position=position,
+                           global_micro_batch=global_micro, rank=rank, per_process=per_process,
+                           num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda")
+    bar = tqdm(total=tc.max_steps * tc.global_batch_size, initial=images_seen, unit="img", unit_scale=True,
+               disable=not (is_main and cfg.run.progress), dynamic_ncols=True)  # progress in images seen
+    log_file = open(log_path, "a") if is_main else None
+    bad_in_a_row, bad_total, first_loss, last_ckpt, last_grid = 0, 0, None, None, None
+    window: dict[str, list[float]] = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
+    t_window, t_start, start_step = time.perf_counter(), time.perf_counter(), step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while step < tc.max_steps:
+            t_step = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, mse, vb summed over micro-batches
+            window_bad = False
+            for micro in range(tc.grad_accum_steps):
+                batch, epoch, position = next(stream)
+                s = step_seed(tc.seed, rank, step * tc.grad_accum_steps + micro)
+                torch.manual_seed(s)  # global RNG: the model's label dropout, autoencoder posterior sampling
+                g = torch.Generator(device=device).manual_seed(s)  # everything the trainer draws itself
+                x0, kw = _prepare_batch(batch, data=data, ae=ae, cfg=cfg, text_encoder=text_encoder, empty=empty,
+                                        device=device, g=g)
+                n = x0.shape[0]
+                t = torch.randint(0, diffusion.num_timesteps, (n,), generator=g, device=device)
+                noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
+                with accelerator.accumulate(model):
+                    terms = diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)
+                    loss = terms["loss"].mean()
+                    vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
+                    stats = torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
+                                         vb.detach().float()])
+                    stats = torch.cat([stats, (~torch.isfinite(stats[:1])).float()])
+                    stats = accelerator.reduce(stats, reduction="mean") if world > 1 else stats
+                    loss_v, mse_v, vb_v, bad_v = stats.tolist()  # one sync per micro-step
+                    if bad_v == 0:
+                        accelerator.backward(loss)
+                    else:  # any rank non-finite: all ranks skip this backward (no collective is left waiting)
+                        window_bad = True
+                    sums += torch.tensor([loss_v, mse_v, vb_v], dtype=torch.float64)
+                    grad_norm = float("nan")
+                    if accelerator.sync_gradients and not window_bad:
+                        max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
+                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                        # fp16: the grad scaler itself skips steps with inf grads and lowers its scale
+                        if not math.isfinite(grad_norm) and tc.mixed_precision != "fp16":
+                            window_bad = True
+                        else:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if window_bad:
+                bad_in_a_row += 1
+                bad_total += 1
+                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                               bad_in_a_row)
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TrainingAborted(f"aborting at step {step}: {bad_in_a_row} non-finite steps in a row "
+                                          f"(train.max_bad_steps={tc.max_bad_steps}); lower train.lr, set "
+                                          f"train.grad_clip, or use mixed_precision=bf16 instead of fp16")
+            else:
+                bad_in_a_row = 0
+                ema.update(raw_model)
+            scheduler.step()
+            step += 1
+            images_seen += tc.global_batch_size
+            mean = (sums / tc.grad_accum_steps).tolist()
+            lr_now = scheduler.get_last_lr()[0]
+            if first_loss is None and not window_bad:
+                first_loss = mean[0]
+            if is_main:
+                row = {"step": step, "loss": mean[0], "mse": mean[1], "vb": mean[2], "grad_norm": grad_norm,
+                       "lr": lr_now, "images_seen": images_seen, "skipped": window_bad,
+                       "step_time": time.perf_counter() - t_step}
+                log_file.write(json.dumps(row) + "\n")
+                for k in window:
+                    v = row[k]
+                    if math.isfinite(v):
+                        window[k].append(v)
+                bar.update(tc.global_batch_size)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                elapsed = time.perf_counter() - t_window
+                n_steps = max(1, len(window["loss"]))
+                img_s = n_steps * tc.global_batch_size / max(elapsed, 1e-9)
+                if is_main:
+                    scalars = {f"train/{k}": sum(v) / len(v) for k, v in window.items() if v}
+                    scalars.update({"train/lr": lr_now, "train/img_per_s": img_s,
+                                    "train/step_time": elapsed / n_steps, "train/images_seen": images_seen})
+                    if device.type == "cuda":
+                        scalars["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    accelerator.log(scalars, step=step)
+                    bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.4f}", img_s=f"{img_s:.0f}")
+                    log_file.flush()
+                    window = {k: [] for k in window}
+                t_window = time.perf_counter()
+            save_now = step % tc.ckpt_every == 0 or step == tc.max_steps or (
+                tc.milestone_every > 0 and step % tc.milestone_every == 0)
+            if save_now:
+                last_ckpt = save(step) or last_ckpt
+                accelerator.wait_for_everyone()
+            if (tc.sample_every > 0 and step % tc.sample_every == 0) or step == tc.max_steps:
+                last_grid = draw_samples(step) or last_grid
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    seconds = time.perf_counter() - t_start
+    curve = plot_loss_curve(log_path, out_dir / "loss_curve.png") if is_main else None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    last_loss = _last_losses(log_path) if is_main else None
+    summary = {"steps": step, "images_seen": images_seen, "first_loss": first_loss, "last_loss": last_loss,
+               "bad_steps": bad_total, "seconds": seconds,
+               "img_per_s": (step - start_step) * tc.global_batch_size / max(seconds, 1e-9),
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "sample_grid": str(last_grid) if last_grid else None,
+               "loss_curve": str(curve) if curve else None, "resumed_from": str(resumed_from) if resumed_from else None,
+               "out_dir": str(out_dir), "world_size": world, "rank": rank, "weights_digest": weights_digest(raw_model)}
+    if is_main:
+        logger.info("done: %s", json.dumps(summary))
+    return summary
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every state-dict tensor's bytes: equal on all ranks iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for name, v in model.state_dict().items():
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _last_losses(log_path: Path, n: int = 20) -> float | None:
+    """Mean loss of the last ``n`` finite rows of the log."""
+    if not log_path.exists():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if r["loss"] is not None and math.isfinite(r["loss"])][-n:]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _grid_prompts(data: DataBundle, n: int) -> list[str]:
+    """Prompts for text sample grids: the first dataset captions (image sources) or the class names."""
+    if data.kind == "images":
+        m = len(data.dataset)
+        return [data.dataset[i % m]["caption"] for i in range(n)]
+    names = data.class_names or [""]
+    return [f"a {names[i % len(names)]}" for i in range(n)]
+
+
+def _prepare_batch(batch: dict, *, data: DataBundle, ae: Any, cfg: Config, text_encoder: Any,
+                   empty: dict | None, device: torch.device, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """A loader batch -> (x0 (N, C, h, w) latents, model kwargs). Random draws (flip, caption dropout) use ``g``."""
+    if data.kind == "images":
+        x = batch["image"].to(device, non_blocking=True)  # (N, 3, H, W) in [-1, 1]
+        n = x.shape[0]
+        if cfg.data.flip:
+            flip = torch.rand(n, generator=g, device=device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.no_grad():
+            x0 = ae.encode(x).float()  # (N, C, h, w)
+    else:
+        x0 = batch["latent"].to(device, non_blocking=True).float()  # flips were chosen by the dataset
+        n = x0.shape[0]
+    if text_encoder is None:
+        return x0, {"y": batch["label"].to(device, non_blocking=True).long()}
+    drop = torch.rand(n, generator=g, device=device) < cfg.text.caption_dropout  # (N,) True = empty prompt
+    if data.kind == "images":
+        prompts = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"])]
+        enc = text_encoder.encode(prompts)
+        return x0, {"context": enc["tokens"].to(device).float(), "context_mask": enc["mask"].to(device).bool(),
+                    "pooled": enc["pooled"].to(device).float()}
+    ctx = batch["context"].to(device).float()  # (N, L, D) pre-extracted tokens
+    mask = batch["context_mask"].to(device).bool()  # (N, L)
+    pooled = batch["pooled"].to(device).float()  # (N, D)
+    ctx = torch.where(drop[:, None, None], empty["tokens"].float(), ctx)
+    mask = torch.where(drop[:, None], empty["mask"].bool(), mask)
+    pooled = torch.where(drop[:, None], empty["pooled"].float(), pooled)
+    return x0, {"context": ctx, "context_mask": mask, "pooled": pooled}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The DiT-vs-UNet study on the bundled shapes data, end to end on one GPU (docs/compare.md):
+#   1. TAEF2 latent normalisation measured on the shapes data; 2. TAEF2 latents (+ flips, + caption embeddings);
+#   3. the offline shapes classifier; 4. tools/compare.py over MODELS with one budget.
+# Usage: bash scripts/gpu_study.sh TAEF2_DIR TEXT_ENCODER OUT_DIR
+# Env: MODELS, BUDGET (training images per model), RES (pixels), N (training images), SAMPLES (per model and scale).
+set -euo pipefail
+TAEF2=${1:?usage: gpu_study.sh TAEF2_DIR TEXT_ENCODER OUT_DIR}
+TEXT=${2:-minilm}
+OUT=${3:-runs/study}
+MODELS=${MODELS:-DiT-S/8,DiT-S/4,DiT-S/2,DiT-B/2,UNet-S,UNet-B,DiT-S/2-T}
+BUDGET=${BUDGET:-200000}
+RES=${RES:-128}
+N=${N:-12000}
+SAMPLES=${SAMPLES:-600}
+W=$OUT/taef2
+mkdir -p "$W"
+cp "$TAEF2"/taef2_*.pth "$W"/
+if [ ! -f "$W/latent_norm.json" ]; then
+  python tools/make_dataset.py --out "$OUT/shapes_norm" --resolution "$RES" --per-class 40
+  python tools/measure_vae.py "taef2:$W" --images "$OUT/shapes_norm" --size "$RES" --device "${DEVICE:-cuda}" \
+      --out "$W/latent_norm.json" --no-progress
+fi
+python tools/extract_latents.py --data shapes --resolution "$RES" --num-samples "$N" --flip \
+    --autoencoder "taef2:$W" --text-encoder "$TEXT" --out "$OUT/latents" --num-workers 12 --batch-size 256
+[ -f "$OUT/shapes_classifier.pt" ] || \
+  python tools/train_classifier.py --resolution 64 --steps "${CLS_STEPS:-800}" --device "${DEVICE:-cuda}" --out "$OUT/shapes_classifier.pt"
+python tools/compare.py --config configs/compare_shapes.yaml --models "$MODELS" --budget-images "$BUDGET" \
+    --out "$OUT/compare" --eval-classifier "$OUT/shapes_classifier.pt" --num-samples "$SAMPLES" \
+    --text-encoder "$TEXT" data.path="$OUT/latents" autoencoder.spec="taef2:$W" data.resolution="$RES" "${@:4}"
