@@ -96,6 +96,9 @@ class TrainConfig:
     max_steps: int = 400_000
     grad_clip: float | None = None  # max global grad norm; None = no clipping (the DiT paper does not clip)
     ema_decay: float = 0.9999
+    # EMA warm-up: decay_k = min(ema_decay, (1 + k) / (10 + k)) at update k. Without it a short run's EMA is still
+    # mostly the zero-output initialisation (0.999 ** 782 = 46% after 782 steps) and samples look like noise.
+    ema_warmup: bool = True
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     tf32: bool = True

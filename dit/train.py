@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
-from dit.utils.ema import EMA
+from dit.utils.ema import EMA, ema_decay_at
 
 logger = logging.getLogger("dit.train")
 
@@ -548,7 +548,7 @@ def train(cfg: Config) -> dict:
                                           f"train.grad_clip, or use mixed_precision=bf16 instead of fp16")
             else:
                 bad_in_a_row = 0
-                ema.update(raw_model)
+                ema.update(raw_model, decay=ema_decay_at(tc.ema_decay, step, tc.ema_warmup))
             scheduler.step()
             step += 1
             images_seen += tc.global_batch_size

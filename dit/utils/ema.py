@@ -8,6 +8,15 @@ import torch
 from torch import nn
 
 
+def ema_decay_at(decay: float, num_updates: int, warmup: bool = True) -> float:
+    """Decay used for update number ``num_updates`` (0-based): ``min(decay, (1 + k) / (10 + k))`` with warm-up.
+
+    The warm-up (as in TensorFlow's ExponentialMovingAverage with ``num_updates``) makes early averages follow the
+    model instead of the initial weights; it reaches 0.999 after ~9,000 updates and 0.9999 after ~90,000.
+    """
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates)) if warmup else decay
+
+
 class EMA:
     """fp32 shadow copy of a model: ``ema = decay * ema + (1 - decay) * model`` after every optimizer step.
 
