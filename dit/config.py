@@ -49,6 +49,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip (ADM / DiT)
     num_workers: int = 2
     pin_memory: bool = True
+    in_memory: bool | Literal["auto"] = "auto"  # latents: load the shards into RAM ("auto": when under 8 GiB)
     skip_bad: bool = False  # skip unreadable images (reported) instead of failing on the first one
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
@@ -54,6 +54,63 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+class EpochBatches(Dataset):
+    """Batch-level view of a dataset: item ``(epoch, start)`` is process ``rank``'s share of the global micro-batch
+    ``perm[start : start + G]`` of that epoch (``perm = epoch_permutation(n, seed, epoch)``,
+    G = ``global_micro_batch``), as one collated dict.
+
+    Datasets with ``get_batch(indices)`` (e.g. ``LatentDataset``) return the stacked batch directly (one gather per
+    field); others are read item by item and collated. The epoch travels with the key and the dataset's
+    ``set_epoch`` is called wherever the batch is made (main process or a worker), so one DataLoader with
+    persistent workers can span all epochs and still give every (seed, epoch, position) the same data and flips.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, global_micro_batch: int, rank: int, per_process: int):
+        self.dataset, self.seed, self.global_micro_batch = dataset, seed, global_micro_batch
+        self.rank, self.per_process = rank, per_process
+        self.n = len(dataset)
+        self._perm_epoch: int | None = None
+        self._perm = torch.empty(0, dtype=torch.int64)
+        self._dataset_epoch: int | None = None
+
+    def __len__(self) -> int:  # keys are (epoch, start) pairs, not 0..len-1; the sampler decides what is read
+        return self.n // self.global_micro_batch
+
+    def indices(self, epoch: int, start: int) -> torch.Tensor:
+        """(per_process,) int64 dataset indices of this rank's share of the micro-batch at (epoch, start)."""
+        if self._perm_epoch != epoch:  # one randperm per epoch (per worker), not per batch
+            self._perm, self._perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
+        lo = start + self.rank * self.per_process
+        return self._perm[lo: lo + self.per_process]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, start = key
+        idx = self.indices(epoch, start)
+        if hasattr(self.dataset, "set_epoch") and self._dataset_epoch != epoch:
+            self.dataset.set_epoch(epoch)
+            self._dataset_epoch = epoch
+        get_batch = getattr(self.dataset, "get_batch", None)
+        if get_batch is not None:
+            return get_batch(idx)
+        return default_collate([self.dataset[i] for i in idx.tolist()])
+
+
+def batch_keys(n: int, global_micro_batch: int, epoch: int, position: int) -> Iterator[tuple[int, int]]:
+    """Endless ``(epoch, start)`` of the global micro-batches from ``(epoch, position)`` on; each epoch's tail that
+    does not fill a micro-batch is dropped."""
+    while True:
+        if position + global_micro_batch > n:
+            epoch, position = epoch + 1, 0
+        yield epoch, position
+        position += global_micro_batch
+
+
+def _pin(batch: dict) -> dict:
+    """Page-locked copies of a batch's tensors, so ``.to(cuda, non_blocking=True)`` neither blocks the host nor waits
+    for the GPU (a copy from pageable memory synchronises the stream first)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def micro_batches(dataset: Dataset, *, seed: int, epoch: int, position: int, global_micro_batch: int, rank: int,
                   per_process: int, num_workers: int = 0, pin_memory: bool = False
                   ) -> Iterator[tuple[dict, int, int]]:
@@ -62,23 +119,27 @@ def micro_batches(dataset: Dataset, *, seed: int, epoch: int, position: int, glo
     Global micro-batch k of an epoch covers ``perm[k*G : (k+1)*G]`` (G = ``global_micro_batch``, the tail that does
     not fill a batch is dropped); process ``rank`` takes its ``per_process`` slice. Yields
     ``(batch, epoch, position_after)``: resuming from ``(epoch, position_after)`` continues with the next batch.
+
+    Batches of an in-memory dataset (``dataset.in_memory``) are gathered in this process (a gather of a few MB takes
+    about a millisecond, less than handing it over from a worker: see tools/bench_data.py). Otherwise
+    ``num_workers > 0`` uses one DataLoader over all epochs whose workers stay alive from epoch to epoch.
     """
     n = len(dataset)
     if n < global_micro_batch:
         raise ValueError(f"the dataset has {n} items, fewer than one global micro-batch ({global_micro_batch}); "
                          f"lower train.global_batch_size or add data")
-    while True:
-        if position + global_micro_batch > n:
-            epoch, position = epoch + 1, 0
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # before the loader forks its workers, so they see the epoch
-        perm = epoch_permutation(n, seed, epoch)
-        starts = list(range(position, n - global_micro_batch + 1, global_micro_batch))
-        index_lists = [perm[s + rank * per_process: s + (rank + 1) * per_process].tolist() for s in starts]
-        loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, pin_memory=pin_memory)
-        for s, batch in zip(starts, loader):
-            yield batch, epoch, s + global_micro_batch
-        position = n
+    view = EpochBatches(dataset, seed=seed, global_micro_batch=global_micro_batch, rank=rank, per_process=per_process)
+    keys = batch_keys(n, global_micro_batch, epoch, position)
+    if num_workers == 0 or getattr(dataset, "in_memory", False):
+        for key in keys:
+            batch = view[key]
+            yield (_pin(batch) if pin_memory else batch), key[0], key[1] + global_micro_batch
+        return
+    # The loader's sampler and `keys` are two copies of the same deterministic sequence: the loader keeps order.
+    loader = DataLoader(view, sampler=batch_keys(n, global_micro_batch, epoch, position), batch_size=None,
+                        num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4)
+    for key, batch in zip(keys, loader):
+        yield batch, key[0], key[1] + global_micro_batch
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -152,7 +213,8 @@ def build_data(cfg: Config, ae: Any | None) -> DataBundle:
             raise FileNotFoundError(f"data.path {str(root)!r} has no manifest.json (make latents with "
                                     f"tools/extract_latents.py)")
         manifest = json.loads(manifest_path.read_text())
-        ds = LatentDataset(root, flip=d.flip, expect=expected_manifest(cfg), seed=cfg.train.seed)
+        ds = LatentDataset(root, flip=d.flip, expect=expected_manifest(cfg), seed=cfg.train.seed,
+                           in_memory=d.in_memory)
         ae_m = dict(manifest.get("autoencoder") or {})
         info = {"spec": ae_m.get("spec", cfg.autoencoder.spec), "scale": ae_m.get("scale"),
                 "shift": ae_m.get("shift"), "latent_channels": int(manifest["latent_shape"][0]),
@@ -375,7 +437,8 @@ def train(cfg: Config) -> dict:
     ema = EMA(raw_model, tc.ema_decay)  # starts as an exact fp32 copy (DiT: update_ema(ema, model, decay=0))
     diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                  weight_decay=tc.weight_decay, fused=device.type == "cuda" or None)
+                                  weight_decay=tc.weight_decay,
+                                  fused=device.type in ("cuda", "cpu") or None)  # fused: sync-free step skipping
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, schedule=tc.lr_schedule,
         min_ratio=tc.min_lr / tc.lr))
@@ -487,22 +550,68 @@ def train(cfg: Config) -> dict:
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
+    # The loop never waits for the device inside a step, so the host can queue the next steps while the GPU works:
+    # per-step statistics stay on the device in `pending` and are read in one transfer per log interval (and before
+    # a checkpoint, so the log is complete up to the saved step); a non-finite step is turned into a no-op on the
+    # device (the fused AdamW kernel's `found_inf` input; the EMA weight is multiplied by 0). Consequence: an abort
+    # after train.max_bad_steps non-finite steps in a row is noticed at the next log interval, after at most
+    # train.log_every - 1 further steps, which were no-ops too if they were non-finite.
     stream = micro_batches(data.dataset, seed=tc.seed, epoch=epoch, position=position,
                            global_micro_batch=global_micro, rank=rank, per_process=per_process,
                            num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda")
     bar = tqdm(total=tc.max_steps * tc.global_batch_size, initial=images_seen, unit="img", unit_scale=True,
                disable=not (is_main and cfg.run.progress), dynamic_ncols=True)  # progress in images seen
     log_file = open(log_path, "a") if is_main else None
+    inner_opt = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the torch optimizer
+    fused_skip = tc.mixed_precision != "fp16" and bool(inner_opt.defaults.get("fused"))
     bad_in_a_row, bad_total, first_loss, last_ckpt, last_grid = 0, 0, None, None, None
+    pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, (5,) device stats, lr, images_seen)
     window: dict[str, list[float]] = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
-    t_window, t_start, start_step = time.perf_counter(), time.perf_counter(), step
+    t_window, t_flush, t_start, start_step = time.perf_counter(), time.perf_counter(), time.perf_counter(), step
+    window_steps = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def flush() -> None:
+        """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""
+        nonlocal bad_in_a_row, bad_total, first_loss, t_flush
+        if not pending:
+            return
+        values = torch.stack([p[1] for p in pending]).tolist()  # (k, 5): loss, mse, vb, grad_norm, bad
+        now = time.perf_counter()
+        step_time = (now - t_flush) / len(pending)  # host time per step, averaged: steps are not timed one by one
+        t_flush = now
+        rows = list(zip(pending, values))
+        pending.clear()
+        for (step_i, _, lr_i, seen_i), (loss_v, mse_v, vb_v, gnorm_v, bad_v) in rows:
+            skipped = bad_v > 0
+            if skipped:
+                bad_in_a_row += 1
+                bad_total += 1
+                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_i,
+                               bad_in_a_row)
+            else:
+                bad_in_a_row = 0
+                if first_loss is None:
+                    first_loss = loss_v
+            if is_main:
+                row = {"step": step_i, "loss": loss_v, "mse": mse_v, "vb": vb_v, "grad_norm": gnorm_v, "lr": lr_i,
+                       "images_seen": seen_i, "skipped": skipped, "step_time": step_time}
+                log_file.write(json.dumps(row) + "\n")
+                for k in window:
+                    if math.isfinite(row[k]):
+                        window[k].append(row[k])
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise TrainingAborted(f"aborting at step {step_i}: {bad_in_a_row} non-finite steps in a row "
+                                      f"(train.max_bad_steps={tc.max_bad_steps}); lower train.lr, set "
+                                      f"train.grad_clip, or use mixed_precision=bf16 instead of fp16")
+        if is_main:
+            log_file.flush()
+
     try:
         while step < tc.max_steps:
-            t_step = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, mse, vb summed over micro-batches
-            window_bad = False
+            sums = torch.zeros(3, device=device)  # loss, mse, vb summed over the micro-batches, on the device
+            stats = bad = None
             for micro in range(tc.grad_accum_steps):
                 batch, epoch, position = next(stream)
                 s = step_seed(tc.seed, rank, step * tc.grad_accum_steps + micro)
@@ -517,78 +626,62 @@ def train(cfg: Config) -> dict:
                     terms = diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)
                     loss = terms["loss"].mean()
                     vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
-                    stats = torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
+                    sums += torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
                                          vb.detach().float()])
-                    stats = torch.cat([stats, (~torch.isfinite(stats[:1])).float()])
-                    stats = accelerator.reduce(stats, reduction="mean") if world > 1 else stats
-                    loss_v, mse_v, vb_v, bad_v = stats.tolist()  # one sync per micro-step
-                    if bad_v == 0:
-                        accelerator.backward(loss)
-                    else:  # any rank non-finite: all ranks skip this backward (no collective is left waiting)
-                        window_bad = True
-                    sums += torch.tensor([loss_v, mse_v, vb_v], dtype=torch.float64)
-                    grad_norm = float("nan")
-                    if accelerator.sync_gradients and not window_bad:
+                    # A non-finite loss makes the gradients non-finite (in DDP on every rank, through the
+                    # all-reduce): it is caught below from the gradient norm and the losses, without a host sync.
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
                         max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                        # fp16: the grad scaler itself skips steps with inf grads and lowers its scale
-                        if not math.isfinite(grad_norm) and tc.mixed_precision != "fp16":
-                            window_bad = True
-                        else:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # () on the device
+                        stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
+                        if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
+                            stats = accelerator.reduce(stats, reduction="mean")
+                        if tc.mixed_precision == "fp16":  # the grad scaler skips steps with inf grads itself
+                            bad = ~torch.isfinite(stats[0])
                             optimizer.step()
+                        else:
+                            bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
+                            if fused_skip:
+                                inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
+                                optimizer.step()
+                            elif not bool(bad):  # no fused AdamW on this device: one host sync per step
+                                optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            if window_bad:
-                bad_in_a_row += 1
-                bad_total += 1
-                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                               bad_in_a_row)
-                if bad_in_a_row >= tc.max_bad_steps:
-                    raise TrainingAborted(f"aborting at step {step}: {bad_in_a_row} non-finite steps in a row "
-                                          f"(train.max_bad_steps={tc.max_bad_steps}); lower train.lr, set "
-                                          f"train.grad_clip, or use mixed_precision=bf16 instead of fp16")
-            else:
-                bad_in_a_row = 0
-                ema.update(raw_model, decay=ema_decay_at(tc.ema_decay, step, tc.ema_warmup))
+            ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad)
             scheduler.step()
             step += 1
+            window_steps += 1
             images_seen += tc.global_batch_size
-            mean = (sums / tc.grad_accum_steps).tolist()
-            lr_now = scheduler.get_last_lr()[0]
-            if first_loss is None and not window_bad:
-                first_loss = mean[0]
+            pending.append((step, torch.cat([stats, bad.float().reshape(1)]), scheduler.get_last_lr()[0],
+                            images_seen))
             if is_main:
-                row = {"step": step, "loss": mean[0], "mse": mean[1], "vb": mean[2], "grad_norm": grad_norm,
-                       "lr": lr_now, "images_seen": images_seen, "skipped": window_bad,
-                       "step_time": time.perf_counter() - t_step}
-                log_file.write(json.dumps(row) + "\n")
-                for k in window:
-                    v = row[k]
-                    if math.isfinite(v):
-                        window[k].append(v)
                 bar.update(tc.global_batch_size)
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            log_now = step % tc.log_every == 0 or step == tc.max_steps
+            save_now = step % tc.ckpt_every == 0 or step == tc.max_steps or (
+                tc.milestone_every > 0 and step % tc.milestone_every == 0)
+            if log_now or save_now:
+                flush()
+            if log_now:
                 elapsed = time.perf_counter() - t_window
-                n_steps = max(1, len(window["loss"]))
-                img_s = n_steps * tc.global_batch_size / max(elapsed, 1e-9)
+                img_s = window_steps * tc.global_batch_size / max(elapsed, 1e-9)
                 if is_main:
                     scalars = {f"train/{k}": sum(v) / len(v) for k, v in window.items() if v}
-                    scalars.update({"train/lr": lr_now, "train/img_per_s": img_s,
-                                    "train/step_time": elapsed / n_steps, "train/images_seen": images_seen})
+                    scalars.update({"train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_s,
+                                    "train/step_time": elapsed / window_steps, "train/images_seen": images_seen})
                     if device.type == "cuda":
                         scalars["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     accelerator.log(scalars, step=step)
                     bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.4f}", img_s=f"{img_s:.0f}")
-                    log_file.flush()
                     window = {k: [] for k in window}
-                t_window = time.perf_counter()
-            save_now = step % tc.ckpt_every == 0 or step == tc.max_steps or (
-                tc.milestone_every > 0 and step % tc.milestone_every == 0)
+                t_window, window_steps = time.perf_counter(), 0
             if save_now:
                 last_ckpt = save(step) or last_ckpt
                 accelerator.wait_for_everyone()
             if (tc.sample_every > 0 and step % tc.sample_every == 0) or step == tc.max_steps:
                 last_grid = draw_samples(step) or last_grid
     finally:
+        stream.close()  # stops the DataLoader workers, if any
         bar.close()
         if log_file is not None:
             log_file.close()
@@ -615,6 +708,25 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tensor | None) -> None:
+    """``ema.update(model, decay)`` unless the 0-d bool device tensor ``skip`` is True, without reading ``skip`` on
+    the host: ``ema += w * (p - ema)`` with ``w = (1 - decay) * (1 - skip)`` (the lerp formula, a no-op for w = 0)."""
+    if skip is None:
+        ema.update(model, decay=decay)
+        return
+    dst = list(ema.module.parameters())
+    src = [p.detach().float() for p in model.parameters()]
+    if len(src) != len(dst):
+        raise ValueError(f"EMA update: model has {len(src)} parameters, the EMA copy has {len(dst)}")
+    w = (~skip).to(dst[0].device, torch.float32) * (1.0 - decay)  # ()
+    diff = torch._foreach_sub(src, dst)
+    torch._foreach_mul_(diff, w)
+    torch._foreach_add_(dst, diff)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers()):
+        b_ema.copy_(b)
 
 
 def _last_losses(log_path: Path, n: int = 20) -> float | None:

@@ -213,3 +213,64 @@ def test_two_process_extraction_with_accelerate(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("extract_latents: error: --data")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-memory shards and the batched path
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_vectorised_flip_mask_equals_flip_decision():
+    from dit.data.latents import flip_mask
+
+    idx = torch.cat([torch.arange(3000), torch.tensor([2**31 - 1, 2**31, 2**40 + 7, 2**62 + 1])])
+    for seed, epoch in [(0, 0), (5, 1), (2**40 + 3, 77), (123, 2**33)]:
+        want = torch.tensor([flip_decision(seed, epoch, i) for i in idx.tolist()])
+        assert torch.equal(flip_mask(seed, epoch, idx), want), (seed, epoch)
+    assert 0.45 < flip_mask(1, 2, torch.arange(3000)).float().mean() < 0.55  # a fair coin, not all-equal
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_get_batch_equals_collated_items(tmp_path, shapes, identity, in_memory):
+    from torch.utils.data import default_collate
+
+    extract_latents(shapes, identity, tmp_path, shard_size=4, flip=True, text_encoder=FakeTextEncoder(),
+                    progress=False)  # bf16 latents, fp16 text, 3 shards (the last one short)
+    ds = LatentDataset(tmp_path, flip=True, seed=5, in_memory=in_memory)
+    assert ds.in_memory is in_memory
+    images = _images(shapes).to(torch.bfloat16).float()
+    idx = [3, 0, 9, 3, -1, 5, 6, 7, 8]
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batch = ds.get_batch(idx, dtype=torch.float32)
+        want = default_collate([ds[i] for i in idx])
+        assert sorted(batch) == sorted(want) == ["context", "context_mask", "label", "latent", "pooled"]
+        for k in want:
+            assert batch[k].dtype == want[k].dtype and torch.equal(batch[k], want[k]), (epoch, k)
+        flips = [flip_decision(5, epoch, i % 10) for i in idx]
+        assert any(flips) and not all(flips)
+        for row, i, f in zip(batch["latent"], idx, flips):  # really the flipped copy where the hash says so
+            assert torch.equal(row, images[i].flip(-1) if f else images[i])
+    native = ds.get_batch(idx)  # stored dtypes: what the trainer pins and copies
+    assert native["latent"].dtype == torch.bfloat16 and native["context_mask"].dtype == torch.bool
+    assert torch.equal(native["latent"].float(), batch["latent"])
+    with pytest.raises(IndexError, match="index 10 out of range for 10 latents"):
+        ds.get_batch([1, 10])
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives: shards re-map lazily
+    assert torch.equal(clone.get_batch(idx)["latent"], native["latent"])
+
+
+def test_in_memory_auto_threshold_and_no_file_access(tmp_path, shapes, identity, monkeypatch):
+    import dit.data.latents as latents
+
+    extract_latents(shapes, identity, tmp_path, shard_size=4, dtype="fp32", flip=True, progress=False)
+    ds = LatentDataset(tmp_path, flip=True, seed=1)  # "auto": a few KiB is far below 8 GiB
+    assert ds.in_memory and ds._mem["latents"].shape == (20, 3, 16, 16)  # originals, then flipped copies
+    monkeypatch.setattr(latents, "IN_MEMORY_AUTO_BYTES", 100)
+    assert not LatentDataset(tmp_path, flip=True).in_memory
+    with pytest.raises(ValueError, match="in_memory must be True, False or 'auto', got 'yes'"):
+        LatentDataset(tmp_path, in_memory="yes")
+    want = ds.get_batch(range(10))
+    for i in range(3):
+        (tmp_path / shard_name(i)).unlink()  # everything already lives in RAM
+    assert torch.equal(ds.get_batch(range(10))["latent"], want["latent"])
+    assert torch.equal(ds[4]["latent"], want["latent"][4])

@@ -361,3 +361,125 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert s0["checkpoint"] and s1["checkpoint"] is None  # only the main process writes
     state = torch.load(s0["checkpoint"], weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input pipeline and host syncs
+# --------------------------------------------------------------------------------------------------------------------
+
+class _PidIndices(_Indices):
+    """Items say which process made them: a DataLoader that re-forked its workers every epoch shows new pids."""
+
+    def __getitem__(self, i):
+        return {"i": i, "pid": os.getpid()}
+
+
+def test_micro_batches_workers_persist_and_match_main_process():
+    from dit.train import micro_batches
+
+    kw = dict(seed=7, epoch=0, position=0, global_micro_batch=4, per_process=4, rank=0)
+    main = micro_batches(_PidIndices(10), **kw)
+    want = [next(main) for _ in range(8)]  # 4 epochs of 2 batches
+    stream = micro_batches(_PidIndices(10), num_workers=2, **kw)
+    got = [next(stream) for _ in range(8)]
+    stream.close()
+    assert [(b["i"].tolist(), e, p) for b, e, p in got] == [(b["i"].tolist(), e, p) for b, e, p in want]
+    pids = {pid for b, _, _ in got for pid in b["pid"].tolist()}
+    assert len(pids) == 2 and os.getpid() not in pids  # the same two workers served all four epochs
+
+
+def test_latent_batches_in_memory_equal_per_item_through_workers(tmp_path):
+    """The trainer's fast path (in-memory gather in this process) and the lazy path (safetensors rows read in
+    DataLoader workers, which get the epoch from the batch key) give the same batches and flips, epoch after epoch."""
+    from dit.data import LatentDataset, ShapesDataset
+    from dit.data.extract import extract_latents
+    from dit.train import micro_batches
+    from vae import load_autoencoder
+
+    extract_latents(ShapesDataset(resolution=16, num_samples=12, seed=0), load_autoencoder("identity"), tmp_path,
+                    shard_size=5, flip=True, progress=False)
+    fast = LatentDataset(tmp_path, flip=True, seed=3, in_memory=True)
+    slow = LatentDataset(tmp_path, flip=True, seed=3, in_memory=False)
+    kw = dict(seed=3, epoch=0, position=4, global_micro_batch=4, per_process=2, rank=1)
+    a = micro_batches(fast, num_workers=2, **kw)  # in memory: gathered here whatever num_workers says
+    b = micro_batches(slow, num_workers=2, **kw)
+    for _ in range(7):  # from (0, 4) across three epochs
+        (ba, ea, pa), (bb, eb, pb) = next(a), next(b)
+        assert (ea, pa) == (eb, pb) and ba["latent"].dtype == torch.bfloat16
+        assert torch.equal(ba["latent"], bb["latent"]) and torch.equal(ba["label"], bb["label"])
+    b.close()
+    assert ea == 2 and fast.epoch == 2  # the in-memory dataset was told the epoch here, in this process
+
+
+def test_ema_update_unless_skip_is_a_no_op_on_device():
+    from dit.train import ema_update_unless
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.module.weight.detach().clone()
+    ema_update_unless(ema, model, 0.9, torch.tensor(True))
+    assert torch.equal(ema.module.weight, before)
+    ema_update_unless(ema, model, 0.9, torch.tensor(False))
+    expected = 0.9 * before.double() + 0.1 * model.weight.detach().double()
+    torch.testing.assert_close(ema.module.weight.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the training diffusion's loss NaN on the listed (1-based) calls."""
+    import dit.diffusion
+
+    real = dit.diffusion.create_diffusion
+
+    def poisoned(**kw):
+        d = real(**kw)
+        if kw.get("timestep_respacing"):
+            return d
+        calls, inner = {"n": 0}, d.training_losses
+
+        def training_losses(*a, **k):
+            out = inner(*a, **k)
+            calls["n"] += 1
+            return {**out, "loss": out["loss"] * float("nan")} if calls["n"] in bad_calls else out
+
+        d.training_losses = training_losses
+        return d
+
+    monkeypatch.setattr(dit.diffusion, "create_diffusion", poisoned)
+
+
+def test_skipped_step_leaves_weights_ema_and_optimizer_untouched(tmp_path, monkeypatch):
+    _poison_losses(monkeypatch, {2})
+    summary = _train(tmp_path, "train.max_steps=2", "train.ckpt_every=1", "train.log_every=5")
+    assert summary["bad_steps"] == 1 and [r["skipped"] for r in _log(tmp_path)] == [False, True]
+    s1, s2 = (torch.load(tmp_path / "checkpoints" / f"step_000000{k}.pt", weights_only=True) for k in (1, 2))
+    for key in ("model", "ema"):
+        for name, v in s1[key].items():
+            assert torch.equal(v, s2[key][name]), (key, name)  # bitwise: no NaN leaked in, no decay applied
+    for pid, st in s1["opt"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, s2["opt"]["state"][pid][k]), (pid, k)  # Adam moments and step count unchanged
+    assert s2["lr_scheduler"]["last_epoch"] == 2  # the schedule still advances, as before
+
+
+def test_host_reads_once_per_log_interval(tmp_path, monkeypatch):
+    """The loop reads device values on the host only when it logs (here every 4 of 8 steps), never per step."""
+    import sys as _sys
+
+    reads = []
+    train_file = str(ROOT / "dit" / "train.py")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            frame = _sys._getframe(1)
+            if frame.f_code.co_filename == train_file and frame.f_code.co_name in ("train", "flush"):
+                reads.append((_name, frame.f_lineno))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    _train(tmp_path, "train.max_steps=8", "train.log_every=4", "train.ckpt_every=100",
+           "train.grad_accum_steps=2")
+    assert len(reads) == 2 and {n for n, _ in reads} == {"tolist"}, reads

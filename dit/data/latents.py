@@ -10,22 +10,24 @@ damaged one. The manifest is written last; ``LatentDataset`` refuses a directory
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import warnings
 import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from dit.data.flip import flip_decision
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MAX_OPEN_SHARDS = 64  # LRU of open shard handles (ImageNet has ~1300 shards; stay well under the fd limit)
+IN_MEMORY_AUTO_BYTES = 8 * 2**30  # in_memory="auto" loads the shards into RAM when they total less than this
+_MASK64 = (1 << 64) - 1
 
 
 def shard_name(index: int) -> str:
@@ -170,17 +172,103 @@ def check_manifest(manifest: dict, expected: dict, *, where: str | os.PathLike |
         raise ValueError(f"latents at {where} were made with " + "; ".join(problems))
 
 
+
+def _signed64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no general uint64 arithmetic)."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_SM_ADD, _SM_MUL1, _SM_MUL2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (``>>`` on int64 is arithmetic: mask off the copied sign bits)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def flip_mask(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+    """``flip_decision(seed, epoch, i)`` for every i of ``indices`` (B,) int64 at once -> (B,) bool.
+
+    The same SplitMix64 chain as ``dit.data.flip.hash_unit`` in wrapping int64 arithmetic (two's complement, so the
+    bits equal uint64 arithmetic). ``hash_unit < 0.5`` keeps the top 53 bits, so it holds iff bit 63 is clear, i.e.
+    iff the int64 result is >= 0.
+    """
+    from dit.data.flip import _splitmix64
+
+    prefix = _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(epoch) & _MASK64))  # keys 1-2 are per batch
+    x = indices.to(torch.int64) ^ _signed64(prefix)
+    x = x + _SM_ADD
+    x = (x ^ _lsr(x, 30)) * _SM_MUL1
+    x = (x ^ _lsr(x, 27)) * _SM_MUL2
+    x = x ^ _lsr(x, 31)
+    return x >= 0
+
+
+_NP_DTYPES = {"BF16": np.int16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+              "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}  # BF16: same bits as int16 (numpy has no bf16)
+
+
+def map_shard(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read-only zero-copy numpy views of every tensor in a safetensors file (bf16 as int16 bits).
+
+    One ``mmap`` of the file: rows are paged in on first use and the page cache is shared by all processes (DDP
+    ranks, DataLoader workers), so shards larger than RAM still read at memory speed once cached.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors shard ({type(e).__name__}: {e})") from None
+    views = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _NP_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, expected one of {sorted(_NP_DTYPES)}")
+        dt = np.dtype(_NP_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        views[name] = np.frombuffer(mm, dtype=dt, count=(end - begin) // dt.itemsize,
+                                    offset=8 + n + begin).reshape(info["shape"])
+    return views
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` along dim 0 for a CPU tensor: (N, ...) x (B,) -> (B, ...).
+
+    Copies rows with numpy's ``take`` in the calling thread: a gather of a few MB gains nothing from torch's intra-op
+    thread pool, and on a busy host the contended pool made ``index_select`` ~50x slower (12 ms instead of 0.25 ms
+    for 256 rows of 32x16x16 bf16 on 2 shared cores; tools/bench_data.py).
+    """
+    bf16 = t.dtype == torch.bfloat16
+    src = (t.view(torch.int16) if bf16 else t).numpy()  # numpy has no bf16: move the same bits as int16
+    out = torch.from_numpy(np.take(src, idx.numpy(), axis=0))
+    return out.view(torch.bfloat16) if bf16 else out
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Items ``{"latent": (C, h, w) float32, "label": int}`` from a latent directory, plus ``"context"`` (L, D),
     ``"context_mask"`` (L,) bool and ``"pooled"`` (D,) float32 when text embeddings were extracted.
 
-    Rows are read lazily through memory-mapped ``safe_open`` handles (an LRU of open shards), so the dataset costs
-    no RAM up front and works in DataLoader workers. With ``flip=True`` and flipped copies present, item i in epoch
-    e returns ``latents_flip`` iff ``flip_decision(seed, e, i)``; call ``set_epoch`` every epoch. ``expect`` is
-    passed to ``check_manifest`` (e.g. ``{"autoencoder": "identity", "resolution": 32}``).
+    ``in_memory``: True loads every shard into contiguous RAM tensors at construction (the flipped copies after the
+    originals, so a flipped row is one more offset); False reads rows lazily from memory-mapped shard files
+    (an LRU of mapped shards: no RAM up front, the page cache is shared by all processes, works in DataLoader
+    workers); ``"auto"`` loads when the shard files total less than ``IN_MEMORY_AUTO_BYTES`` (8 GiB).
+    ``get_batch(indices)`` returns a whole batch of stacked tensors (one row gather per field in memory) equal to
+    collating the items one by one.
+
+    With ``flip=True`` and flipped copies present, item i in epoch e returns ``latents_flip`` iff
+    ``flip_decision(seed, e, i)``; call ``set_epoch`` every epoch. ``expect`` is passed to ``check_manifest``
+    (e.g. ``{"autoencoder": "identity", "resolution": 32}``).
     """
 
-    def __init__(self, root, *, flip: bool = True, expect: dict | None = None, seed: int = 0):
+    def __init__(self, root, *, flip: bool = True, expect: dict | None = None, seed: int = 0,
+                 in_memory: bool | str = "auto"):
+        if in_memory not in (True, False, "auto"):
+            raise ValueError(f"LatentDataset: in_memory must be True, False or 'auto', got {in_memory!r}")
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         if expect:
@@ -202,6 +290,40 @@ class LatentDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self._handles: OrderedDict[int, object] = OrderedDict()
+        if in_memory == "auto":
+            total = sum((self.root / shard_name(i)).stat().st_size for i in range(self.num_shards))
+            in_memory = total < IN_MEMORY_AUTO_BYTES
+        self.in_memory = bool(in_memory)
+        self._mem: dict[str, torch.Tensor] = self._load_all() if self.in_memory else {}
+
+    def _load_all(self) -> dict[str, torch.Tensor]:
+        """Every shard -> contiguous tensors: ``latents`` (N or 2N, C, h, w) in the stored dtype (rows N + i are the
+        flipped copies when ``flip``), ``labels`` (N,) int64, and ``text_tokens`` (N, L, D), ``text_mask`` (N, L)
+        bool, ``text_pooled`` (N, D) when text was extracted."""
+        n = self.count
+        keys = ["latents", "labels"] + (["text_tokens", "text_mask", "text_pooled"] if self.has_text else [])
+        mem: dict[str, torch.Tensor] = {}
+        for s in range(self.num_shards):
+            path = self.root / shard_name(s)
+            lo, hi = s * self.shard_size, min(n, (s + 1) * self.shard_size)
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys + (["latents_flip"] if self.flip else []):
+                    if key not in f.keys():
+                        raise ValueError(f"{path} has no tensor {key!r} although {self.root / MANIFEST_NAME} "
+                                         "says it should (re-extract that shard)")
+                    t = f.get_tensor(key)
+                    if t.shape[0] != hi - lo:
+                        raise ValueError(f"{path}: {key} has {t.shape[0]} rows, expected {hi - lo} from the manifest "
+                                         f"(count {n}, shard_size {self.shard_size})")
+                    if key == "text_mask":
+                        t = t.bool()
+                    dst = "latents" if key == "latents_flip" else key
+                    if dst not in mem:  # allocate once the first shard tells the row shape and dtype
+                        rows = 2 * n if (dst == "latents" and self.flip) else n
+                        mem[dst] = torch.empty((rows, *t.shape[1:]), dtype=t.dtype)
+                    off = n if key == "latents_flip" else 0
+                    mem[dst][off + lo: off + hi] = t
+        return mem
 
     @property
     def class_names(self) -> list[str] | None:
@@ -222,35 +344,79 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getstate__(self):  # open file handles do not pickle; each DataLoader worker opens its own
+    def __getstate__(self):  # memory maps do not pickle; each DataLoader worker maps the shards itself
         state = self.__dict__.copy()
         state["_handles"] = OrderedDict()
         return state
 
-    def _handle(self, shard: int):
-        h = self._handles.get(shard)
-        if h is None:
-            h = safe_open(str(self.root / shard_name(shard)), framework="pt")
-            self._handles[shard] = h
+    def _views(self, shard: int) -> dict[str, np.ndarray]:
+        """Memory-mapped views of one shard's tensors (an LRU of ``_MAX_OPEN_SHARDS`` mapped files)."""
+        v = self._handles.get(shard)
+        if v is None:
+            v = map_shard(self.root / shard_name(shard))
+            self._handles[shard] = v
             if len(self._handles) > _MAX_OPEN_SHARDS:
                 self._handles.popitem(last=False)
         else:
             self._handles.move_to_end(shard)
-        return h
+        return v
+
+    def _check_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 in [-count, count) -> the same indices in [0, count); IndexError names the bad one."""
+        if idx.numel() and (int(idx.min()) < -self.count or int(idx.max()) >= self.count):
+            bad = idx[(idx < -self.count) | (idx >= self.count)][0]
+            raise IndexError(f"index {int(bad)} out of range for {self.count} latents in {self.root}")
+        return torch.where(idx < 0, idx + self.count, idx)
+
+    def _read_rows(self, idx: torch.Tensor, flips: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` (B,) from the memory-mapped shards, stacked in the stored dtypes; ``flips`` (B,) bool picks
+        ``latents_flip``. One row copy per field and item (no per-item tensors, no collate)."""
+        fields = {"latent": "latents", "label": "labels"}
+        if self.has_text:
+            fields.update(context="text_tokens", context_mask="text_mask", pooled="text_pooled")
+        out: dict[str, np.ndarray] = {}
+        for j, (i, f) in enumerate(zip(idx.tolist(), flips.tolist())):
+            shard, row = divmod(i, self.shard_size)
+            v = self._views(shard)
+            for field, key in fields.items():
+                src = v["latents_flip" if f and key == "latents" else key]
+                if field not in out:  # allocate once the first row tells the shape and dtype
+                    out[field] = np.empty((len(idx), *src.shape[1:]), dtype=src.dtype)
+                out[field][j] = src[row]
+        batch = {k: torch.from_numpy(a) for k, a in out.items()}
+        if batch.get("latent") is not None and batch["latent"].dtype == torch.int16:  # map_shard's bf16 bits
+            batch["latent"] = batch["latent"].view(torch.bfloat16)
+        if "context_mask" in batch:
+            batch["context_mask"] = batch["context_mask"].bool()
+        return batch
+
+    def get_batch(self, indices, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Items ``indices`` (B,) stacked: ``latent`` (B, C, h, w), ``label`` (B,) int64, and with text ``context``
+        (B, L, D), ``context_mask`` (B, L) bool, ``pooled`` (B, D); flips exactly as ``self[i]`` in this epoch.
+
+        ``dtype`` converts the float fields (``torch.float32`` gives what collating ``self[i]`` gives); None keeps
+        the stored dtype (bf16 shards: half the bytes to pin and copy to the GPU, which converts them).
+        """
+        idx = self._check_indices(torch.as_tensor(indices, dtype=torch.int64).reshape(-1))  # (B,)
+        if self.in_memory:
+            mem = self._mem
+            rows = idx + self.count * flip_mask(self.seed, self.epoch, idx) if self.flip else idx  # (B,)
+            batch = {"latent": gather_rows(mem["latents"], rows), "label": gather_rows(mem["labels"], idx)}
+            if self.has_text:
+                batch["context"] = gather_rows(mem["text_tokens"], idx)  # (B, L, D)
+                batch["context_mask"] = gather_rows(mem["text_mask"], idx)  # (B, L)
+                batch["pooled"] = gather_rows(mem["text_pooled"], idx)  # (B, D)
+        else:
+            flips = flip_mask(self.seed, self.epoch, idx) if self.flip else torch.zeros(len(idx), dtype=torch.bool)
+            batch = self._read_rows(idx, flips)
+        if dtype is not None:
+            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        return batch
 
     def __getitem__(self, index: int) -> dict:
         if not -self.count <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} latents in {self.root}")
         index %= self.count
-        shard, row = divmod(index, self.shard_size)
-        h = self._handle(shard)
-        key = "latents_flip" if self.flip and flip_decision(self.seed, self.epoch, index) else "latents"
-        item = {
-            "latent": h.get_slice(key)[row : row + 1][0].float(),  # (C, h, w)
-            "label": int(h.get_slice("labels")[row : row + 1][0]),
-        }
-        if self.has_text:
-            item["context"] = h.get_slice("text_tokens")[row : row + 1][0].float()  # (L, D)
-            item["context_mask"] = h.get_slice("text_mask")[row : row + 1][0].bool()  # (L,)
-            item["pooled"] = h.get_slice("text_pooled")[row : row + 1][0].float()  # (D,)
+        item = {k: v[0] for k, v in self.get_batch([index], dtype=torch.float32).items()}
+        item["label"] = int(item["label"])
         return item
