@@ -18,7 +18,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import (
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    check_conditioning,
+    get_2d_sincos_pos_embed,
+    masked_mean,
+    modulate,
+)
 from .registry import register_model
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "PatchEmbed", "DIT_CONFIGS"]
@@ -266,23 +276,7 @@ class DiT(nn.Module):
         n = x.shape[0]
         if t.shape != (n,):
             raise ValueError(f"DiT: t must be (N,) = ({n},), got shape {tuple(t.shape)}")
-        if self.conditioning == "class":
-            if y is None:
-                raise ValueError("DiT: class-conditional model needs y (N,) labels (index num_classes = null class)")
-            if y.shape != (n,):
-                raise ValueError(f"DiT: y must be (N,) = ({n},), got shape {tuple(y.shape)}")
-        if self.conditioning == "text":
-            d = self.context_dim
-            if context is None:
-                raise ValueError(f"DiT: text model needs context (N, L, {d}) token embeddings")
-            if context.ndim != 3 or context.shape[0] != n or context.shape[2] != d:
-                raise ValueError(f"DiT: context must be (N, L, {d}) with N={n}, got shape {tuple(context.shape)}")
-            if context_mask is not None and context_mask.shape != context.shape[:2]:
-                raise ValueError(
-                    f"DiT: context_mask must be (N, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
-                )
-            if pooled is not None and pooled.shape != (n, d):
-                raise ValueError(f"DiT: pooled must be (N, {d}), got shape {tuple(pooled.shape)}")
+        check_conditioning("DiT", n, self.conditioning, self.context_dim, y, context, context_mask, pooled)
 
     def forward(
         self,
@@ -308,11 +302,7 @@ class DiT(nn.Module):
             if context_mask is not None:
                 mask = context_mask.bool()
             if pooled is None:  # masked mean of the raw tokens, so padding never leaks into the adaLN input
-                if mask is None:
-                    pooled = context.mean(dim=1)  # (N, C_ctx)
-                else:
-                    m = mask.unsqueeze(-1).to(context.dtype)  # (N, L, 1)
-                    pooled = (context * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # (N, C_ctx)
+                pooled = masked_mean(context, mask)  # (N, C_ctx)
             ctx = self.context_embedder(context.to(c.dtype))  # (N, L, D)
             c = c + self.pooled_embedder(pooled.to(c.dtype))  # (N, D)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()

@@ -170,3 +170,47 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real tokens only, so padding never leaks into a pooled vector.
+
+    tokens: (N, L, D); mask: (N, L) bool, True = real token (None = all real) -> (N, D).
+    """
+    if mask is None:
+        return tokens.mean(dim=1)
+    m = mask.to(tokens.dtype).unsqueeze(-1)  # (N, L, 1)
+    return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def check_conditioning(
+    owner: str,
+    n: int,
+    conditioning: str,
+    context_dim: int | None,
+    y: torch.Tensor | None,
+    context: torch.Tensor | None,
+    context_mask: torch.Tensor | None,
+    pooled: torch.Tensor | None,
+) -> None:
+    """Shape checks of the conditioning inputs every model takes; raises ValueError naming ``owner`` and the shape.
+
+    Conditioning a model does not use (``y`` for a text model, ``context`` for a class model) is not checked.
+    """
+    if conditioning == "class":
+        if y is None:
+            raise ValueError(f"{owner}: class-conditional model needs y (N,) labels (index num_classes = null class)")
+        if y.shape != (n,):
+            raise ValueError(f"{owner}: y must be (N,) = ({n},), got shape {tuple(y.shape)}")
+    elif conditioning == "text":
+        d = context_dim
+        if context is None:
+            raise ValueError(f"{owner}: text model needs context (N, L, {d}) token embeddings")
+        if context.ndim != 3 or context.shape[0] != n or context.shape[2] != d:
+            raise ValueError(f"{owner}: context must be (N, L, {d}) with N={n}, got shape {tuple(context.shape)}")
+        if context_mask is not None and context_mask.shape != context.shape[:2]:
+            raise ValueError(
+                f"{owner}: context_mask must be (N, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
+            )
+        if pooled is not None and pooled.shape != (n, d):
+            raise ValueError(f"{owner}: pooled must be (N, {d}), got shape {tuple(pooled.shape)}")

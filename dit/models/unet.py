@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder
+from .layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder, check_conditioning, masked_mean
 from .registry import register_model
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "CrossAttentionBlock"]
@@ -367,22 +367,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: spatial size {h}x{w} is not divisible by 2**(len(channel_mult)-1)={f}")
         if t.shape != (n,):
             raise ValueError(f"UNet: t must be (N,) = ({n},), got shape {tuple(t.shape)}")
-        if self.conditioning == "class":
-            if y is None:
-                raise ValueError("UNet: class-conditional model needs y (N,) labels (index num_classes = null class)")
-            if y.shape != (n,):
-                raise ValueError(f"UNet: y must be (N,) = ({n},), got shape {tuple(y.shape)}")
-        if self.conditioning == "text":
-            if context is None:
-                raise ValueError(f"UNet: text model needs context (N, L, {self.context_dim}) token embeddings")
-            if context.ndim != 3 or context.shape[0] != n or context.shape[2] != self.context_dim:
-                raise ValueError(f"UNet: context must be (N, L, {self.context_dim}), got shape {tuple(context.shape)}")
-            if context_mask is not None and context_mask.shape != context.shape[:2]:
-                raise ValueError(
-                    f"UNet: context_mask must be (N, L) = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
-                )
-            if pooled is not None and pooled.shape != (n, self.context_dim):
-                raise ValueError(f"UNet: pooled must be (N, {self.context_dim}), got shape {tuple(pooled.shape)}")
+        check_conditioning("UNet", n, self.conditioning, self.context_dim, y, context, context_mask, pooled)
 
     def forward(
         self,
@@ -401,11 +386,7 @@ class UNet(nn.Module):
             emb = emb + self.y_embedder(y, self.training)  # (N, E)
         if self.pooled_embedder is not None:
             if pooled is None:  # masked mean of the tokens: padding never leaks in
-                if context_mask is None:
-                    pooled = context.mean(dim=1)  # (N, D_ctx)
-                else:
-                    m = context_mask.to(context.dtype).unsqueeze(-1)  # (N, L, 1)
-                    pooled = (context * m).sum(1) / m.sum(1).clamp_min(1.0)  # (N, D_ctx)
+                pooled = masked_mean(context, context_mask)  # (N, D_ctx)
             emb = emb + self.pooled_embedder(pooled.to(emb.dtype))  # (N, E)
         dtype = self.out_conv.weight.dtype  # run in the parameters' dtype (a bf16 model takes fp32 inputs)
         if self.context_dim is None:
