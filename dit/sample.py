@@ -93,6 +93,24 @@ def _check_same(what: str, given: Any, found: Any, path: str) -> None:
         raise ValueError(f"{path}: --{what} {given} was given but the checkpoint's model has {what} {found}")
 
 
+def resolve_checkpoint_path(ckpt: str | os.PathLike) -> str:
+    """A checkpoint file from what users pass: a file, a run directory or its ``checkpoints/`` folder (newest
+    checkpoint), or the ``checkpoints/latest`` pointer the trainer writes."""
+    from dit import checkpointing
+
+    p = Path(ckpt)
+    if p.is_file() and p.name == "latest":  # the trainer's pointer: one line naming the newest checkpoint file
+        p = p.parent / p.read_text().strip()
+    elif p.is_dir():
+        found = checkpointing.list_checkpoints(p if p.name == "checkpoints" else checkpointing.checkpoint_dir(p))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint (*.pt) under {str(p)!r}. {NO_CKPT_MESSAGE.split('. ', 1)[1]}")
+        p = found[-1][1]  # the newest step
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist. {NO_CKPT_MESSAGE.split('. ', 1)[1]}")
+    return str(p)
+
+
 def load_sampling_setup(ckpt: str | os.PathLike | None, *, model_name: str | None = None, vae: str | None = None,
                         image_size: int | None = None, num_classes: int | None = None,
                         use_model_weights: bool = False, device: str | torch.device = "cpu",
@@ -110,9 +128,7 @@ def load_sampling_setup(ckpt: str | os.PathLike | None, *, model_name: str | Non
 
     if ckpt is None:
         raise FileNotFoundError(NO_CKPT_MESSAGE)
-    path = str(ckpt)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist. {NO_CKPT_MESSAGE.split('. ', 1)[1]}")
+    path = resolve_checkpoint_path(ckpt)
     obj = load_weights_file(path)
     prefer = "model" if use_model_weights else "ema"
 

@@ -250,3 +250,22 @@ def test_unet_checkpoint_samples(tmp_path):
                 "autoencoder": {"spec": "identity"}, "diffusion": {}, "class_names": [], "text_encoder": None}, path)
     setup = load_sampling_setup(path, model_name="UNet-S")
     assert sample_images(setup, labels=[0, 2], steps=2).shape == (2, 8, 8, 3)
+
+
+def test_resolve_checkpoint_path_accepts_run_dir_checkpoints_dir_and_latest_pointer(tmp_path):
+    from dit.sample import resolve_checkpoint_path
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (100, 200):
+        (ckpts / f"step_{step:07d}.pt").write_bytes(b"x")
+    (ckpts / "latest").write_text("step_0000100.pt\n")  # the pointer decides, not the newest file
+    newest = str(ckpts / "step_0000200.pt")
+    assert resolve_checkpoint_path(tmp_path / "run") == newest
+    assert resolve_checkpoint_path(ckpts) == newest
+    assert resolve_checkpoint_path(ckpts / "latest") == str(ckpts / "step_0000100.pt")
+    assert resolve_checkpoint_path(ckpts / "step_0000100.pt") == str(ckpts / "step_0000100.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_checkpoint_path(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint_path(tmp_path / "missing.pt")
