@@ -218,10 +218,44 @@ def test_shapes_classifier_plumbing(tmp_path):
     pred = shapes_eval.predict(loaded, x)
     assert torch.equal(pred, shapes_eval.predict(model, x))
     assert shapes_eval.conditional_accuracy(loaded, x, pred) == 1.0
-    assert shapes_eval.fd_shapes(loaded, x, x) == pytest.approx(0.0, abs=1e-6)
+    assert shapes_eval.fd_shapes(loaded, x, x) == pytest.approx(0.0, abs=1e-5)  # 24 points in 32-d: singular
     np.savez(tmp_path / "s.npz", arr_0=((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
              labels=y.numpy())
     res = shapes_eval.evaluate_shapes_npz(tmp_path / "s.npz", path, num_real=24)
     assert res["fd_shapes"] < 1.0 and res["accuracy"] == pytest.approx(float((pred == y).float().mean()), abs=0.1)
     with pytest.raises(FileNotFoundError, match="train_classifier"):
         shapes_eval.load_classifier(tmp_path / "none.pt")
+
+
+def test_shapes_classifier_trains_reliably_at_16px():
+    # The original GroupNorm / mean-pool net sat at loss ~ln 4 (colour right, shape at chance: ~0.3 val accuracy)
+    # for hundreds of steps; the robust variant must be well past that within 300 steps (measured: 0.91).
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model, acc = shapes_eval.train_shapes_classifier(resolution=16, num_train=2400, num_val=240, steps=300, seed=0)
+    assert acc >= 0.8, f"val accuracy {acc:.3f} after 300 steps at 16 px"
+    assert model.arch == {"num_stages": 2, "norm": "batch", "pool": "max"}
+
+
+def test_shapes_classifier_depth_follows_resolution():
+    assert [shapes_eval.stages_for(r) for r in (16, 24, 32, 64, 128, 256)] == [2, 3, 3, 4, 5, 6]
+    for res in (16, 64):
+        model = shapes_eval.ShapesClassifier(12, width=8, num_stages=shapes_eval.stages_for(res), norm="batch",
+                                             pool="max").eval()
+        x = torch.rand(2, 3, res, res) * 2 - 1
+        assert model.features(x).shape == (2, 32)  # 4 * width at every depth
+        assert model.body(x).shape[-1] == 4  # ~4x4 final map
+    with pytest.raises(ValueError, match="norm"):
+        shapes_eval.ShapesClassifier(12, norm="layer")
+
+
+def test_legacy_shapes_classifier_file_still_loads(tmp_path):
+    # Files written before the "arch" key existed hold the original 3-stage GroupNorm / mean-pool network.
+    torch.manual_seed(0)
+    legacy = shapes_eval.ShapesClassifier(12, width=8).eval()
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": legacy.state_dict(), "classes": [str(i) for i in range(12)], "resolution": 16,
+                "width": 8, "val_accuracy": 0.5}, path)
+    loaded = shapes_eval.load_classifier(path)
+    assert loaded.arch == {"num_stages": 3, "norm": "group", "pool": "mean"}
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(x), legacy(x))

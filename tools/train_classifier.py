@@ -1,6 +1,6 @@
 """Train the small CNN classifier of the bundled shapes data (the offline evaluator), report val accuracy, save it.
 
-    python tools/train_classifier.py --resolution 32 --out checkpoints/shapes_classifier.pt [--steps 1500]
+    python tools/train_classifier.py --resolution 32 --out checkpoints/shapes_classifier.pt [--steps 600]
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolution", type=int, default=32, help="dataset resolution (the samples' image size)")
     p.add_argument("--out", default="checkpoints/shapes_classifier.pt")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-train", type=int, default=4800, help="pre-rendered train-split images")
     p.add_argument("--num-val", type=int, default=1200, help="val-split images for the reported accuracy")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW lr (one-cycle: 10%% warm-up, cosine decay)")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
