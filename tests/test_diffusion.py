@@ -24,14 +24,6 @@ from dit.diffusion import (
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _abar(betas):
     return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))

@@ -14,14 +14,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 MU, STD = 0.5, 0.3  # toy data distribution N(MU, STD^2) per coordinate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _gaussian_oracle(learn_sigma=False, var_value=0.0, data_std=STD):
     """The exact eps-prediction E[eps | x_t] for data N(MU, data_std^2); t are original indices of 1000 linear steps.

@@ -170,7 +170,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     real_save = checkpointing.save_checkpoint
 
     def save_then_die(state, out_dir, step, **kw):
-        path = real_save(state, out_dir, step, **kw)
+        real_save(state, out_dir, step, **kw)
         raise _Killed(step)
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)

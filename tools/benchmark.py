@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import VARIANTS, environment, markdown_table, plot, run_benchmarks  # noqa: E402
+from dit.benchmark import VARIANTS, markdown_table, plot, run_benchmarks  # noqa: E402
 
 
 def main() -> None:
