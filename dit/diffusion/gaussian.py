@@ -438,6 +438,20 @@ class GaussianDiffusion:
             return noise.to(device), device
         return torch.randn(tuple(shape), generator=generator, device=device), device
 
+    def _progressive(self, step: Callable[..., dict], model: Model, shape, noise, device, progress, generator,
+                     **step_kwargs) -> Iterator[dict[str, torch.Tensor]]:
+        """Drive ``step`` (``p_sample`` or ``ddim_sample``) from t = T-1 down to 0, yielding each step's dict.
+
+        The random stream is the official one: the initial noise, then whatever ``step`` draws, step after step.
+        """
+        img, device = self._initial_noise(model, shape, noise, device, generator)
+        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            with torch.no_grad():
+                out = step(model, img, t, generator=generator, **step_kwargs)
+            yield out
+            img = out["sample"]
+
     def p_sample_loop_progressive(
         self,
         model: Model,
@@ -452,21 +466,8 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ``p_sample``'s dict at every step, from t = T-1 down to 0 (no gradients)."""
-        img, device = self._initial_noise(model, shape, noise, device, generator)
-        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        yield from self._progressive(self.p_sample, model, shape, noise, device, progress, generator,
+                                     clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
 
     # ------------------------------------------------------------------ DDIM
     def ddim_sample(
@@ -562,22 +563,9 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ``ddim_sample``'s dict at every step, from t = T-1 down to 0 (no gradients)."""
-        img, device = self._initial_noise(model, shape, noise, device, generator)
-        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        yield from self._progressive(self.ddim_sample, model, shape, noise, device, progress, generator,
+                                     clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+                                     eta=eta)
 
     def ddim_reverse_sample_loop(
         self,
