@@ -157,7 +157,9 @@ def bench_one(
     C, S = model.in_channels, model.input_size
     mf = torch.contiguous_format  # channels-last measured slower for the UNet in eager mode (docs/unet.md)
 
-    # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error.
+    # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error. eval() so that
+    # label dropout (random in train mode) does not differ between the two calls.
+    model.eval()
     with torch.no_grad():
         x = torch.randn(8, C, S, S, device=device, generator=gen)
         t = torch.randint(0, 1000, (8,), device=device, generator=gen)
@@ -341,7 +343,22 @@ def run_benchmarks(
     return env, results
 
 
-def sampling_budget(gflops: float, img_s_fwd: float, n: int = 50_000, steps: int = 250, cfg: bool = True) -> dict:
-    """GPU-hours to sample ``n`` images with ``steps`` model calls each (doubled by CFG), at a measured forward rate."""
+def sampling_budget(gflops: float, img_s_fwd: float, ceiling_tflops: float, n: int = 50_000, steps: int = 250,
+                    cfg: bool = True) -> dict:
+    """GPU-hours to sample ``n`` images with ``steps`` model calls each (CFG doubles the batch) at a measured forward
+    rate, and the floor at 100% of the matmul ceiling."""
     calls = n * steps * (2 if cfg else 1)
-    return {"forward_calls": calls, "gpu_hours": calls / img_s_fwd / 3600, "pflop": calls * gflops / 1e6}
+    return {"forward_calls": calls, "gpu_hours": calls / img_s_fwd / 3600,
+            "floor_gpu_hours": calls * gflops * 1e9 / (ceiling_tflops * 1e12) / 3600}
+
+
+def sampling_table(results: list[Result], ceiling_tflops: float) -> str:
+    """Markdown: GPU-hours for 50k images x 250 guided steps per (model, variant), measured and at the ceiling."""
+    rows = ["| model | variant | fwd img/s | 50k x 250 guided steps (GPU-h) | floor at matmul ceiling (GPU-h) |",
+            "|---|---|---:|---:|---:|"]
+    for r in results:
+        if r.fwd_img_s == r.fwd_img_s:  # not NaN
+            b = sampling_budget(r.gflops, r.fwd_img_s, ceiling_tflops)
+            rows.append(f"| {r.model} | {r.variant} | {r.fwd_img_s:,.0f} | {b['gpu_hours']:.1f} "
+                        f"| {b['floor_gpu_hours']:.1f} |")
+    return "\n".join(rows)

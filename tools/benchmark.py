@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import VARIANTS, markdown_table, plot, run_benchmarks  # noqa: E402
+from dit.benchmark import VARIANTS, markdown_table, plot, run_benchmarks, sampling_table  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
                                   json_out=a.json)
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python tools/benchmark.py " + " ".join(sys.argv[1:])
     a.out.write_text(f"Command: `{cmd}`\n\nEnvironment: {env}\n\nVariants: "
