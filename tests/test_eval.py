@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import load_tool
 import torch
 from PIL import Image
 
@@ -16,16 +17,6 @@ from dit.eval import features as feat_mod
 from dit.eval import shapes_eval
 
 
-def _load_tool(name: str):
-    """Import tools/<name>.py (a script folder, not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -156,7 +147,7 @@ def test_inception_pipeline_end_to_end(random_inception, tmp_path, capsys):
     folder_acts = compute_activations(folder, net, batch_size=3)
     np.testing.assert_allclose(folder_acts["pool"], acts["pool"][:2], rtol=1e-4, atol=1e-5)
 
-    evaluate_main = _load_tool("evaluate").main
+    evaluate_main = load_tool("evaluate").main
 
     cache = tmp_path / "cache"
     out = evaluate_main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception", str(wpath),

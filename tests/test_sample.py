@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tool
 import torch
 from PIL import Image
 
@@ -17,12 +17,6 @@ from dit.sample import (NO_CKPT_MESSAGE, SamplingSetup, gather_npz_parts, load_s
 TINY = dict(input_size=8, hidden_size=32, depth=2, num_heads=2)
 
 
-def _load_tool(name: str):
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -63,7 +57,7 @@ def ckpt(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- grids
 def test_tool_writes_grid_of_the_right_size(ckpt, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    _load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1,class 2", "--steps", "3", "--out",
+    load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1,class 2", "--steps", "3", "--out",
                                str(out), "--device", "cpu"])
     img = np.asarray(Image.open(out))
     # 3 images of 8x8 in a 2-column grid with 2 px padding: 2 * (8 + 2) + 2 = 22
@@ -205,7 +199,7 @@ def test_npz_layout_process_independent_and_resumable(ckpt, tmp_path):
 
 def test_tool_npz(ckpt, tmp_path):
     out = tmp_path / "s.npz"
-    _load_tool("sample").main(["--ckpt", str(ckpt), "--num-samples", "3", "--npz", str(out), "--batch-size", "2",
+    load_tool("sample").main(["--ckpt", str(ckpt), "--num-samples", "3", "--npz", str(out), "--batch-size", "2",
                                "--steps", "2", "--device", "cpu"])
     d = np.load(out)
     assert d["arr_0"].shape == (3, 8, 8, 3) and d["labels"].tolist() == [0, 1, 2]
@@ -214,7 +208,7 @@ def test_tool_npz(ckpt, tmp_path):
 # ---------------------------------------------------------------- bad input
 def _tool_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
-        _load_tool("sample").main(argv)
+        load_tool("sample").main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err

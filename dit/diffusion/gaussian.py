@@ -43,6 +43,14 @@ def _progress(indices: list[int], progress: bool):
     return tqdm(indices)
 
 
+
+def _last_sample(steps: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Run a progressive sampling loop to the end and return its final ``sample``."""
+    out = None
+    for out in steps:
+        pass
+    return out["sample"]
+
 class GaussianDiffusion:
     """Forward process, posterior, model-parameterised reverse process, losses and DDPM/DDIM samplers.
 
@@ -413,20 +421,9 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from x_T to x_0: returns the final sample, (N, C, ...) = shape."""
-        final = None
-        for out in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            generator=generator,
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+            device=device, progress=progress, generator=generator))
 
     def _initial_noise(self, model, shape, noise, device, generator) -> tuple[torch.Tensor, torch.device]:
         if not isinstance(shape, (tuple, list, torch.Size)):
@@ -532,21 +529,9 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """DDIM sampling from x_T to x_0 over this diffusion's steps (respace with ``ddimN``): -> (N, C, ...)."""
-        final = None
-        for out in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            generator=generator,
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+            device=device, progress=progress, eta=eta, generator=generator))
 
     def ddim_sample_loop_progressive(
         self,
