@@ -7,6 +7,7 @@ FLOP rates into MFU. Run on a GPU through ``tools/benchmark.py``; on CPU it only
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,8 @@ VARIANTS = {
     "eager-bf16": "baseline: bf16 autocast, eager, foreach AdamW",
     "compile": "bf16 autocast, torch.compile of the model, fused AdamW",
     "fast": "bf16 autocast, torch.compile of the whole loss (model + diffusion terms), fused AdamW",
+    "fast-cg": "as fast, plus CUDA graphs (mode='reduce-overhead') for the training forward + backward",
+    "fast-cudnn": "as fast, with the cuDNN fused-attention SDPA backend preferred over flash attention",
 }
 
 
@@ -123,7 +126,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     # recompile of the whole loss failed on DiT-XL/2 in torch 2.11 (symbolic batch size in randn).
     if variant == "compile":
         fwd = torch.compile(model, dynamic=False)
-    elif variant == "fast":
+    elif variant.startswith("fast"):
         # Sampling calls the same shapes again and again: CUDA graphs remove the per-kernel launch cost.
         mode = "reduce-overhead" if device.type == "cuda" else None
         fwd = torch.compile(model, mode=mode, dynamic=False)
@@ -133,7 +136,34 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     return model, fwd, autocast
 
 
-def bench_one(
+@contextlib.contextmanager
+def attention_backend(variant: str, device: torch.device):
+    """fast-cudnn: only the cuDNN fused-attention kernel may serve SDPA (flags read when the graph is traced)."""
+    if variant != "fast-cudnn" or device.type != "cuda":
+        yield
+        return
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_math_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flags[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
+        torch.backends.cuda.enable_math_sdp(flags[2])
+        torch.backends.cuda.enable_cudnn_sdp(flags[3])
+
+
+def bench_one(name: str, variant: str, *, device: torch.device, **kwargs) -> Result:
+    """Measure one (model, variant): numerics vs fp32, forward img/s and training img/s (see ``_bench_one``)."""
+    with attention_backend(variant, device):
+        return _bench_one(name, variant, device=device, **kwargs)
+
+
+def _bench_one(
     name: str,
     variant: str,
     *,
@@ -158,12 +188,14 @@ def bench_one(
     mf = torch.contiguous_format  # channels-last measured slower for the UNet in eager mode (docs/unet.md)
 
     # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error. eval() so that
-    # label dropout (random in train mode) does not differ between the two calls.
+    # label dropout (random in train mode) does not differ between the two calls. Checked at the forward batch size,
+    # so a compiled variant's graph (static shapes) is the one timed below, not a second compilation.
     model.eval()
+    nb = fwd_batch if do_fwd else 8
     with torch.no_grad():
-        x = torch.randn(8, C, S, S, device=device, generator=gen)
-        t = torch.randint(0, 1000, (8,), device=device, generator=gen)
-        cond = _cond_kwargs(model, 8, device, gen)
+        x = torch.randn(nb, C, S, S, device=device, generator=gen)
+        t = torch.randint(0, 1000, (nb,), device=device, generator=gen)
+        cond = _cond_kwargs(model, nb, device, gen)
         torch.backends.cuda.matmul.allow_tf32 = False
         ref = model(x, t, **cond).float()
         torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
@@ -192,22 +224,26 @@ def bench_one(
 
     if do_train:
         model.train()
-        fused = device.type == "cuda" and variant in ("compile", "fast")
+        fused = device.type == "cuda" and variant != "ref-tf32" and variant != "eager-bf16"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused)
         x = torch.randn(train_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)
         cond = _cond_kwargs(model, train_batch, device, gen)
 
         def loss_fn(x, t, cond):
             with amp:
-                return diffusion.training_losses(fwd if variant != "fast" else model, x, t, model_kwargs=cond)[
+                return diffusion.training_losses(model if whole_loss else fwd, x, t, model_kwargs=cond)[
                     "loss"].mean()
 
-        if variant == "fast":
+        whole_loss = variant.startswith("fast")
+        if whole_loss:
             with torch.no_grad():  # fill the diffusion's per-device coefficient tables outside the traced region
                 loss_fn(x, torch.zeros(train_batch, dtype=torch.long, device=device), cond)
             # One graph for the network and the diffusion terms (q_sample, MSE, VLB): fuses the small elementwise
             # ops around the model that eager mode launches one by one.
-            loss_fn = torch.compile(loss_fn, dynamic=False)
+            # fast-cg: CUDA graphs replay the forward and backward kernels without per-kernel launches (cudagraph
+            # trees); the fused AdamW step stays outside the graph.
+            mode = "reduce-overhead" if variant == "fast-cg" and device.type == "cuda" else None
+            loss_fn = torch.compile(loss_fn, mode=mode, dynamic=False)
 
         def train_step():
             t = torch.randint(0, diffusion.num_timesteps, (train_batch,), device=device)

@@ -101,6 +101,10 @@ class TrainConfig:
     # mostly the zero-output initialisation (0.999 ** 782 = 46% after 782 steps) and samples look like noise.
     ema_warmup: bool = True
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Shard parameters, gradients and optimizer state across processes (FSDP2, dit/fsdp.py) instead of replicating
+    # them (DDP): per-GPU memory for weights + grads + Adam drops from 16 to 16/N bytes per parameter, for models too
+    # large to replicate. Needs several processes (ignored with one) and mixed_precision no or bf16.
+    fsdp: bool = False
     seed: int = 0
     tf32: bool = True
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
@@ -330,6 +334,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: data.path is required for data.source={cfg.data.source!r}")
     if cfg.run.cpu_threads is not None and cfg.run.cpu_threads < 1:
         raise ConfigError(f"{source}: run.cpu_threads must be a positive int or null, got {cfg.run.cpu_threads}")
+    if t.fsdp and t.mixed_precision == "fp16":
+        raise ConfigError(f"{source}: train.fsdp does not support mixed_precision=fp16 (no sharded grad scaler); "
+                          f"use mixed_precision=bf16 or no")
     if t.resume is not None and not t.resume:
         raise ConfigError(f"{source}: train.resume must be null, 'auto' or a checkpoint path")
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
-from dit.utils.ema import EMA, ema_decay_at
+from dit.utils.ema import EMA, ema_decay_at, shard_pairs
 
 logger = logging.getLogger("dit.train")
 
@@ -397,6 +397,9 @@ def train(cfg: Config) -> dict:
     is_main = accelerator.is_main_process
     if is_main:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fsdp = tc.fsdp and world > 1
+    if tc.fsdp and not fsdp:
+        logger.info("train.fsdp is ignored with one process (nothing to shard across): training unsharded")
     denom = world * tc.grad_accum_steps
     if tc.global_batch_size % denom:
         raise ConfigError(f"train.global_batch_size ({tc.global_batch_size}) must be divisible by processes x "
@@ -435,14 +438,8 @@ def train(cfg: Config) -> dict:
     raw_model.to(device).train()
     ema = EMA(raw_model, tc.ema_decay)  # starts as an exact fp32 copy (DiT: update_ema(ema, model, decay=0))
     diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                  weight_decay=tc.weight_decay,
-                                  fused=device.type in ("cuda", "cpu") or None)  # fused: sync-free step skipping
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, schedule=tc.lr_schedule,
-        min_ratio=tc.min_lr / tc.lr))
 
-    # ---- resume -----------------------------------------------------------------------------------------------
+    # ---- resume: weights and counters (the optimizer follows once the model is sharded) -------------------------
     step, images_seen, epoch, position = 0, 0, 0, 0
     resumed_from = None
     found = checkpointing.resolve_resume(tc.resume, out_dir)
@@ -457,18 +454,15 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"checkpoint {str(resumed_from)!r} was trained with different model arguments: "
                               + ", ".join(f"{k}={saved_kwargs.get(k)!r} (config: {model_kwargs.get(k)!r})"
                                           for k in diff))
-        raw_model.load_state_dict(state["model"])
+        raw_model.load_state_dict(state["model"])  # full tensors, before any sharding
         ema.load_state_dict(state["ema"])
-        kernel_flags = [{k: grp.get(k) for k in ("fused", "foreach")} for grp in optimizer.param_groups]
-        optimizer.load_state_dict(state["opt"])
-        for grp, flags in zip(optimizer.param_groups, kernel_flags):
-            grp.update(flags)  # a checkpoint from a GPU run (fused AdamW) may resume on CPU and vice versa
-        scheduler.load_state_dict(state["lr_scheduler"])
         step, images_seen = int(state["step"]), int(state["images_seen"])
         epoch, position = int(state["data_state"]["epoch"]), int(state["data_state"]["position"])
         rng = state.get("rng", {})
         if len(rng.get("torch_cpu", [])) == world:
-            torch.set_rng_state(rng["torch_cpu"][rank])
+            # A copy: rows saved as views of one (world, S) tensor (checkpoints before this fix) load as views at an
+            # offset, which set_rng_state does not handle (a segfault on ranks > 0).
+            torch.set_rng_state(rng["torch_cpu"][rank].clone())
         logger.info("resumed from %s at step %d (%d images seen)", resumed_from, step, images_seen)
     elif tc.resume == "auto":
         logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpointing.checkpoint_dir(out_dir))
@@ -477,10 +471,47 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"run.out_dir {str(out_dir)!r} already holds checkpoints: pass --resume auto "
                           f"(train.resume=auto) to continue that run, or choose another run.out_dir")
 
+    sharding: Any = None  # the dit.fsdp module when training sharded (imported only then)
+    if fsdp:
+        from dit import fsdp as sharding
+
+        # bf16: FSDP's mixed precision (bf16 all-gathers, fp32 gradient reduction, fp32 output; see shard_model).
+        sharding.shard_model(raw_model, mp_dtype=torch.bfloat16 if tc.mixed_precision == "bf16" else None)
+        # The EMA copy is sharded the same way (fp32, it is never trained) so that its shards line up with the
+        # model's and the EMA update stays a local, collective-free operation on each process's shard.
+        sharding.shard_model(ema.module)
+
+    # ---- optimizer, schedule (over the shards under FSDP: each process steps its 1/N of the state) -------------
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+                                  weight_decay=tc.weight_decay,
+                                  fused=device.type in ("cuda", "cpu") or None)  # fused: sync-free step skipping
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, schedule=tc.lr_schedule,
+        min_ratio=tc.min_lr / tc.lr))
+    if found is not None:
+        kernel_flags = [{k: grp.get(k) for k in ("fused", "foreach")} for grp in optimizer.param_groups]
+        if fsdp:  # the checkpoint holds the full, index-keyed state whichever way it was trained
+            sharding.load_optimizer_state_dict(optimizer, state["opt"])
+        else:
+            optimizer.load_state_dict(state["opt"])
+        for grp, flags in zip(optimizer.param_groups, kernel_flags):
+            grp.update(flags)  # a checkpoint from a GPU run (fused AdamW) may resume on CPU and vice versa
+        scheduler.load_state_dict(state["lr_scheduler"])
+
     if cfg.model.grad_checkpointing:
         raw_model.set_grad_checkpointing(True)
+    # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter).
     model: nn.Module = torch.compile(raw_model) if cfg.model.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    forward: Any  # what the loss calls
+    if fsdp:
+        # Not passed to prepare(): Accelerate would wrap it in DDP. prepare() would also have added autocast, which
+        # bf16 still needs: fp32 tensors made inside the models (timestep features) meet the bf16 weights.
+        optimizer = accelerator.prepare(optimizer)
+        forward = _autocast(model, accelerator)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        forward = model
+    inner_opt = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the torch optimizer
     if found is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
 
@@ -521,12 +552,18 @@ def train(cfg: Config) -> dict:
     def save(step_now: int) -> Path | None:
         cpu_state = torch.get_rng_state()
         all_cpu = accelerator.gather(cpu_state.to(device)[None]).cpu()  # (world, S) uint8
+        if fsdp:  # collective gathers of the full tensors (every rank takes part; rank 0 receives them)
+            weights = {"model": sharding.gather_model_state_dict(raw_model),
+                       "ema": sharding.gather_model_state_dict(ema.module),
+                       "opt": sharding.gather_optimizer_state_dict(raw_model, inner_opt)}
         if not is_main:
             return None
+        if not fsdp:
+            weights = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict()}
         state_out = {
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+            **weights,
             "lr_scheduler": scheduler.state_dict(), "step": step_now, "images_seen": images_seen,
-            "rng": {"torch_cpu": [r for r in all_cpu],
+            "rng": {"torch_cpu": [r.clone() for r in all_cpu],  # one storage each, not views of all_cpu
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "data_state": {"epoch": epoch, "position": position, "seed": tc.seed},
             "config": to_dict(cfg), "model_name": cfg.model.name, "model_kwargs": dict(model_kwargs),
@@ -540,9 +577,15 @@ def train(cfg: Config) -> dict:
 
     def draw_samples(step_now: int) -> Path | None:
         path = None
+        sampler = ema.module
+        if fsdp:
+            # A sharded module's forward is a collective, so the main process alone cannot run it: gather the EMA
+            # weights (all ranks) and sample from a plain copy on the main process; the others wait below.
+            full = sharding.gather_model_state_dict(ema.module)
+            sampler = _plain_copy(full, cfg.model.name, model_kwargs, device) if is_main and ae is not None else None
         if is_main and ae is not None:
             with accelerator.autocast():
-                path = sample_grid(ema.module, cfg=cfg, model_kwargs=model_kwargs, latent_shape=data.latent_shape,
+                path = sample_grid(sampler, cfg=cfg, model_kwargs=model_kwargs, latent_shape=data.latent_shape,
                                    ae=ae, device=device, path=out_dir / "samples" / f"step_{step_now:07d}.png",
                                    cond=grid_cond, uncond=grid_uncond)
         accelerator.wait_for_everyone()
@@ -561,7 +604,6 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=tc.max_steps * tc.global_batch_size, initial=images_seen, unit="img", unit_scale=True,
                disable=not (is_main and cfg.run.progress), dynamic_ncols=True)  # progress in images seen
     log_file = open(log_path, "a") if is_main else None
-    inner_opt = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the torch optimizer
     fused_skip = tc.mixed_precision != "fp16" and bool(inner_opt.defaults.get("fused"))
     bad_in_a_row, bad_total, first_loss, last_ckpt, last_grid = 0, 0, None, None, None
     pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, (5,) device stats, lr, images_seen)
@@ -570,6 +612,11 @@ def train(cfg: Config) -> dict:
     window_steps = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    # Looked up once: walking the module tree for them every step costs milliseconds of host time, which the small
+    # models' GPU steps cannot hide. The parameters are final here (sharded, if at all, above).
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    ema_pairs = shard_pairs(ema.module, raw_model)
 
     def flush() -> None:
         """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""
@@ -621,8 +668,10 @@ def train(cfg: Config) -> dict:
                 n = x0.shape[0]
                 t = torch.randint(0, diffusion.num_timesteps, (n,), generator=g, device=device)
                 noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
+                # Under FSDP every micro-step's backward reduce-scatters its gradients (no_sync is DDP's; FSDP2 could
+                # defer it with set_requires_gradient_sync, at the cost of full unsharded gradients in memory).
                 with accelerator.accumulate(model):
-                    terms = diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)
+                    terms = diffusion.training_losses(forward, x0, t, model_kwargs=kw, noise=noise)
                     loss = terms["loss"].mean()
                     vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
                     sums += torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
@@ -632,7 +681,13 @@ def train(cfg: Config) -> dict:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # () on the device
+                        if fsdp:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
+                            accelerator.unscale_gradients()  # fp16: clip the true gradients
+                            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
+                        if fsdp:
+                            grad_norm = sharding.full_tensor(grad_norm)  # a replicated DTensor -> plain ()
                         stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
                         if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
                             stats = accelerator.reduce(stats, reduction="mean")
@@ -647,7 +702,7 @@ def train(cfg: Config) -> dict:
                             elif not bool(bad):  # no fused AdamW on this device: one host sync per step
                                 optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad)
+            ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad, pairs=ema_pairs)
             scheduler.step()
             step += 1
             window_steps += 1
@@ -686,6 +741,14 @@ def train(cfg: Config) -> dict:
             log_file.close()
     seconds = time.perf_counter() - t_start
     curve = plot_loss_curve(log_path, out_dir / "loss_curve.png") if is_main else None
+    if fsdp:  # the digest of the full weights (what a checkpoint holds), the same on every rank; collectives, so
+        # before end_training() destroys the process group
+        from accelerate.utils import broadcast_object_list
+
+        full = sharding.gather_model_state_dict(raw_model)
+        digest = broadcast_object_list([state_digest(full) if is_main else None])[0]
+    else:
+        digest = weights_digest(raw_model)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     last_loss = _last_losses(log_path) if is_main else None
@@ -694,38 +757,71 @@ def train(cfg: Config) -> dict:
                "img_per_s": (step - start_step) * tc.global_batch_size / max(seconds, 1e-9),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "sample_grid": str(last_grid) if last_grid else None,
                "loss_curve": str(curve) if curve else None, "resumed_from": str(resumed_from) if resumed_from else None,
-               "out_dir": str(out_dir), "world_size": world, "rank": rank, "weights_digest": weights_digest(raw_model)}
+               "out_dir": str(out_dir), "world_size": world, "rank": rank, "weights_digest": digest, "fsdp": fsdp}
+    if device.type == "cuda":
+        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # this process's GPU
     if is_main:
         logger.info("done: %s", json.dumps(summary))
+        checkpointing.atomic_write(out_dir / "summary.json",
+                                   lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
     return summary
 
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of every state-dict tensor's bytes: equal on all ranks iff the replicas are bit-identical."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names and bytes of a state dict's tensors, in order."""
     h = hashlib.sha256()
-    for name, v in model.state_dict().items():
+    for name, v in state.items():
         h.update(name.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 @torch.no_grad()
-def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tensor | None) -> None:
+def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tensor | None,
+                      pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
     """``ema.update(model, decay)`` unless the 0-d bool device tensor ``skip`` is True, without reading ``skip`` on
     the host: ``ema += w * (p - ema)`` with ``w = (1 - decay) * (1 - skip)`` (the lerp formula, a no-op for w = 0)."""
     if skip is None:
         ema.update(model, decay=decay)
         return
-    dst = list(ema.module.parameters())
-    src = [p.detach().float() for p in model.parameters()]
-    if len(src) != len(dst):
-        raise ValueError(f"EMA update: model has {len(src)} parameters, the EMA copy has {len(dst)}")
+    # Plain tensors (under FSDP: this process's shards, which line up with the EMA's), so the plain 0-d weight `w`
+    # multiplies them without DTensor dispatch.
+    dst, src = pairs if pairs is not None else shard_pairs(ema.module, model)  # (EMA, model) tensors
+    if any(p.dtype != torch.float32 for p in src):
+        src = [p.float() for p in src]
     w = (~skip).to(dst[0].device, torch.float32) * (1.0 - decay)  # ()
     diff = torch._foreach_sub(src, dst)
     torch._foreach_mul_(diff, w)
     torch._foreach_add_(dst, diff)
     for b_ema, b in zip(ema.module.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def _autocast(model: nn.Module, accelerator: Any) -> Any:
+    """``model`` called under the accelerator's autocast (what ``prepare`` adds to a model it wraps)."""
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with accelerator.autocast():
+            return model(*args, **kwargs)
+
+    return forward
+
+
+def _plain_copy(state: dict[str, torch.Tensor], name: str, model_kwargs: dict, device: torch.device) -> nn.Module:
+    """An unsharded eval-mode model on ``device`` holding the full ``state`` (for sampling under FSDP).
+
+    Built on the meta device (no init compute, no RNG draws) and then filled by a strict load."""
+    from dit.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, **model_kwargs)
+    model = model.to_empty(device=device)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
 
 
 def _last_losses(log_path: Path, n: int = 20) -> float | None:

@@ -17,11 +17,33 @@ def ema_decay_at(decay: float, num_updates: int, warmup: bool = True) -> float:
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates)) if warmup else decay
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP parameter (a DTensor; the shard is a view, so in-place ops change the
+    parameter), or a plain tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def shard_pairs(ema_module: nn.Module, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(EMA parameters, detached model parameters) as plain tensors, in order. Under FSDP (``dit.fsdp``) both are
+    sharded the same way, so the update works on the local shards element for element, without collectives."""
+    dst = [local_shard(p) for p in ema_module.parameters()]
+    src = [local_shard(p.detach()) for p in model.parameters()]
+    if len(src) != len(dst):
+        raise ValueError(f"EMA update: model has {len(src)} parameters, the EMA copy has {len(dst)}")
+    for a, b in zip(dst, src):
+        if a.shape != b.shape:
+            raise ValueError(f"EMA update: shard shapes differ ({tuple(a.shape)} vs {tuple(b.shape)}): the model and "
+                             f"its EMA copy must be sharded the same way")
+    return dst, src
+
+
 class EMA:
     """fp32 shadow copy of a model: ``ema = decay * ema + (1 - decay) * model`` after every optimizer step.
 
     The shadow is a frozen deep copy (same class, so it can be called for sampling and its ``state_dict`` loads into
-    a fresh ``create_model`` instance). Buffers are copied, not averaged.
+    a fresh ``create_model`` instance). Buffers are copied, not averaged. Parameters are looked up at every update,
+    not cached: sharding the copy with FSDP (``dit.fsdp.shard_model``) replaces them with new DTensor parameters.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -29,19 +51,16 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self._params = [p for p in self.module.parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         """Move the shadow towards ``model`` (unwrapped, same architecture). ``decay=0`` copies the weights."""
         d = self.decay if decay is None else decay
-        src = [p.detach() for p in model.parameters()]
-        if len(src) != len(self._params):
-            raise ValueError(f"EMA.update: model has {len(src)} parameters, the EMA copy has {len(self._params)}")
+        dst, src = shard_pairs(self.module, model)
         if any(s.dtype != torch.float32 for s in src):
             src = [s.float() for s in src]
         # lerp(ema, p, w) = ema + w (p - ema) = decay * ema + (1 - decay) * p with w = 1 - decay; one fused kernel
-        torch._foreach_lerp_(self._params, src, 1.0 - d)
+        torch._foreach_lerp_(dst, src, 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
 
