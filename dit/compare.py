@@ -432,10 +432,10 @@ class Evaluator:
         """Metrics of uint8 (N, H, W, 3) samples generated for ``labels`` (N,); ``npz_path`` holds them for FID."""
         m: dict[str, float] = {}
         if self.classifier is not None:
-            from dit.eval.shapes_eval import conditional_accuracy, fd_shapes, uint8_to_model_range
+            from dit.eval.shapes_eval import accuracy_breakdown, fd_shapes, predict, uint8_to_model_range
 
             x = uint8_to_model_range(images)  # the same quantised images any npz-based evaluation would see
-            m["accuracy"] = conditional_accuracy(self.classifier, x, labels)
+            m.update(accuracy_breakdown(list(self.classifier.classes), predict(self.classifier, x), labels))
             m["fd_shapes"] = fd_shapes(self.classifier, x, self.real(int(x.shape[-1])))
         if self.inception is not None:
             from dit.eval import evaluate_sources
@@ -643,9 +643,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     scale = s["cfg_scale"]
     rows = results["models"]
     guided = f"{scale:g}"
-    metric_names = [k for k in ("accuracy", "fd_shapes", "fid") if any(
+    metric_names = [k for k in ("accuracy", "acc_colour", "acc_shape", "fd_shapes", "fid") if any(
         k in m for r in rows for m in _final_metrics(r).values())]
-    label = {"accuracy": "acc", "fd_shapes": "FD-shapes", "fid": "FID"}
+    label = {"accuracy": "acc", "acc_colour": "colour", "acc_shape": "shape", "fd_shapes": "FD-shapes", "fid": "FID"}
     header = ["model", "params (M)", "GFLOPs", "train compute (PFLOP)", "images seen", "train img/s", "train time (min)",
               f"sample img/s (cfg {guided})", "peak mem (GiB)", "final loss"]
     for k in metric_names:
@@ -687,7 +687,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "train compute = GFLOPs x 3 x images seen.",
         "- train img/s: median over logged steps; train time: sum of logged step times; peak mem: CUDA peak of the "
         "training run (n/a on CPU); sample img/s: guided sampling including decoding.",
-        "- acc: conditional accuracy of the shapes classifier on the samples; FD-shapes: Frechet distance of the "
+        "- acc: conditional accuracy of the shapes classifier on the samples (colour / shape: the predicted class "
+        "has the asked colour / shape; chance 1/3 and 1/4 for the bundled shapes); FD-shapes: Frechet distance of the "
         "classifier's penultimate features, generated vs real val images. FD-shapes is *not* FID: compare it only "
         "between runs scored with the same classifier file."
         if any(k in metric_names for k in ("accuracy", "fd_shapes"))
@@ -768,7 +769,8 @@ def plot_scores(rows: list[dict], metric_names: list[str], scale: float, path: P
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("training compute (PFLOP)" if x == "compute" else "forward GFLOPs per image")
-        ax.set_ylabel({"accuracy": "conditional accuracy", "fd_shapes": "FD-shapes (not FID)", "fid": "FID"}[k])
+        ax.set_ylabel({"accuracy": "conditional accuracy", "acc_colour": "colour accuracy",
+                       "acc_shape": "shape accuracy", "fd_shapes": "FD-shapes (not FID)", "fid": "FID"}[k])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

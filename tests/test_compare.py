@@ -79,6 +79,7 @@ def test_outputs_one_row_per_model(study):
         assert set(m) == {"1", "2"}  # unguided and guided
         for v in m.values():
             assert 0.0 <= v["accuracy"] <= 1.0 and math.isfinite(v["fd_shapes"]) and v["sample_img_per_s"] > 0
+            assert v["accuracy"] <= min(v["acc_colour"], v["acc_shape"])  # both halves right for a hit
 
 
 def test_same_budget_data_and_sampling(study):

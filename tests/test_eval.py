@@ -250,3 +250,20 @@ def test_legacy_shapes_classifier_file_still_loads(tmp_path):
     assert loaded.arch == {"num_stages": 3, "norm": "group", "pool": "mean"}
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded(x), legacy(x))
+
+
+def test_accuracy_breakdown_colour_and_shape():
+    from dit.data.shapes import class_names
+
+    classes = class_names()  # "<colour> <shape>", 3 colours x 4 shapes
+    labels = torch.tensor([classes.index("red circle"), classes.index("blue cross"), classes.index("green square"),
+                           classes.index("red triangle")])
+    pred = torch.tensor([classes.index("red circle"),       # both right
+                         classes.index("blue square"),      # colour right, shape wrong
+                         classes.index("red square"),       # shape right, colour wrong
+                         classes.index("green circle")])    # both wrong
+    r = shapes_eval.accuracy_breakdown(classes, pred, labels)
+    assert r == {"accuracy": 0.25, "acc_colour": 0.5, "acc_shape": 0.5}
+    assert set(shapes_eval.accuracy_breakdown(["a", "b"], torch.tensor([0]), torch.tensor([1]))) == {"accuracy"}
+    with pytest.raises(ValueError, match="predictions"):
+        shapes_eval.accuracy_breakdown(classes, pred[:3], labels)

@@ -193,6 +193,23 @@ def conditional_accuracy(model: ShapesClassifier, images: torch.Tensor, labels: 
     return float((predict(model, images) == labels).float().mean())
 
 
+def accuracy_breakdown(classes: list[str], pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Conditional accuracy of predictions ``pred`` (N,) for ``labels`` (N,), and its two halves for class names of the
+    form "<colour> <shape>": ``acc_colour`` (the predicted class has the asked colour) and ``acc_shape`` (the asked
+    shape). A model that gets the colour right and the shape at chance scores acc_colour 1, acc 1/4 with 4 shapes."""
+    pred, labels = torch.as_tensor(pred).long().cpu(), torch.as_tensor(labels).long().cpu()
+    if pred.shape != labels.shape or pred.ndim != 1:
+        raise ValueError(f"accuracy_breakdown: predictions {tuple(pred.shape)} vs labels {tuple(labels.shape)}")
+    out = {"accuracy": float((pred == labels).float().mean())}
+    parts = [c.split(" ", 1) for c in classes]
+    if all(len(p) == 2 for p in parts):
+        colour = torch.tensor([sorted({p[0] for p in parts}).index(p[0]) for p in parts])  # class -> colour id
+        shape = torch.tensor([sorted({p[1] for p in parts}).index(p[1]) for p in parts])  # class -> shape id
+        out["acc_colour"] = float((colour[pred] == colour[labels]).float().mean())
+        out["acc_shape"] = float((shape[pred] == shape[labels]).float().mean())
+    return out
+
+
 def fd_shapes(model: ShapesClassifier, generated: torch.Tensor, real: torch.Tensor) -> float:
     """FD-shapes: Frechet distance of the classifier's penultimate features, generated vs real (both (N, 3, H, W))."""
     mu1, s1 = feature_statistics(penultimate_features(model, generated))
@@ -214,5 +231,7 @@ def evaluate_shapes_npz(npz_path: str | os.PathLike, classifier_path: str | os.P
             raise ValueError(f"{npz_path}: needs a 'labels' array for conditional accuracy")
         images, labels = uint8_to_model_range(data["arr_0"]), torch.from_numpy(data["labels"])
     real, _ = render_split(model.resolution, num_real, "val", seed)
-    return {"accuracy": conditional_accuracy(model, images, labels), "fd_shapes": fd_shapes(model, images, real),
-            "num_samples": int(images.shape[0])}
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{npz_path}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+    return {**accuracy_breakdown(list(model.classes), predict(model, images), labels),
+            "fd_shapes": fd_shapes(model, images, real), "num_samples": int(images.shape[0])}
