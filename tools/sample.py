@@ -94,8 +94,14 @@ def _run(args: argparse.Namespace):
             raise ValueError("--npz uses per-batch seeds (standard guidance); pass --no-official-cfg")
         if labels is not None:
             raise ValueError("--npz balances classes itself (sample i gets label i % num_classes); drop --class-labels")
-        return sample_to_npz(setup, args.npz, num_samples=args.num_samples, batch_size=args.batch_size,
-                             seed=args.seed, prompts=args.prompt, **common)
+        from accelerate import PartialState
+
+        out = sample_to_npz(setup, args.npz, num_samples=args.num_samples, batch_size=args.batch_size,
+                            seed=args.seed, prompts=args.prompt, **common)
+        # Every process tears its process group down before exiting: a process that exits with a live gloo/NCCL
+        # group while its peer is still working can abort (SIGABRT) instead of exiting 0.
+        PartialState().destroy_process_group()
+        return out
     t0 = time.time()
     images = sample_images(setup, labels=labels, prompts=args.prompt, seed=args.seed, official_cfg=official,
                            progress=True, **common)
