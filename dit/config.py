@@ -33,6 +33,9 @@ class ModelConfig:
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT paper: 0.1)
     overrides: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
+    # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
+    # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
+    # FSDP, whose hooks must stay outside the compiled region).
     compile: bool = False
 
 

@@ -500,8 +500,10 @@ def train(cfg: Config) -> dict:
 
     if cfg.model.grad_checkpointing:
         raw_model.set_grad_checkpointing(True)
-    # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter).
-    model: nn.Module = torch.compile(raw_model) if cfg.model.compile else raw_model
+    # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
+    # one process the whole loss is compiled instead (below), around the plain module.
+    compile_loss = cfg.model.compile and world == 1
+    model: nn.Module = torch.compile(raw_model) if cfg.model.compile and not compile_loss else raw_model
     forward: Any  # what the loss calls
     if fsdp:
         # Not passed to prepare(): Accelerate would wrap it in DDP. prepare() would also have added autocast, which
@@ -512,6 +514,15 @@ def train(cfg: Config) -> dict:
         model, optimizer = accelerator.prepare(model, optimizer)
         forward = model
     inner_opt = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the torch optimizer
+
+    def loss_terms(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> dict[str, torch.Tensor]:
+        return diffusion.training_losses(forward, x0, t, model_kwargs=kw, noise=noise)  # dict of (N,)
+
+    if compile_loss:
+        # One graph for the network and the diffusion terms (q_sample, MSE, VLB), like tools/benchmark.py's `fast`
+        # variant; the per-device coefficient tables are created first, outside the traced region.
+        diffusion.warm_tables(device)
+        loss_terms = torch.compile(loss_terms, dynamic=False)
     if found is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
 
@@ -671,7 +682,7 @@ def train(cfg: Config) -> dict:
                 # Under FSDP every micro-step's backward reduce-scatters its gradients (no_sync is DDP's; FSDP2 could
                 # defer it with set_requires_gradient_sync, at the cost of full unsharded gradients in memory).
                 with accelerator.accumulate(model):
-                    terms = diffusion.training_losses(forward, x0, t, model_kwargs=kw, noise=noise)
+                    terms = loss_terms(x0, t, noise, kw)
                     loss = terms["loss"].mean()
                     vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
                     sums += torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),

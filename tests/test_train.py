@@ -483,3 +483,25 @@ def test_host_reads_once_per_log_interval(tmp_path, monkeypatch):
     _train(tmp_path, "train.max_steps=8", "train.log_every=4", "train.ckpt_every=100",
            "train.grad_accum_steps=2")
     assert len(reads) == 2 and {n for n, _ in reads} == {"tolist"}, reads
+
+
+@pytest.mark.slow
+def test_compiled_loss_matches_eager(tmp_path):
+    """model.compile=true with one process compiles the network and the diffusion terms as one graph: the same losses
+    and weights as eager (no label dropout: compiled random ops draw other numbers than eager ones)."""
+    extra = ("train.max_steps=3", "train.ckpt_every=3", "model.class_dropout_prob=0.0", "sample.grid_size=1")
+    from torch._dynamo.utils import counters
+
+    _train(tmp_path / "eager", *extra)
+    counters.clear()
+    _train(tmp_path / "compiled", *extra, "model.compile=true")
+    assert counters["stats"]["unique_graphs"] >= 1  # the loss really went through torch.compile
+    le, lc = _log(tmp_path / "eager"), _log(tmp_path / "compiled")
+    assert [r["step"] for r in le] == [r["step"] for r in lc]
+    for a, b in zip(le, lc):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["vb"] == pytest.approx(a["vb"], rel=1e-3, abs=1e-7)
+    sa = checkpointing.load_checkpoint(tmp_path / "eager" / "checkpoints" / "step_0000003.pt")
+    sc = checkpointing.load_checkpoint(tmp_path / "compiled" / "checkpoints" / "step_0000003.pt")
+    assert sa["model"].keys() == sc["model"].keys()  # plain module keys, no "_orig_mod." prefix
+    for k in sa["model"]:
+        torch.testing.assert_close(sc["model"][k], sa["model"][k], rtol=1e-3, atol=1e-5)

@@ -125,6 +125,17 @@ class GaussianDiffusion:
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ tables
+    def warm_tables(self, device: torch.device | str) -> None:
+        """Create every per-device coefficient table on ``device`` now (``_extract`` makes them lazily), so that a
+        ``torch.compile``-d loss finds them instead of tracing their creation."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # keys use the tensors' device, which has an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray) and value.ndim == 1 and (name, device) not in self._device_tables:
+                self._device_tables[(name, device)] = torch.from_numpy(np.ascontiguousarray(value)).to(device, dtype)
+
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Table ``name`` at timesteps t: (N,) -> (N, 1, ..., 1) broadcastable against x.
 
