@@ -692,13 +692,11 @@ def train(cfg: Config) -> dict:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                        if fsdp:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        if fsdp:  # a replicated DTensor -> plain ()
+                            grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
                         else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
                             accelerator.unscale_gradients()  # fp16: clip the true gradients
                             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
-                        if fsdp:
-                            grad_norm = sharding.full_tensor(grad_norm)  # a replicated DTensor -> plain ()
                         stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
                         if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
                             stats = accelerator.reduce(stats, reduction="mean")

@@ -16,13 +16,8 @@ RES=${RES:-128}
 N=${N:-12000}
 SAMPLES=${SAMPLES:-600}
 W=$OUT/taef2
-mkdir -p "$W"
-cp "$TAEF2"/taef2_*.pth "$W"/
-if [ ! -f "$W/latent_norm.json" ]; then
-  python tools/make_dataset.py --out "$OUT/shapes_norm" --resolution "$RES" --per-class 40
-  python tools/measure_vae.py "taef2:$W" --images "$OUT/shapes_norm" --size "$RES" --device "${DEVICE:-cuda}" \
-      --out "$W/latent_norm.json" --no-progress
-fi
+. "$(dirname "$0")/taef2_prep.sh"
+prepare_taef2 "$TAEF2" "$W" "$RES" 40
 python tools/extract_latents.py --data shapes --resolution "$RES" --num-samples "$N" --flip \
     --autoencoder "taef2:$W" --text-encoder "$TEXT" --out "$OUT/latents" --num-workers 12 --batch-size 256
 [ -f "$OUT/shapes_classifier.pt" ] || \

@@ -17,13 +17,8 @@ RES=${RES:-256}
 N=${N:-4096}
 SAMPLES=${SAMPLES:-1024}
 W=$OUT/taef2
-mkdir -p "$W"
-cp "$TAEF2"/taef2_*.pth "$W"/
-if [ ! -f "$W/latent_norm.json" ]; then
-  python tools/make_dataset.py --out "$OUT/shapes_norm" --resolution "$RES" --per-class 20
-  python tools/measure_vae.py "taef2:$W" --images "$OUT/shapes_norm" --size "$RES" --device cuda \
-      --out "$W/latent_norm.json" --no-progress
-fi
+. "$(dirname "$0")/taef2_prep.sh"
+prepare_taef2 "$TAEF2" "$W" "$RES" 20
 python tools/extract_latents.py --data shapes --resolution "$RES" --num-samples "$N" --autoencoder "taef2:$W" \
     --out "$OUT/latents" --num-workers 16 --batch-size 256
 common=(--config configs/compare_shapes.yaml data.path="$OUT/latents" autoencoder.spec="taef2:$W" data.resolution="$RES"
