@@ -29,8 +29,23 @@ VARIANTS = {
     "compile": "bf16 autocast, torch.compile of the model, fused AdamW",
     "fast": "bf16 autocast, torch.compile of the whole loss (model + diffusion terms), fused AdamW",
     "fast-cg": "as fast, plus CUDA graphs (mode='reduce-overhead') for the training forward + backward",
-    "fast-cudnn": "as fast, with the cuDNN fused-attention SDPA backend preferred over flash attention",
+    "fast-cudnn": "as fast-cg, with only the cuDNN fused-attention SDPA backend allowed",
+    "fast-flash": "as fast-cg, with only the flash-attention (FA2) SDPA backend allowed",
+    "fast-cd": "as fast-cg, with Inductor's coordinate-descent tuning and autotuning of the fused pointwise and "
+               "reduction kernels (block sizes benchmarked per kernel while compiling)",
+    "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
+               "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
 }
+
+# Kernel-name fragments -> category, first match wins (``kernel_breakdown``). cuBLAS/CUTLASS GEMMs on Hopper are named
+# nvjet_*, sm90_xmma_*, cutlass*; Triton GEMM templates chosen by max-autotune are triton_tem_*.
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_", "sm80_", "cublas", "conv")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("fused elementwise/norm (Triton)", ("triton",)),
+    ("copies/casts", ("copy", "cast", "memcpy", "memset", "fill")),
+)
 
 
 @dataclasses.dataclass
@@ -47,6 +62,9 @@ class Result:
     fwd_mfu: float = float("nan")
     rel_err: float = float("nan")  # bf16 variant output vs fp32 eager output, ||a - b|| / ||b||
     compile_s: float = 0.0
+    # --profile: GPU kernel time per training step by category (ms), the step's wall time, the top kernels
+    train_kernels_ms: dict = dataclasses.field(default_factory=dict)
+    train_top_kernels: list = dataclasses.field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +92,46 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
             times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int = 3, top: int = 12
+                     ) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Profile ``iters`` calls of ``fn``: device kernel ms per call by ``KERNEL_CATEGORIES`` (plus ``wall`` = CUDA-event
+    ms per call and ``idle`` = wall - sum of kernels, i.e. where the GPU waited), and the ``top`` kernels as
+    (name, ms per call, launches per call). Call after warm-up (compiled graphs built). GPU only."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+    cats: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        ms = e.self_device_time_total / 1e3 / iters  # us -> ms per call
+        cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
+        kernels.append((e.key[:120], ms, round(e.count / iters)))
+    wall = start.elapsed_time(end) / iters
+    cats = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    cats["idle"] = wall - sum(cats.values())
+    cats["wall"] = wall
+    kernels.sort(key=lambda k: -k[1])
+    return cats, kernels[:top]
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
@@ -128,26 +186,49 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         fwd = torch.compile(model, dynamic=False)
     elif variant.startswith("fast"):
         # Sampling calls the same shapes again and again: CUDA graphs remove the per-kernel launch cost.
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        fwd = torch.compile(model, mode=mode, dynamic=False)
+        fwd = torch.compile(model, dynamic=False, **compile_settings(variant, device, training=False))
     else:
         fwd = model
     autocast = variant != "ref-tf32"
     return model, fwd, autocast
 
 
+def compile_settings(variant: str, device: torch.device, *, training: bool) -> dict:
+    """``torch.compile`` keyword arguments (``mode`` or ``options``) of a ``fast*`` variant.
+
+    Every variant but training-``fast`` uses CUDA graphs (cudagraph trees): sampling and, for ``fast-*``, the training
+    forward + backward replay their kernels without per-kernel launches; the fused AdamW step stays outside the graph.
+    ``fast-cd`` adds coordinate-descent tuning and pointwise/reduction autotuning (the memory-bound kernels that are
+    ~45% of a DiT-S/2 step); ``fast-at`` is max-autotune (Triton GEMM templates with fused prologues/epilogues,
+    benchmarked against cuBLAS per shape: minutes of compilation).
+    """
+    if device.type != "cuda" or (training and variant == "fast"):
+        return {}
+    if variant == "fast-at":
+        return {"mode": "max-autotune"}
+    if variant == "fast-cd":
+        return {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
+                            "max_autotune_pointwise": True}}
+    return {"mode": "reduce-overhead"}
+
+
+_SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash"}
+
+
 @contextlib.contextmanager
 def attention_backend(variant: str, device: torch.device):
-    """fast-cudnn: only the cuDNN fused-attention kernel may serve SDPA (flags read when the graph is traced)."""
-    if variant != "fast-cudnn" or device.type != "cuda":
+    """fast-cudnn / fast-flash: only that fused-attention kernel may serve SDPA (flags read when the graph is
+    traced, so they are set around the whole measurement)."""
+    only = _SDPA_ONLY.get(variant)
+    if only is None or device.type != "cuda":
         yield
         return
     flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
              torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
-    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(only == "flash")
     torch.backends.cuda.enable_mem_efficient_sdp(False)
     torch.backends.cuda.enable_math_sdp(False)
-    torch.backends.cuda.enable_cudnn_sdp(True)
+    torch.backends.cuda.enable_cudnn_sdp(only == "cudnn")
     try:
         yield
     finally:
@@ -176,6 +257,7 @@ def _bench_one(
     iters: int = 20,
     do_train: bool = True,
     do_fwd: bool = True,
+    profile: bool = False,
 ) -> Result:
     model, fwd, autocast = _prepare(name, variant, device, overrides)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -190,20 +272,21 @@ def _bench_one(
     # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error. eval() so that
     # label dropout (random in train mode) does not differ between the two calls. Checked at the forward batch size,
     # so a compiled variant's graph (static shapes) is the one timed below, not a second compilation.
-    model.eval()
-    nb = fwd_batch if do_fwd else 8
-    with torch.no_grad():
-        x = torch.randn(nb, C, S, S, device=device, generator=gen)
-        t = torch.randint(0, 1000, (nb,), device=device, generator=gen)
-        cond = _cond_kwargs(model, nb, device, gen)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        ref = model(x, t, **cond).float()
-        torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
-        t0 = time.perf_counter()
-        with amp:
-            out = fwd(x.contiguous(memory_format=mf), t, **cond).float()
-        res.compile_s = time.perf_counter() - t0
-        res.rel_err = ((out - ref).norm() / ref.norm()).item()
+    if do_fwd:  # training-only runs (exploration) skip this, the forward compilation and timing
+        model.eval()
+        nb = fwd_batch
+        with torch.no_grad():
+            x = torch.randn(nb, C, S, S, device=device, generator=gen)
+            t = torch.randint(0, 1000, (nb,), device=device, generator=gen)
+            cond = _cond_kwargs(model, nb, device, gen)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            ref = model(x, t, **cond).float()
+            torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
+            t0 = time.perf_counter()
+            with amp:
+                out = fwd(x.contiguous(memory_format=mf), t, **cond).float()
+            res.compile_s = time.perf_counter() - t0
+            res.rel_err = ((out - ref).norm() / ref.norm()).item()
 
     if do_fwd:
         x = torch.randn(fwd_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)
@@ -242,8 +325,7 @@ def _bench_one(
             # ops around the model that eager mode launches one by one.
             # fast-cg: CUDA graphs replay the forward and backward kernels without per-kernel launches (cudagraph
             # trees); the fused AdamW step stays outside the graph.
-            mode = "reduce-overhead" if variant == "fast-cg" and device.type == "cuda" else None
-            loss_fn = torch.compile(loss_fn, mode=mode, dynamic=False)
+            loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
         def train_step():
             t = torch.randint(0, diffusion.num_timesteps, (train_batch,), device=device)
@@ -260,6 +342,8 @@ def _bench_one(
         res.train_mfu = 3 * gflops * 1e9 * train_batch / sec / (ceiling_tflops * 1e12)
         if device.type == "cuda":
             res.train_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile and device.type == "cuda":
+            res.train_kernels_ms, res.train_top_kernels = kernel_breakdown(train_step, device)
         del opt
     del model, fwd
     if device.type == "cuda":
@@ -299,6 +383,20 @@ def markdown_table(results: list[Result], baseline: str = "eager-bf16") -> str:
     return "\n".join(rows)
 
 
+def kernel_table(results: list[Result]) -> str:
+    """Markdown: GPU kernel time per training step by category (``--profile``), one row per (model, variant)."""
+    prof = [r for r in results if r.train_kernels_ms]
+    if not prof:
+        return ""
+    cats = [c for c, _ in KERNEL_CATEGORIES] + ["other", "idle"]
+    rows = ["| model | variant | step ms | " + " | ".join(cats) + " |", "|---|---|" + "---:|" * (len(cats) + 1)]
+    for r in prof:
+        k = r.train_kernels_ms
+        rows.append(f"| {r.model} | {r.variant} | {k['wall']:.1f} | "
+                    + " | ".join(f"{k.get(c, 0.0):.1f}" for c in cats) + " |")
+    return "\n".join(rows)
+
+
 def plot(results: list[Result], path: Path) -> None:
     """img/s and memory vs forward GFLOPs, DiT vs UNet, best variant per model."""
     import matplotlib
@@ -322,6 +420,10 @@ def plot(results: list[Result], path: Path) -> None:
         for r in rs:
             axes[0].annotate(r.model, (r.gflops, r.train_img_s), fontsize=7)
     for ax, title in zip(axes, ("training img/s (best variant)", "forward img/s (bf16)", "training peak memory GiB")):
+        ys = [y for line in ax.get_lines() for y in line.get_ydata() if y == y and y > 0]
+        if not ys:  # nothing measured (e.g. --train-only leaves the forward empty; memory is GPU only)
+            ax.set_title(title + ": not measured")
+            continue
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("forward GFLOP / image")
@@ -344,6 +446,8 @@ def run_benchmarks(
     warmup: int = 5,
     overrides: dict | None = None,
     json_out: Path | None = None,
+    profile: bool = False,
+    do_fwd: bool = True,
 ) -> tuple[dict, list[Result]]:
     """Measure every (model, variant) pair; returns (environment incl. matmul ceiling, results)."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -361,7 +465,7 @@ def run_benchmarks(
             try:
                 r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
                               ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
-                              iters=iters)
+                              iters=iters, profile=profile, do_fwd=do_fwd)
             except torch.cuda.OutOfMemoryError:
                 print(f"[bench] {name} {v}: out of memory", flush=True)
                 torch.cuda.empty_cache()
@@ -373,6 +477,11 @@ def run_benchmarks(
             print(f"[bench] {name:10s} {v:11s} train {r.train_img_s:9.1f} img/s (b={tb}, MFU {r.train_mfu:.1%}) "
                   f"fwd {r.fwd_img_s:9.1f} img/s (MFU {r.fwd_mfu:.1%}) err {r.rel_err:.1e} "
                   f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+            if r.train_kernels_ms:
+                print(f"[bench] {name} {v} kernel ms per training step: "
+                      + ", ".join(f"{k} {ms:.1f}" for k, ms in r.train_kernels_ms.items()), flush=True)
+                for kname, ms, count in r.train_top_kernels:
+                    print(f"[bench]     {ms:7.2f} ms  x{count:<4d} {kname}", flush=True)
             if json_out is not None:
                 json_out.write_text(json.dumps({"env": env, "results": [dataclasses.asdict(x) for x in results]},
                                                indent=1))

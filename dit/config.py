@@ -126,7 +126,7 @@ class SampleConfig:
     cfg_scale: float = 4.0
     num_steps: int = 50
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    grid_size: int = 4  # grid_size x grid_size images
+    grid_size: int = 4  # grid_size x grid_size images; 0: no grids (latent training never loads the autoencoder)
     clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None = only in pixel space (identity AE)
     seed: int = 0
 
@@ -313,12 +313,13 @@ def validate(cfg: Config, source: str = "config") -> None:
                 "train.max_steps": t.max_steps, "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every,
                 "train.keep_last": t.keep_last, "train.max_bad_steps": t.max_bad_steps,
                 "data.resolution": cfg.data.resolution, "sample.num_steps": cfg.sample.num_steps,
-                "sample.grid_size": cfg.sample.grid_size, "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
+                "diffusion.diffusion_steps": cfg.diffusion.diffusion_steps,
                 "text.max_length": cfg.text.max_length}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{source}: {key} must be positive, got {v}")
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.sample_every": t.sample_every,
+                   "sample.grid_size": cfg.sample.grid_size,
                    "train.milestone_every": t.milestone_every, "data.num_workers": cfg.data.num_workers}.items():
         if v < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")

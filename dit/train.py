@@ -587,6 +587,8 @@ def train(cfg: Config) -> dict:
                                              milestone_every=tc.milestone_every)
 
     def draw_samples(step_now: int) -> Path | None:
+        if n_grid == 0:  # sample.grid_size=0: no grids
+            return None
         path = None
         sampler = ema.module
         if fsdp:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import VARIANTS, markdown_table, plot, run_benchmarks, sampling_table  # noqa: E402
+from dit.benchmark import VARIANTS, kernel_table, markdown_table, plot, run_benchmarks, sampling_table  # noqa: E402
 
 
 def main() -> None:
@@ -26,13 +26,19 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/bench/latest.md"))
     p.add_argument("--plot", type=Path, default=Path("docs/bench/latest.png"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the training step (GPU): kernel ms per step by category, top kernels")
+    p.add_argument("--train-only", action="store_true",
+                   help="skip the forward measurements and the numerics check (shorter exploratory runs)")
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
-                                  json_out=a.json)
+                                  json_out=a.json, profile=a.profile, do_fwd=not a.train_only)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
+    if a.profile:
+        table += "\n\nGPU kernel time per training step (ms):\n\n" + kernel_table(results)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python tools/benchmark.py " + " ".join(sys.argv[1:])
     a.out.write_text(f"Command: `{cmd}`\n\nEnvironment: {env}\n\nVariants: "

@@ -1,0 +1,84 @@
+"""Training throughput of the real trainer (``tools/train.py``: data loading, EMA, clipping, logging included) on
+synthetic latents, to set beside ``tools/benchmark.py``'s isolated training step of the same model.
+
+    python tools/bench_trainer.py --models DiT-S/2,DiT-XL/2 --steps 300                 # bf16, model.compile=true
+    python tools/bench_trainer.py --models UNet-S --steps 200 model.compile=false       # extra key=value overrides
+
+Each model trains in its own process (fresh compile caches and GPU memory) from the built-in default config with
+``data.source=latents`` on random bf16 latents (``--latent-shape``, default 4x32x32 as sd-vae at 256 px, 1000
+classes), no sample grids and no checkpoint before the last step. Reported: the median host time per step over the
+log intervals after the first ``--skip`` steps (compilation), as img/s, and the peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_data import make_synthetic_latents  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="DiT-S/2,DiT-XL/2")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--skip", type=int, default=60, help="steps left out of the median (compilation, warm-up)")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch-small", type=int, default=256, help="batch for S models")
+    p.add_argument("--latent-shape", default="4,32,32")
+    p.add_argument("--count", type=int, default=8192, help="synthetic latents (kept in memory)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
+    a = p.parse_args()
+    if a.skip >= a.steps:
+        p.error(f"--skip ({a.skip}) must be smaller than --steps ({a.steps})")
+    try:
+        shape = tuple(int(s) for s in a.latent_shape.split(","))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--latent-shape must be C,H,W positive integers, got {a.latent_shape!r}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lat = make_synthetic_latents(Path(tmp) / "latents", count=a.count, shape=shape, shard_size=4096)
+        for name in [m for m in a.models.split(",") if m]:
+            batch = a.batch_small if "-S/" in name or name.endswith("-S") else a.batch
+            out = Path(tmp) / name.replace("/", "_")
+            cmd = [sys.executable, str(ROOT / "tools" / "train.py"), f"run.out_dir={out}", f"model.name={name}",
+                   "data.source=latents", f"data.path={lat}", "autoencoder.spec=synthetic",
+                   f"data.resolution={8 * shape[-1]}", "data.num_workers=0", "sample.grid_size=0",
+                   "train.mixed_precision=bf16", "model.compile=true", f"train.global_batch_size={batch}",
+                   f"train.max_steps={a.steps}", f"train.log_every={a.log_every}",
+                   f"train.ckpt_every={10 * a.steps}", "run.progress=false", "run.tensorboard=false", *a.overrides]
+            print(f"[trainer] {name} batch {batch}: {' '.join(cmd[2:])}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"[trainer] {name}: FAILED (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
+                continue
+            log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            times = [r["step_time"] for r in log if r["step"] > a.skip]
+            summary = json.loads((out / "summary.json").read_text())
+            step_s = statistics.median(times)
+            row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
+                   "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
+                   "overrides": a.overrides}
+            rows.append(row)
+            print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
+                  f"{row['peak_mem_gib'] or float('nan'):.1f} GiB", flush=True)
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
