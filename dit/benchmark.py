@@ -33,6 +33,8 @@ VARIANTS = {
     "fast-flash": "as fast-cg, with only the flash-attention (FA2) SDPA backend allowed",
     "fast-cd": "as fast-cg, with Inductor's coordinate-descent tuning and autotuning of the fused pointwise and "
                "reduction kernels (block sizes benchmarked per kernel while compiling)",
+    "fast-cl": "as fast-cg, with the model and inputs in channels-last memory format (no NCHW <-> NHWC transposes "
+               "around cuDNN convolutions: the UNet)",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
                "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
 }
@@ -40,10 +42,12 @@ VARIANTS = {
 # Kernel-name fragments -> category, first match wins (``kernel_breakdown``). cuBLAS/CUTLASS GEMMs on Hopper are named
 # nvjet_*, sm90_xmma_*, cutlass*; Triton GEMM templates chosen by max-autotune are triton_tem_*.
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_", "sm80_", "cublas", "conv")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("gemm/conv", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_", "sm80_", "cublas", "conv")),
     ("optimizer", ("adam", "multi_tensor")),
     ("fused elementwise/norm (Triton)", ("triton",)),
+    # cuDNN's NCHW <-> NHWC conversions around every convolution of a channels-first model
+    ("layout transposes", ("nchwtonhwc", "nhwctonchw")),
     ("copies/casts", ("copy", "cast", "memcpy", "memset", "fill")),
 )
 
@@ -121,7 +125,8 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
     cats: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
-        if e.device_type != DeviceType.CUDA:
+        # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels already counted: skip them.
+        if e.device_type != DeviceType.CUDA or "#" in e.key or e.key.startswith("ProfilerStep"):
             continue
         ms = e.self_device_time_total / 1e3 / iters  # us -> ms per call
         cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
@@ -180,6 +185,8 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)
+    if variant == "fast-cl":
+        model = model.to(memory_format=torch.channels_last)
     # dynamic=False: the numerics check (batch 8) and the timed runs use different batch sizes; a dynamic-shape
     # recompile of the whole loss failed on DiT-XL/2 in torch 2.11 (symbolic batch size in randn).
     if variant == "compile":
@@ -267,7 +274,8 @@ def _bench_one(
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
     C, S = model.in_channels, model.input_size
-    mf = torch.contiguous_format  # channels-last measured slower for the UNet in eager mode (docs/unet.md)
+    # channels-last measured slower for the UNet in eager mode (docs/unet.md); fast-cl tries it compiled
+    mf = torch.channels_last if variant == "fast-cl" else torch.contiguous_format
 
     # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error. eval() so that
     # label dropout (random in train mode) does not differ between the two calls. Checked at the forward batch size,
@@ -486,6 +494,92 @@ def run_benchmarks(
                 json_out.write_text(json.dumps({"env": env, "results": [dataclasses.asdict(x) for x in results]},
                                                indent=1))
     return env, results
+
+
+@dataclasses.dataclass
+class SamplingResult:
+    """Measured cost of one sampling step (DDPM, the full sampler loop around the model) and of decoding."""
+
+    model: str
+    variant: str
+    batch: int  # images per batch (a guided step runs the model on 2 x batch)
+    guided_step_s: float  # seconds per step with classifier-free guidance
+    cond_step_s: float  # seconds per step with the conditional model alone (outside a guidance interval)
+    decode_img_s: float = float("nan")  # autoencoder decode rate (bf16)
+    decoder: str = ""
+
+
+def sd_vae_decoder_for_timing() -> torch.nn.Module:
+    """sd-vae-ft-ema's architecture (diffusers ``AutoencoderKL``: 4 levels 128-512 channels, 4 latent channels) with
+    random weights: decode speed does not depend on the weights, and this works without the hub."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256)
+
+
+def bench_sampling(name: str, variant: str, *, device: torch.device, batch: int = 256, steps: int = 20,
+                   cfg_scale: float = 1.5, overrides: dict | None = None, decode: bool = True,
+                   decode_batch: int = 64, repeats: int = 2) -> SamplingResult:
+    """Time ``steps`` DDPM steps of the real sampler loop (``p_sample_loop``) at ``batch`` images, once with
+    classifier-free guidance at every step and once with the conditional model alone (what a step outside a guidance
+    interval costs), after one untimed loop of each (compilation, CUDA-graph capture); plus the bf16 decode rate of
+    sd-vae's decoder architecture when the model works on 4-channel latents."""
+    from dit.diffusion.guidance import classifier_free_guidance
+
+    model, fwd, autocast = _prepare(name, variant, device, overrides or {})
+    model.eval()
+    diffusion = create_diffusion(timestep_respacing=str(steps), learn_sigma=model.learn_sigma)
+    C, S = model.in_channels, model.input_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    cond = _cond_kwargs(model, batch, device, gen)
+    uncond = {"y": torch.full((batch,), model.num_classes, device=device)} if "y" in cond else {}
+    guided = classifier_free_guidance(fwd, cfg_scale, uncond, pred_channels=C) if uncond else fwd
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+
+    def loop(fn) -> float:
+        with torch.inference_mode(), amp:
+            _sync(device)
+            t0 = time.perf_counter()
+            diffusion.p_sample_loop(fn, (batch, C, S, S), model_kwargs=cond, device=device, generator=gen)
+            _sync(device)
+            return time.perf_counter() - t0
+
+    per_step = {}
+    for key, fn in (("guided", guided), ("cond", fwd)):
+        loop(fn)  # compile / capture
+        per_step[key] = min(loop(fn) for _ in range(repeats)) / steps
+    res = SamplingResult(model=name, variant=variant, batch=batch, guided_step_s=per_step["guided"],
+                         cond_step_s=per_step["cond"])
+    del model, fwd, guided
+    if decode and C == 4 and device.type == "cuda":
+        vae = sd_vae_decoder_for_timing().to(device).eval().to(memory_format=torch.channels_last)
+        z = torch.randn(decode_batch, 4, S, S, device=device)
+
+        def dec():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                vae.decode(z)
+
+        res.decode_img_s = decode_batch / time_fn(dec, device, warmup=2, iters=5)
+        res.decoder = f"sd-vae-ft-ema architecture, bf16, batch {decode_batch}, {8 * S} px"
+        del vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def sampling_plan(r: SamplingResult, *, n: int = 50_000, steps: int = 250, guided_fraction: float = 1.0) -> dict:
+    """GPU-hours to sample ``n`` images with ``steps`` DDPM steps, a ``guided_fraction`` of them with guidance
+    (1.0: every step; a guidance interval lowers it), plus decoding, from a ``bench_sampling`` measurement."""
+    if not 0.0 <= guided_fraction <= 1.0:
+        raise ValueError(f"guided_fraction must be in [0, 1], got {guided_fraction}")
+    batches = n / r.batch
+    step_s = guided_fraction * r.guided_step_s + (1.0 - guided_fraction) * r.cond_step_s
+    sample_h = batches * steps * step_s / 3600
+    decode_h = n / r.decode_img_s / 3600 if r.decode_img_s == r.decode_img_s else 0.0
+    return {"sampling_gpu_hours": sample_h, "decode_gpu_hours": decode_h, "gpu_hours": sample_h + decode_h,
+            "guided_steps": round(guided_fraction * steps)}
 
 
 def sampling_budget(gflops: float, img_s_fwd: float, ceiling_tflops: float, n: int = 50_000, steps: int = 250,

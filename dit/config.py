@@ -129,6 +129,10 @@ class SampleConfig:
     grid_size: int = 4  # grid_size x grid_size images; 0: no grids (latent training never loads the autoencoder)
     clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None = only in pixel space (identity AE)
     seed: int = 0
+    # [sigma_lo, sigma_hi]: guide only at EDM noise levels sigma in (lo, hi] (Kynkaenniemi et al. 2024,
+    # arXiv:2404.07724), the conditional model alone elsewhere; None = every step. Used by tools/sample.py as the
+    # checkpoint's default.
+    guidance_interval: list[float] | None = None
 
 
 @dataclass
@@ -341,6 +345,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.fsdp and t.mixed_precision == "fp16":
         raise ConfigError(f"{source}: train.fsdp does not support mixed_precision=fp16 (no sharded grad scaler); "
                           f"use mixed_precision=bf16 or no")
+    gi = cfg.sample.guidance_interval
+    if gi is not None and not (len(gi) == 2 and 0.0 <= gi[0] < gi[1]):  # NaN fails too
+        raise ConfigError(f"{source}: sample.guidance_interval must be two sigmas [lo, hi] with 0 <= lo < hi, "
+                          f"got {gi}")
     if t.resume is not None and not t.resume:
         raise ConfigError(f"{source}: train.resume must be null, 'auto' or a checkpoint path")
 

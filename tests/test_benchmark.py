@@ -31,18 +31,21 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
 
 def test_kernel_categories_and_table():
     # Kernel names as the profiler reports them on an H100 (cuBLAS, flash attention, Inductor, fused AdamW).
-    assert kernel_category("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm"
-    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "gemm"
-    assert kernel_category("triton_tem_fused_addmm_gelu_3") == "gemm"  # max-autotune's Triton GEMM template
+    assert kernel_category("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm/conv"
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "gemm/conv"
+    assert kernel_category("triton_tem_fused_addmm_gelu_3") == "gemm/conv"  # max-autotune's Triton GEMM template
+    assert kernel_category("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "gemm/conv"
+    assert kernel_category("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816dgrad_optimized>") == "gemm/conv"
+    assert kernel_category("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout transposes"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>") == "attention"
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
     assert kernel_category("triton_per_fused_native_layer_norm_add_mul_12") == "fused elementwise/norm (Triton)"
     assert kernel_category("void at::native::(anonymous namespace)::fused_adamw_kernel") == "optimizer"
     assert kernel_category("something_else") == "other"
     r = Result(model="DiT-XL/2", variant="fast", params_m=675.0, gflops=237.0,
-               train_kernels_ms={"gemm": 70.0, "attention": 8.0, "idle": 2.0, "wall": 80.0})
+               train_kernels_ms={"gemm/conv": 70.0, "attention": 8.0, "idle": 2.0, "wall": 80.0})
     table = kernel_table([r, Result(model="DiT-S/2", variant="fast", params_m=33.0, gflops=6.0)])
     lines = table.splitlines()
     assert len(lines) == 3  # header, rule, one profiled row (the unprofiled result is left out)
-    assert lines[2].startswith("| DiT-XL/2 | fast | 80.0 | 8.0 | 70.0 |") and lines[2].endswith("| 0.0 | 2.0 |")
+    assert lines[2].startswith("| DiT-XL/2 | fast | 80.0 | 8.0 | 70.0 |") and lines[2].endswith("| 0.0 | 0.0 | 2.0 |")
     assert kernel_table([]) == ""

@@ -263,3 +263,112 @@ def test_resolve_checkpoint_path_accepts_run_dir_checkpoints_dir_and_latest_poin
         resolve_checkpoint_path(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint_path(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------- guidance in a limited interval
+def _record_calls(model: torch.nn.Module) -> list[tuple[int, list[int]]]:
+    """(batch size, t) of every forward call of ``model``."""
+    calls: list[tuple[int, list[int]]] = []
+    model.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape[0], args[1].tolist())))
+    return calls
+
+
+def test_guidance_interval_ddim_end_to_end(ckpt):
+    from dit.diffusion import create_diffusion, guided_fraction
+    from dit.sample import guidance_interval_summary, guidance_timestep_interval, sample_latents, sampler_timesteps
+
+    setup = load_sampling_setup(ckpt)
+    calls = _record_calls(setup.model)
+    cond, uncond = {"y": torch.tensor([0, 3])}, {"y": torch.tensor([4, 4])}
+    kw = dict(sampler="ddim", steps=10, cfg_scale=2.0)
+
+    def run(seed, interval):
+        calls.clear()
+        return sample_latents(setup, cond, uncond, 2, generator=torch.Generator().manual_seed(seed),
+                              guidance_interval=interval, **kw)
+
+    a, b = run(0, (0.5, 3.0)), run(0, (0.5, 3.0))
+    assert torch.equal(a, b) and not torch.equal(a, run(1, (0.5, 3.0)))  # deterministic for a seed
+
+    run(0, (0.5, 3.0))
+    ts = sampler_timesteps(setup, "ddim", 10)
+    assert ts == create_diffusion("10", **setup.diffusion_kwargs).timestep_map[::-1]  # original steps, highest first
+    assert [t[0] for _, t in calls] == ts  # the model sees original timesteps, not respaced indices
+    frac = guided_fraction(ts, guidance_timestep_interval(setup, (0.5, 3.0)))
+    doubled = sum(n == 4 for n, _ in calls)
+    assert 0 < doubled < 10 and sum(n == 2 for n, _ in calls) == 10 - doubled and len(calls) == 10
+    assert doubled == round(frac * 10)
+    assert guidance_interval_summary(setup, guidance_interval=(0.5, 3.0), **kw) == \
+        f"guidance on {doubled} of 10 steps (sigma in (0.5, 3])"
+
+    plain = sample_latents(setup, cond, uncond, 2, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(run(0, (0.0, float("inf"))), plain)  # an interval holding every step is plain CFG
+    assert not torch.equal(a, plain)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_sampler_timesteps_match_diffusers_model_calls(ckpt):
+    from dit.sample import sample_latents, sampler_timesteps
+
+    setup = load_sampling_setup(ckpt)
+    calls = _record_calls(setup.model)
+    for sampler in ("euler", "dpm-solver++"):
+        calls.clear()
+        sample_latents(setup, {"y": torch.tensor([1])}, None, 1, sampler=sampler, steps=4,
+                       generator=torch.Generator().manual_seed(0))
+        assert [t[0] for _, t in calls] == sampler_timesteps(setup, sampler, 4)
+
+
+def test_guidance_interval_config_and_checkpoint_default(tmp_path):
+    from dit.config import ConfigError, load_config
+
+    assert load_config(None, ["sample.guidance_interval=[0.3,5.0]"]).sample.guidance_interval == [0.3, 5.0]
+    assert load_config(None, ["sample.guidance_interval=[0.3, 5]"]).sample.guidance_interval == [0.3, 5.0]
+    assert load_config(None).sample.guidance_interval is None
+    for bad in ["[5.0, 0.3]", "[0.3]", "[-1, 2]"]:
+        with pytest.raises(ConfigError, match=r"sample.guidance_interval must be two sigmas \[lo, hi\]"):
+            load_config(None, [f"sample.guidance_interval={bad}"])
+    with pytest.raises(ConfigError, match="sample.guidance_interval must be a list of a float or null"):
+        load_config(None, ["sample.guidance_interval=wide"])
+
+    # A checkpoint whose training config set sample.guidance_interval samples with it by default.
+    path = _our_ckpt(tmp_path / "gi.pt")
+    obj = torch.load(path, weights_only=False)
+    obj["config"]["sample"]["guidance_interval"] = [0.5, 3.0]
+    torch.save(obj, path)
+    setup = load_sampling_setup(path)
+    assert setup.defaults["guidance_interval"] == (0.5, 3.0)
+    kw = dict(labels=[0, 1], seed=0, steps=10)
+    assert np.array_equal(sample_images(setup, **kw), sample_images(setup, guidance_interval=(0.5, 3.0), **kw))
+    assert not np.array_equal(sample_images(setup, **kw), sample_images(setup, guidance_interval=(0, np.inf), **kw))
+
+
+def test_tool_guidance_interval(ckpt, tmp_path, capsys):
+    c = ["--ckpt", str(ckpt), "--device", "cpu", "--steps", "3", "--out", str(tmp_path / "x.png")]
+    load_tool("sample").main(c + ["--guidance-interval", "0.5,5"])
+    out = capsys.readouterr().out
+    assert "guidance on 1 of 3 steps (sigma in (0.5, 5])" in out and "saved" in out  # steps 999, 500, 0
+    for bad in ["5,1", "abc", "1", "0.1,0.2,0.3", "-1,2", "nan,1"]:
+        err = _tool_error(c + [f"--guidance-interval={bad}"], capsys)
+        assert err.count("\n") == 1 and "--guidance-interval" in err, err
+    err = _tool_error(c + ["--guidance-interval", "1e6,1e7"], capsys)  # above the schedule's largest sigma
+    assert "--guidance-interval: no timestep has sigma" in err and err.count("\n") == 1
+    err = _tool_error(c + ["--official-cfg", "--guidance-interval", "0.5,3"], capsys)
+    assert "--guidance-interval is not supported with the official DiT guidance convention" in err
+
+
+def test_tool_compile_gives_the_eager_samples(ckpt, tmp_path):
+    # --compile (torch.compile; CUDA graphs on GPU) must not change what is sampled: same seed, same grid up to
+    # float rounding in the compiled kernels (uint8 pixels within 1 level almost everywhere).
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    grids = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"grid{len(extra)}.png"
+        load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1", "--steps", "3", "--out", str(out),
+                                  "--device", "cpu", "--precision", "fp32", *extra])
+        grids.append(np.asarray(Image.open(out)).astype(int))
+    assert counters["stats"]["unique_graphs"] >= 1  # the second run really went through torch.compile
+    diff = np.abs(grids[0] - grids[1])
+    assert grids[0].std() > 0 and diff.max() <= 2 and (diff > 1).mean() < 0.01

@@ -47,7 +47,9 @@ def make_synthetic_latents(root: Path, *, count: int, shape: tuple[int, int, int
         write_shard(root / shard_name(s), {"latents": lat, "latents_flip": lat.flip(-1),
                                            "labels": torch.randint(0, num_classes, (m,), generator=g)},
                     {"index": str(s)})
-    write_manifest(root, {"format_version": FORMAT_VERSION, "autoencoder": {"spec": "synthetic"}, "resolution": 8 * shape[-1],
+    # resolution: the image size of an 8x-downsampling autoencoder (sd-vae: 4x32x32 latents <- 256 px)
+    write_manifest(root, {"format_version": FORMAT_VERSION, "autoencoder": {"spec": "synthetic"},
+                          "resolution": 8 * shape[-1],
                           "latent_shape": list(shape), "count": count, "shard_size": shard_size,
                           "num_shards": num_shards, "dtype": "bf16",
                           "class_names": [str(i) for i in range(num_classes)], "has_flip": True,

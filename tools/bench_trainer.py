@@ -37,6 +37,8 @@ def main() -> int:
     p.add_argument("--batch-small", type=int, default=256, help="batch for S models")
     p.add_argument("--latent-shape", default="4,32,32")
     p.add_argument("--count", type=int, default=8192, help="synthetic latents (kept in memory)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per model; on expiry the run is stopped and the steps logged so far are reported")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
     a = p.parse_args()
@@ -60,17 +62,27 @@ def main() -> int:
                    f"train.max_steps={a.steps}", f"train.log_every={a.log_every}",
                    f"train.ckpt_every={10 * a.steps}", "run.progress=false", "run.tensorboard=false", *a.overrides]
             print(f"[trainer] {name} batch {batch}: {' '.join(cmd[2:])}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                print(f"[trainer] {name}: stopped after --timeout {a.timeout:.0f} s; reporting the steps logged",
+                      flush=True)
+            if not timed_out and proc.returncode != 0:
                 print(f"[trainer] {name}: FAILED (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
                 continue
-            log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            log_path = out / "train_log.jsonl"
+            log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
             times = [r["step_time"] for r in log if r["step"] > a.skip]
-            summary = json.loads((out / "summary.json").read_text())
+            if not times:
+                print(f"[trainer] {name}: no logged steps after step {a.skip}", flush=True)
+                continue
+            summary = {} if timed_out else json.loads((out / "summary.json").read_text())
             step_s = statistics.median(times)
             row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
                    "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
-                   "overrides": a.overrides}
+                   "overrides": a.overrides, "steps_measured": len(times) * a.log_every}
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
                   f"{row['peak_mem_gib'] or float('nan'):.1f} GiB", flush=True)

@@ -2,6 +2,10 @@
 
     python tools/benchmark.py --models DiT-S/2,DiT-XL/2,UNet-S,UNet-XL --variants eager-bf16,fast \
         --out docs/bench/run.md --plot docs/bench/run.png
+    python tools/benchmark.py --sampling --models DiT-XL/2 --variants eager-bf16,fast-cg --json sampling.json
+
+``--sampling`` times the DDPM sampler loop with and without classifier-free guidance and the sd-vae decoder, and
+reports GPU-hours for 50,000 images x 250 steps, guided at every step and (``--guidance-interval``) on an interval.
 """
 
 import argparse
@@ -30,8 +34,15 @@ def main() -> None:
                    help="also profile the training step (GPU): kernel ms per step by category, top kernels")
     p.add_argument("--train-only", action="store_true",
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
+    p.add_argument("--sampling", action="store_true", help="measure sampling (see above) instead of training")
+    p.add_argument("--sampling-batch", type=int, default=256)
+    p.add_argument("--sampling-steps", type=int, default=20, help="DDPM steps timed per loop")
+    p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
+                   help="also plan with guidance only for sigma in (LO, HI]; repeatable")
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]
+    if a.sampling:
+        return sampling_main(a, models)
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
@@ -45,6 +56,49 @@ def main() -> None:
                      + "; ".join(f"`{k}`: {v}" for k, v in VARIANTS.items()) + f"\n\n{table}\n")
     plot(results, a.plot)
     print(table)
+
+
+def interval_fraction(lo: float, hi: float, steps: int = 250) -> float:
+    """Fraction of DiT's ``steps``-step DDPM sampler (linear schedule, 1000 training steps) guided on (lo, hi]."""
+    from dit.diffusion import create_diffusion
+    from dit.diffusion.guidance import guided_fraction, sigma_interval_to_timesteps
+
+    base, sampler = create_diffusion(""), create_diffusion(str(steps))
+    return guided_fraction(sampler.timestep_map, sigma_interval_to_timesteps(base.alphas_cumprod, lo, hi))
+
+
+def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
+    import dataclasses
+    import json
+
+    import torch
+
+    from dit.benchmark import bench_sampling, environment, sampling_plan
+
+    intervals = []
+    for text in a.guidance_interval:
+        try:
+            lo, hi = (float(v) for v in text.split(","))
+        except ValueError:
+            sys.exit(f"error: --guidance-interval {text!r}: expected LO,HI (two numbers)")
+        intervals.append((lo, hi))
+    fractions = {"every step": 1.0}
+    for lo, hi in intervals:
+        fractions[f"sigma in ({lo:g}, {hi:g}]"] = interval_fraction(lo, hi)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env, rows = environment(), []
+    for name in models:
+        for v in a.variants.split(","):
+            r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
+                               overrides={"input_size": a.input_size})
+            plans = {k: sampling_plan(r, guided_fraction=f) for k, f in fractions.items()}
+            rows.append({**dataclasses.asdict(r), "plans": plans})
+            print(f"[sampling] {name} {v}: guided step {r.guided_step_s * 1e3:.1f} ms, conditional step "
+                  f"{r.cond_step_s * 1e3:.1f} ms (batch {r.batch}), decode {r.decode_img_s:,.0f} img/s; 50k x 250: "
+                  + "; ".join(f"{k} {pl['gpu_hours']:.2f} GPU-h ({pl['guided_steps']} guided)"
+                              for k, pl in plans.items()), flush=True)
+            if a.json is not None:
+                a.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

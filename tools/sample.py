@@ -2,6 +2,8 @@
 
     # a grid from one of our checkpoints (model, autoencoder, diffusion read from the checkpoint; EMA weights)
     python tools/sample.py --ckpt runs/shapes/checkpoints/0010000.pt --class-labels 0,1,2,3 --out grid.png
+    # guidance only at middle noise levels (Kynkaenniemi et al. 2024), conditional model alone elsewhere
+    python tools/sample.py --ckpt runs/shapes/checkpoints/0010000.pt --cfg-scale 2 --guidance-interval 0.28,5.42
     # the official DiT-XL/2 exactly as facebookresearch/DiT's sample.py (DDPM 250 steps, cfg 4, seed 0)
     python tools/sample.py --ckpt DiT-XL-2-256x256.pt --official-cfg --precision fp32
     # 50k samples for FID, resumable, on all GPUs
@@ -16,8 +18,9 @@ import time
 
 import torch
 
-from dit.sample import (SAMPLERS, load_sampling_setup, parse_class_labels, sample_images, sample_to_npz,
-                        save_grid)
+from dit.sample import (SAMPLERS, compile_for_sampling, guidance_interval_summary, load_sampling_setup,
+                        parse_class_labels,
+                        parse_guidance_interval, sample_images, sample_to_npz, save_grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "stabilityai/sd-vae-ft-ema for official checkpoints)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale "
                    "(default: the checkpoint's sample config, 4.0 for official)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only at noise levels sigma in (LO, HI] (EDM sigma = sqrt((1 - abar) / abar), "
+                   "arXiv:2404.07724; e.g. 0.28,5.42), the conditional model alone elsewhere (default: the "
+                   "checkpoint's sample.guidance_interval, else every step)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, 250 official)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's (ddpm for official)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -51,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=None, help="output .npz (arr_0 uint8 NHWC, labels); parts kept in <npz>.parts/")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (and per part) for --npz")
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (CUDA graphs on GPU): faster for many steps/batches, ~40 s to start")
     return p
 
 
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None):
 
 
 def _run(args: argparse.Namespace):
+    interval = parse_guidance_interval(args.guidance_interval) if args.guidance_interval is not None else None
     if args.device is not None:
         device = torch.device(args.device)
     elif args.npz is not None:
@@ -78,6 +88,8 @@ def _run(args: argparse.Namespace):
     setup = load_sampling_setup(args.ckpt, model_name=args.model, vae=args.vae, image_size=args.image_size,
                                 num_classes=args.num_classes, use_model_weights=args.use_model_weights,
                                 device=device)
+    if args.compile:
+        setup.model = compile_for_sampling(setup.model, device)
     sampler = args.sampler or setup.defaults["sampler"]
     official = args.official_cfg
     if official is None:
@@ -88,7 +100,10 @@ def _run(args: argparse.Namespace):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     labels = parse_class_labels(args.class_labels, setup.class_names) if args.class_labels else None
-    common = dict(sampler=sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, precision=precision)
+    common = dict(sampler=sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, precision=precision,
+                  guidance_interval=interval)  # sample_images rejects an interval with the official convention
+    summary = None if official else guidance_interval_summary(setup, sampler=sampler, steps=args.steps,
+                                                              cfg_scale=args.cfg_scale, guidance_interval=interval)
     if args.npz is not None:
         if official:
             raise ValueError("--npz uses per-batch seeds (standard guidance); pass --no-official-cfg")
@@ -96,12 +111,16 @@ def _run(args: argparse.Namespace):
             raise ValueError("--npz balances classes itself (sample i gets label i % num_classes); drop --class-labels")
         from accelerate import PartialState
 
+        if summary and PartialState().is_main_process:
+            print(summary)
         out = sample_to_npz(setup, args.npz, num_samples=args.num_samples, batch_size=args.batch_size,
                             seed=args.seed, prompts=args.prompt, **common)
         # Every process tears its process group down before exiting: a process that exits with a live gloo/NCCL
         # group while its peer is still working can abort (SIGABRT) instead of exiting 0.
         PartialState().destroy_process_group()
         return out
+    if summary:
+        print(summary)
     t0 = time.time()
     images = sample_images(setup, labels=labels, prompts=args.prompt, seed=args.seed, official_cfg=official,
                            progress=True, **common)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .diffusers_samplers import SAMPLERS, make_scheduler, sample_with_diffusers
 from .gaussian import GaussianDiffusion
-from .guidance import classifier_free_guidance, official_cfg_forward
+from .guidance import classifier_free_guidance, guided_fraction, official_cfg_forward, sigma_interval_to_timesteps
 from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import SCHEDULES, betas_for_alpha_bar, get_beta_schedule
@@ -54,10 +54,12 @@ __all__ = [
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
     "get_beta_schedule",
+    "guided_fraction",
     "make_scheduler",
     "mean_flat",
     "normal_kl",
     "official_cfg_forward",
     "sample_with_diffusers",
+    "sigma_interval_to_timesteps",
     "space_timesteps",
 ]

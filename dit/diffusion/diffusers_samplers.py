@@ -44,6 +44,12 @@ def make_scheduler(name: str, betas: np.ndarray, prediction: str = "eps", **sche
     return DDIMScheduler(**{**cfg, **scheduler_kwargs})
 
 
+def model_timestep(t: float | torch.Tensor, num_train: int) -> int:
+    """The integer training timestep (0..T-1) the model is called with at scheduler timestep ``t``: the model was
+    trained on integer indices, and diffusers may hold its timesteps as floats."""
+    return min(max(int(round(float(t))), 0), num_train - 1)
+
+
 def sample_with_diffusers(
     model: Callable[..., torch.Tensor],
     betas_or_diffusion: GaussianDiffusion | np.ndarray | torch.Tensor,
@@ -96,8 +102,7 @@ def sample_with_diffusers(
         timesteps = tqdm(timesteps)
     with torch.no_grad():
         for t in timesteps:
-            # The model was trained on integer indices 0..T-1; diffusers may hold them as floats.
-            t_int = min(max(int(round(float(t))), 0), num_train - 1)
+            t_int = model_timestep(t, num_train)
             t_model = torch.full((n,), t_int, dtype=torch.long, device=device)
             model_in = scheduler.scale_model_input(x, t)  # Euler: x / sqrt(sigma^2 + 1); identity for the others
             out = model(model_in, t_model, **model_kwargs)  # (N, C or 2C, ...)
