@@ -37,6 +37,10 @@ class ModelConfig:
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).
     compile: bool = False
+    # torch.compile mode: "reduce-overhead" adds CUDA graphs (the compiled forward + backward replayed without
+    # per-kernel launches; +2-3% for DiTs on an H100, docs/benchmarks.md), "max-autotune" also benchmarks Triton GEMM
+    # templates per shape (minutes of compilation). Only with model.compile=true.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 @dataclass
@@ -327,6 +331,8 @@ def validate(cfg: Config, source: str = "config") -> None:
                    "train.milestone_every": t.milestone_every, "data.num_workers": cfg.data.num_workers}.items():
         if v < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
+    if cfg.model.compile_mode != "default" and not cfg.model.compile:
+        raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"train.grad_accum_steps ({t.grad_accum_steps})")

@@ -503,7 +503,8 @@ def train(cfg: Config) -> dict:
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1
-    model: nn.Module = torch.compile(raw_model) if cfg.model.compile and not compile_loss else raw_model
+    compile_kw = {} if cfg.model.compile_mode == "default" else {"mode": cfg.model.compile_mode}
+    model: nn.Module = torch.compile(raw_model, **compile_kw) if cfg.model.compile and not compile_loss else raw_model
     forward: Any  # what the loss calls
     if fsdp:
         # Not passed to prepare(): Accelerate would wrap it in DDP. prepare() would also have added autocast, which
@@ -522,7 +523,7 @@ def train(cfg: Config) -> dict:
         # One graph for the network and the diffusion terms (q_sample, MSE, VLB), like tools/benchmark.py's `fast`
         # variant; the per-device coefficient tables are created first, outside the traced region.
         diffusion.warm_tables(device)
-        loss_terms = torch.compile(loss_terms, dynamic=False)
+        loss_terms = torch.compile(loss_terms, dynamic=False, **compile_kw)
     if found is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
 

@@ -505,3 +505,23 @@ def test_compiled_loss_matches_eager(tmp_path):
     assert sa["model"].keys() == sc["model"].keys()  # plain module keys, no "_orig_mod." prefix
     for k in sa["model"]:
         torch.testing.assert_close(sc["model"][k], sa["model"][k], rtol=1e-3, atol=1e-5)
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """model.compile_mode is passed to torch.compile (recorded by a stand-in that returns the function unchanged,
+    so this costs no compilation); it needs model.compile=true."""
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    _train(tmp_path / "ro", "train.max_steps=1", "train.ckpt_every=1", "model.compile=true",
+           "model.compile_mode=reduce-overhead")
+    assert calls and calls[-1].get("mode") == "reduce-overhead" and calls[-1].get("dynamic") is False
+    calls.clear()
+    _train(tmp_path / "default", "train.max_steps=1", "train.ckpt_every=1", "model.compile=true")
+    assert calls and "mode" not in calls[-1]
+    with pytest.raises(ValueError, match="model.compile_mode='max-autotune' needs model.compile=true"):
+        load_config(None, ["model.compile_mode=max-autotune"])
