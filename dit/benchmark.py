@@ -405,6 +405,66 @@ def kernel_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def plot_kernel_breakdown(results: list[Result], path: Path) -> Path | None:
+    """Stacked bars: GPU ms per training step by kernel category (``--profile``), one bar per (model, variant)."""
+    prof = [r for r in results if r.train_kernels_ms]
+    if not prof:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = [c for c, _ in KERNEL_CATEGORIES] + ["other", "idle"]
+    fig, ax = plt.subplots(figsize=(3.8 + 1.3 * len(prof), 4.5))
+    labels = [f"{r.model}\n{r.variant}" for r in prof]
+    bottom = [0.0] * len(prof)
+    for c in cats:
+        # shares of the step, so models of different sizes fit one axis
+        vals = [max(r.train_kernels_ms.get(c, 0.0), 0.0) / r.train_kernels_ms["wall"] * 100 for r in prof]
+        if any(v > 0 for v in vals):
+            ax.bar(labels, vals, bottom=bottom, label=c)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(prof):
+        ax.annotate(f"{r.train_kernels_ms['wall']:.0f} ms", (i, min(bottom[i], 100) + 1), ha="center", fontsize=8)
+    ax.set_ylabel("% of the training step (GPU kernel time)")
+    ax.set_ylim(0, 112)
+    ax.set_title("Where a training step's GPU time goes")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sampling(rows: list[dict], path: Path) -> Path:
+    """Bars: GPU-hours for 50k images x 250 DDPM steps + decode, per (model, variant) and guidance plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.5 + 1.6 * sum(len(r["plans"]) for r in rows), 4.2))
+    labels, hours = [], []
+    for r in rows:
+        for name, plan in r["plans"].items():
+            labels.append(f"{r['model']} {r['variant']}\n{name}")
+            hours.append(plan["gpu_hours"])
+    bars = ax.bar(labels, hours, color="tab:blue")
+    for b, h in zip(bars, hours):
+        ax.annotate(f"{h:.2f}", (b.get_x() + b.get_width() / 2, h), ha="center", va="bottom", fontsize=8)
+    ax.axhline(2.0, color="tab:red", ls="--", lw=1, label="target: 2 GPU-hours")
+    ax.set_ylabel("GPU-hours, 50k images x 250 steps + decode")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(results: list[Result], path: Path) -> None:
     """img/s and memory vs forward GFLOPs, DiT vs UNet, best variant per model."""
     import matplotlib

@@ -49,3 +49,55 @@ def test_kernel_categories_and_table():
     assert len(lines) == 3  # header, rule, one profiled row (the unprofiled result is left out)
     assert lines[2].startswith("| DiT-XL/2 | fast | 80.0 | 8.0 | 70.0 |") and lines[2].endswith("| 0.0 | 0.0 | 2.0 |")
     assert kernel_table([]) == ""
+
+
+def test_sampling_plan_arithmetic():
+    from dit.benchmark import SamplingResult, sampling_plan
+
+    r = SamplingResult(model="m", variant="v", batch=100, guided_step_s=0.2, cond_step_s=0.1, decode_img_s=500.0)
+    p = sampling_plan(r, n=1000, steps=10, guided_fraction=0.3)
+    assert p["sampling_gpu_hours"] == pytest.approx(10 * 10 * (0.3 * 0.2 + 0.7 * 0.1) / 3600)  # batches x steps
+    assert p["decode_gpu_hours"] == pytest.approx(1000 / 500 / 3600)
+    assert p["gpu_hours"] == pytest.approx(p["sampling_gpu_hours"] + p["decode_gpu_hours"])
+    assert p["guided_steps"] == 3
+    full = sampling_plan(r, n=1000, steps=10)
+    assert full["sampling_gpu_hours"] == pytest.approx(10 * 10 * 0.2 / 3600)
+    with pytest.raises(ValueError, match="guided_fraction"):
+        sampling_plan(r, guided_fraction=1.5)
+
+
+def test_bench_sampling_runs_the_sampler_on_cpu(tmp_path):
+    import torch
+
+    from dit.benchmark import bench_sampling, plot_sampling, sampling_plan
+
+    tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
+    r = bench_sampling("DiT-S/4", "eager-bf16", device=torch.device("cpu"), batch=2, steps=2, overrides=tiny,
+                       repeats=1)
+    assert r.guided_step_s > 0 and r.cond_step_s > 0 and r.decode_img_s != r.decode_img_s  # no decoder on CPU
+    rows = [{"model": r.model, "variant": r.variant, "plans": {"every step": sampling_plan(r)}}]
+    assert plot_sampling(rows, tmp_path / "s.png").stat().st_size > 0
+
+
+def test_interval_fraction_of_the_250_step_sampler():
+    # Brute force in float64: DiT's linear schedule (1000 steps), the 250 timesteps its DDPM sampler visits
+    # (evenly spaced as facebookresearch/DiT's space_timesteps: round(i * 999 / 249)), sigma = sqrt((1 - abar) / abar).
+    import numpy as np
+    from helpers import load_tool
+
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    visited = [round(i * 999 / 249) for i in range(250)]
+    sigma = np.sqrt((1 - abar[visited]) / abar[visited])
+    want = float(np.mean((sigma > 0.28) & (sigma <= 5.42)))
+    assert load_tool("benchmark").interval_fraction(0.28, 5.42) == pytest.approx(want)
+    assert 0.3 < want < 0.7  # a real interval: about half the steps
+
+
+def test_kernel_breakdown_plot(tmp_path):
+    from dit.benchmark import plot_kernel_breakdown
+
+    r = Result(model="DiT-XL/2", variant="fast", params_m=675.0, gflops=237.0,
+               train_kernels_ms={"gemm/conv": 70.0, "attention": 8.0, "idle": 2.0, "wall": 80.0})
+    assert plot_kernel_breakdown([r], tmp_path / "k.png").stat().st_size > 0
+    assert plot_kernel_breakdown([], tmp_path / "none.png") is None

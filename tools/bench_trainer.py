@@ -82,7 +82,7 @@ def main() -> int:
             step_s = statistics.median(times)
             row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
                    "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
-                   "overrides": a.overrides, "steps_measured": len(times) * a.log_every}
+                   "overrides": a.overrides, "steps_measured": len(times)}  # one log row per step
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
                   f"{row['peak_mem_gib'] or float('nan'):.1f} GiB", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import VARIANTS, kernel_table, markdown_table, plot, run_benchmarks, sampling_table  # noqa: E402
+from dit.benchmark import VARIANTS, kernel_table, markdown_table, plot_kernel_breakdown, plot, run_benchmarks, sampling_table  # noqa: E402
 
 
 def main() -> None:
@@ -55,6 +55,8 @@ def main() -> None:
     a.out.write_text(f"Command: `{cmd}`\n\nEnvironment: {env}\n\nVariants: "
                      + "; ".join(f"`{k}`: {v}" for k, v in VARIANTS.items()) + f"\n\n{table}\n")
     plot(results, a.plot)
+    if a.profile:
+        plot_kernel_breakdown(results, a.plot.with_name(a.plot.stem + "_kernels.png"))
     print(table)
 
 
@@ -73,7 +75,7 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
 
     import torch
 
-    from dit.benchmark import bench_sampling, environment, sampling_plan
+    from dit.benchmark import bench_sampling, environment, plot_sampling, sampling_plan
 
     intervals = []
     for text in a.guidance_interval:
@@ -99,6 +101,8 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
                               for k, pl in plans.items()), flush=True)
             if a.json is not None:
                 a.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
+    if rows:
+        plot_sampling(rows, a.plot)
 
 
 if __name__ == "__main__":
