@@ -298,11 +298,26 @@ def configure_tf32(enabled: bool) -> None:
 # Samples and plots
 # --------------------------------------------------------------------------------------------------------------------
 
+def grid_guidance_interval(cfg: Config) -> tuple[int, int] | None:
+    """``sample.guidance_interval`` (EDM sigmas) as the training schedule's timesteps ``(t_lo, t_hi)`` for
+    ``classifier_free_guidance(interval=...)``; None when unset. A range that holds no timestep is a config error."""
+    if cfg.sample.guidance_interval is None:
+        return None
+    from dit.diffusion import create_diffusion, sigma_interval_to_timesteps
+
+    base = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
+    try:
+        return sigma_interval_to_timesteps(base.alphas_cumprod, *cfg.sample.guidance_interval)
+    except ValueError as e:
+        raise ConfigError(f"sample.guidance_interval={list(cfg.sample.guidance_interval)}: {e}") from None
+
+
 @torch.no_grad()
 def sample_grid(model: nn.Module, *, cfg: Config, model_kwargs: dict, latent_shape: tuple[int, int, int],
                 ae: Any, device: torch.device, path: Path, cond: dict, uncond: dict | None) -> Path:
-    """Draw ``grid_size**2`` samples with the diffusion core's DDIM/DDPM (``sample.num_steps`` steps) and CFG,
-    decode them with the autoencoder and save a PNG grid. ``cond``/``uncond``: model kwargs, batch-sized."""
+    """Draw ``grid_size**2`` samples with the diffusion core's DDIM/DDPM (``sample.num_steps`` steps) and CFG (on
+    ``sample.guidance_interval`` if set), decode them with the autoencoder and save a PNG grid. ``cond``/``uncond``:
+    model kwargs, batch-sized."""
     from torchvision.utils import save_image
 
     from dit.diffusion import create_diffusion
@@ -314,7 +329,8 @@ def sample_grid(model: nn.Module, *, cfg: Config, model_kwargs: dict, latent_sha
     diffusion = create_diffusion(timestep_respacing=respacing, **diffusion_kwargs(cfg))
     fn: Any = model
     if uncond is not None and s.cfg_scale != 1.0:
-        fn = classifier_free_guidance(model, s.cfg_scale, uncond, pred_channels=latent_shape[0])
+        fn = classifier_free_guidance(model, s.cfg_scale, uncond, pred_channels=latent_shape[0],
+                                      interval=grid_guidance_interval(cfg))
     # Pixel-space predictions of x0 live in [-1, 1], so clipping them (ADM's clip_denoised) only removes error;
     # normalised latents have no such bound (DiT samples latents unclipped).
     clip = s.clip_denoised if s.clip_denoised is not None else str(ae.spec) == "identity"
@@ -438,6 +454,7 @@ def train(cfg: Config) -> dict:
     raw_model.to(device).train()
     ema = EMA(raw_model, tc.ema_decay)  # starts as an exact fp32 copy (DiT: update_ema(ema, model, decay=0))
     diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
+    grid_guidance_interval(cfg)  # a bad sample.guidance_interval fails now, not at the first grid
 
     # ---- resume: weights and counters (the optimizer follows once the model is sharded) -------------------------
     step, images_seen, epoch, position = 0, 0, 0, 0

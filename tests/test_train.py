@@ -525,3 +525,34 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert calls and "mode" not in calls[-1]
     with pytest.raises(ValueError, match="model.compile_mode='max-autotune' needs model.compile=true"):
         load_config(None, ["model.compile_mode=max-autotune"])
+
+
+def test_grid_guidance_interval(tmp_path, monkeypatch):
+    """sample.guidance_interval reaches the training grids' guidance (as timesteps of the training schedule), and a
+    range holding no timestep is refused before training starts (no checkpoint written)."""
+    import dit.diffusion.guidance as guidance
+    from dit.diffusion import create_diffusion
+
+    seen = []
+    real = guidance.classifier_free_guidance
+
+    def spy(*args, **kw):
+        seen.append(kw.get("interval"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(guidance, "classifier_free_guidance", spy)
+    cfg = load_config(None, tiny_overrides(tmp_path / "ok") + ["train.max_steps=1", "train.ckpt_every=1",
+                                                                 "sample.guidance_interval=[0.5,5.0]"])
+    from dit.train import diffusion_kwargs, train
+
+    train(cfg)
+    abar = create_diffusion("", **diffusion_kwargs(cfg)).alphas_cumprod
+    sigma = ((1 - abar) / abar) ** 0.5
+    assert len(seen) == 1 and seen[0] is not None
+    lo, hi = seen[0]
+    inside = [t for t in range(len(sigma)) if lo < t <= hi]
+    assert inside and all(0.5 < sigma[t] <= 5.0 for t in inside)  # exactly the steps with sigma in (0.5, 5]
+    assert (lo < 0 or sigma[lo] <= 0.5) and (hi + 1 >= len(sigma) or sigma[hi + 1] > 5.0)
+    with pytest.raises(ValueError, match="sample.guidance_interval"):
+        _train(tmp_path / "bad", "train.max_steps=1", "sample.guidance_interval=[1.0e6,1.0e7]")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
