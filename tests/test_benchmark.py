@@ -101,3 +101,30 @@ def test_kernel_breakdown_plot(tmp_path):
                train_kernels_ms={"gemm/conv": 70.0, "attention": 8.0, "idle": 2.0, "wall": 80.0})
     assert plot_kernel_breakdown([r], tmp_path / "k.png").stat().st_size > 0
     assert plot_kernel_breakdown([], tmp_path / "none.png") is None
+
+
+def test_bench_trainer_runs_the_real_trainer(tmp_path):
+    """tools/bench_trainer.py: tools/train.py on synthetic latents in a subprocess; the median step time after --skip
+    steps becomes img/s; a run stopped by --timeout still reports the steps it logged."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_trainer.py"
+    common = [sys.executable, str(tool), "--models", "DiT-S/2", "--log-every", "2", "--count", "64",
+              "--batch-small", "4", "--latent-shape", "4,8,8",
+              "model.overrides={depth: 1, hidden_size: 32, num_heads: 2}", "model.compile=false", 'train.mixed_precision="no"', "run.cpu_threads=1"]
+    out = subprocess.run(common + ["--steps", "8", "--skip", "4", "--json", str(tmp_path / "a.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "a.json").read_text())
+    assert row["model"] == "DiT-S/2" and row["batch"] == 4 and row["steps_measured"] == 4  # steps 5..8
+    assert row["img_s"] == pytest.approx(4 / (row["step_ms"] / 1e3)) and row["img_s"] > 0
+    assert row["last_loss"] is not None
+    # Long run, short timeout: stopped, and whatever was logged after --skip is reported (or nothing, said so).
+    out = subprocess.run(common + ["--steps", "100000", "--skip", "2", "--timeout", "25", "--json",
+                                   str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)
+    assert "stopped after --timeout 25 s" in out.stdout, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "b.json").read_text()) if out.returncode == 0 else []
+    assert all(r["steps_measured"] >= 1 and r["img_s"] > 0 for r in rows)

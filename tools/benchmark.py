@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import VARIANTS, kernel_table, markdown_table, plot_kernel_breakdown, plot, run_benchmarks, sampling_table  # noqa: E402
+from dit.benchmark import (VARIANTS, kernel_table, markdown_table, plot, plot_kernel_breakdown,  # noqa: E402
+                           run_benchmarks, sampling_table)
 
 
 def main() -> None:
