@@ -405,16 +405,31 @@ def kernel_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def plot_kernel_breakdown(results: list[Result], path: Path) -> Path | None:
-    """Stacked bars: GPU ms per training step by kernel category (``--profile``), one bar per (model, variant)."""
-    prof = [r for r in results if r.train_kernels_ms]
-    if not prof:
-        return None
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (set here, when a plot is made, never at import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_kernel_breakdown(results: list[Result], path: Path) -> Path | None:
+    """Stacked bars: GPU ms per training step by kernel category (``--profile``), one bar per (model, variant)."""
+    prof = [r for r in results if r.train_kernels_ms]
+    if not prof:
+        return None
+    plt = _pyplot()
     cats = [c for c, _ in KERNEL_CATEGORIES] + ["other", "idle"]
     fig, ax = plt.subplots(figsize=(3.8 + 1.3 * len(prof), 4.5))
     labels = [f"{r.model}\n{r.variant}" for r in prof]
@@ -431,20 +446,13 @@ def plot_kernel_breakdown(results: list[Result], path: Path) -> Path | None:
     ax.set_ylim(0, 112)
     ax.set_title("Where a training step's GPU time goes")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def plot_sampling(rows: list[dict], path: Path) -> Path:
     """Bars: GPU-hours for 50k images x 250 DDPM steps + decode, per (model, variant) and guidance plan."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 1.6 * sum(len(r["plans"]) for r in rows), 4.2))
     labels, hours = [], []
     for r in rows:
@@ -458,20 +466,13 @@ def plot_sampling(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("GPU-hours, 50k images x 250 steps + decode")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
 def plot(results: list[Result], path: Path) -> None:
     """img/s and memory vs forward GFLOPs, DiT vs UNet, best variant per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     best: dict[str, Result] = {}
     for r in results:
         if r.model not in best or (r.train_img_s > best[r.model].train_img_s):
@@ -498,10 +499,7 @@ def plot(results: list[Result], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def run_benchmarks(
