@@ -265,6 +265,7 @@ def _bench_one(
     do_train: bool = True,
     do_fwd: bool = True,
     profile: bool = False,
+    profile_top: int = 12,
 ) -> Result:
     model, fwd, autocast = _prepare(name, variant, device, overrides)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -351,7 +352,7 @@ def _bench_one(
         if device.type == "cuda":
             res.train_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         if profile and device.type == "cuda":
-            res.train_kernels_ms, res.train_top_kernels = kernel_breakdown(train_step, device)
+            res.train_kernels_ms, res.train_top_kernels = kernel_breakdown(train_step, device, top=profile_top)
         del opt
     del model, fwd
     if device.type == "cuda":
@@ -514,6 +515,7 @@ def run_benchmarks(
     json_out: Path | None = None,
     profile: bool = False,
     do_fwd: bool = True,
+    profile_top: int = 12,
 ) -> tuple[dict, list[Result]]:
     """Measure every (model, variant) pair; returns (environment incl. matmul ceiling, results)."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -531,7 +533,8 @@ def run_benchmarks(
             try:
                 r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
                               ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
-                              iters=iters, profile=profile, do_fwd=do_fwd)
+                              iters=iters, profile=profile, do_fwd=do_fwd,
+                              profile_top=profile_top)
             except torch.cuda.OutOfMemoryError:
                 print(f"[bench] {name} {v}: out of memory", flush=True)
                 torch.cuda.empty_cache()

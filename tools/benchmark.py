@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--profile", action="store_true",
                    help="also profile the training step (GPU): kernel ms per step by category, top kernels")
+    p.add_argument("--profile-top", type=int, default=40, help="kernels listed per profiled step (JSON, log)")
     p.add_argument("--train-only", action="store_true",
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
     p.add_argument("--sampling", action="store_true", help="measure sampling (see above) instead of training")
@@ -47,9 +48,10 @@ def main() -> None:
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
-                                  json_out=a.json, profile=a.profile, do_fwd=not a.train_only)
+                                  json_out=a.json, profile=a.profile, do_fwd=not a.train_only,
+                                  profile_top=a.profile_top)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
-    if a.profile:
+    if kernel_table(results):  # --profile on a GPU
         table += "\n\nGPU kernel time per training step (ms):\n\n" + kernel_table(results)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python tools/benchmark.py " + " ".join(sys.argv[1:])
