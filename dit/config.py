@@ -39,7 +39,8 @@ class ModelConfig:
     compile: bool = False
     # torch.compile mode: "reduce-overhead" adds CUDA graphs (the compiled forward + backward replayed without
     # per-kernel launches; +2-3% for DiTs on an H100, docs/benchmarks.md), "max-autotune" also benchmarks Triton GEMM
-    # templates per shape (minutes of compilation). Only with model.compile=true.
+    # templates per shape (minutes of compilation). Only with model.compile=true; CUDA graphs are measured with one
+    # process (with several, the trainer warns and the network alone is compiled, inside DDP / FSDP).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 

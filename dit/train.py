@@ -521,6 +521,10 @@ def train(cfg: Config) -> dict:
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1
     compile_kw = {} if cfg.model.compile_mode == "default" else {"mode": cfg.model.compile_mode}
+    if world > 1 and cfg.model.compile_mode in ("reduce-overhead", "max-autotune") and is_main:
+        logger.warning("model.compile_mode=%s uses CUDA graphs, measured here with one process only; with DDP/FSDP "
+                       "(%d processes) the collectives run between graphs: compare img/s with compile_mode=default",
+                       cfg.model.compile_mode, world)
     model: nn.Module = torch.compile(raw_model, **compile_kw) if cfg.model.compile and not compile_loss else raw_model
     forward: Any  # what the loss calls
     if fsdp:
