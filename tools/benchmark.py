@@ -94,8 +94,13 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
     env, rows = environment(), []
     for name in models:
         for v in a.variants.split(","):
-            r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
-                               overrides={"input_size": a.input_size})
+            try:
+                r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
+                                   overrides={"input_size": a.input_size})
+            except Exception as e:  # one broken variant must not cost the rest of a (paid) GPU session
+                print(f"[sampling] {name} {v}: FAILED {type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                      flush=True)
+                continue
             plans = {k: sampling_plan(r, guided_fraction=f) for k, f in fractions.items()}
             rows.append({**dataclasses.asdict(r), "plans": plans})
             print(f"[sampling] {name} {v}: guided step {r.guided_step_s * 1e3:.1f} ms, conditional step "
