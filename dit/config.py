@@ -135,8 +135,8 @@ class SampleConfig:
     clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None = only in pixel space (identity AE)
     seed: int = 0
     # [sigma_lo, sigma_hi]: guide only at EDM noise levels sigma in (lo, hi] (Kynkaenniemi et al. 2024,
-    # arXiv:2404.07724), the conditional model alone elsewhere; None = every step. Used by tools/sample.py as the
-    # checkpoint's default.
+    # arXiv:2404.07724), the conditional model alone elsewhere; None = every step. Used by training grids and, as
+    # the checkpoint's default, by tools/sample.py.
     guidance_interval: list[float] | None = None
 
 

@@ -318,12 +318,11 @@ def _check_sigma_interval(interval: Any, shown: str | None = None) -> tuple[floa
 def guidance_timestep_interval(setup: SamplingSetup, sigma_interval: tuple[float, float]) -> tuple[int, int]:
     """A sigma range ``(lo, hi]`` -> ``(t_lo, t_hi)`` in the checkpoint schedule's original timesteps (what the
     guided model receives under every sampler; see ``dit.diffusion.guidance``)."""
-    from dit.diffusion import create_diffusion, sigma_interval_to_timesteps
+    from dit.diffusion import guidance_timesteps
 
     lo, hi = _check_sigma_interval(sigma_interval)
-    full = create_diffusion(**setup.diffusion_kwargs)  # no respacing: indices are the original timesteps
     try:
-        return sigma_interval_to_timesteps(full.alphas_cumprod, lo, hi)
+        return guidance_timesteps(lo, hi, **setup.diffusion_kwargs)
     except ValueError as e:
         raise ValueError(f"--guidance-interval: {e}") from None
 

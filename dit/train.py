@@ -303,11 +303,10 @@ def grid_guidance_interval(cfg: Config) -> tuple[int, int] | None:
     ``classifier_free_guidance(interval=...)``; None when unset. A range that holds no timestep is a config error."""
     if cfg.sample.guidance_interval is None:
         return None
-    from dit.diffusion import create_diffusion, sigma_interval_to_timesteps
+    from dit.diffusion import guidance_timesteps
 
-    base = create_diffusion(timestep_respacing="", **diffusion_kwargs(cfg))
     try:
-        return sigma_interval_to_timesteps(base.alphas_cumprod, *cfg.sample.guidance_interval)
+        return guidance_timesteps(*cfg.sample.guidance_interval, **diffusion_kwargs(cfg))
     except ValueError as e:
         raise ConfigError(f"sample.guidance_interval={list(cfg.sample.guidance_interval)}: {e}") from None
 

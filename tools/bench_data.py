@@ -30,31 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dit.data.latents import (FORMAT_VERSION, LatentDataset, shard_name, write_manifest,  # noqa: E402
-                              write_shard)
+from dit.data.latents import LatentDataset, make_synthetic_latents  # noqa: E402
 from dit.train import EpochBatches, batch_keys, epoch_permutation, micro_batches  # noqa: E402
-
-
-def make_synthetic_latents(root: Path, *, count: int, shape: tuple[int, int, int], shard_size: int,
-                           num_classes: int = 1000, seed: int = 0) -> Path:
-    """A latent directory of random bf16 latents (with flipped copies) in the format ``LatentDataset`` reads."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    num_shards = -(-count // shard_size)
-    for s in range(num_shards):
-        m = min(count, (s + 1) * shard_size) - s * shard_size
-        lat = torch.randn((m, *shape), generator=g).to(torch.bfloat16)  # (M, C, h, w)
-        write_shard(root / shard_name(s), {"latents": lat, "latents_flip": lat.flip(-1),
-                                           "labels": torch.randint(0, num_classes, (m,), generator=g)},
-                    {"index": str(s)})
-    # resolution: the image size of an 8x-downsampling autoencoder (sd-vae: 4x32x32 latents <- 256 px)
-    write_manifest(root, {"format_version": FORMAT_VERSION, "autoencoder": {"spec": "synthetic"},
-                          "resolution": 8 * shape[-1],
-                          "latent_shape": list(shape), "count": count, "shard_size": shard_size,
-                          "num_shards": num_shards, "dtype": "bf16",
-                          "class_names": [str(i) for i in range(num_classes)], "has_flip": True,
-                          "text_encoder": None, "source": "synthetic"})
-    return root
 
 
 def timed(batches, *, batch_size: int, seconds: float, consume=None) -> float:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_data import make_synthetic_latents  # noqa: E402
+from dit.data.latents import make_synthetic_latents  # noqa: E402
 
 
 def main() -> int:

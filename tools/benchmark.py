@@ -65,11 +65,9 @@ def main() -> None:
 
 def interval_fraction(lo: float, hi: float, steps: int = 250) -> float:
     """Fraction of DiT's ``steps``-step DDPM sampler (linear schedule, 1000 training steps) guided on (lo, hi]."""
-    from dit.diffusion import create_diffusion
-    from dit.diffusion.guidance import guided_fraction, sigma_interval_to_timesteps
+    from dit.diffusion import create_diffusion, guidance_timesteps, guided_fraction
 
-    base, sampler = create_diffusion(""), create_diffusion(str(steps))
-    return guided_fraction(sampler.timestep_map, sigma_interval_to_timesteps(base.alphas_cumprod, lo, hi))
+    return guided_fraction(create_diffusion(str(steps)).timestep_map, guidance_timesteps(lo, hi))
 
 
 def sampling_main(a: argparse.Namespace, models: list[str]) -> None:

@@ -420,3 +420,27 @@ class LatentDataset(torch.utils.data.Dataset):
         item = {k: v[0] for k, v in self.get_batch([index], dtype=torch.float32).items()}
         item["label"] = int(item["label"])
         return item
+
+
+def make_synthetic_latents(root: str | os.PathLike, *, count: int, shape: tuple[int, int, int], shard_size: int,
+                           num_classes: int = 1000, seed: int = 0) -> Path:
+    """A latent directory of random bf16 latents (with flipped copies) in the format ``LatentDataset`` reads, for
+    benchmarks (``tools/bench_data.py``, ``tools/bench_trainer.py``): autoencoder spec ``"synthetic"``. Returns root."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    num_shards = -(-count // shard_size)
+    for s in range(num_shards):
+        m = min(count, (s + 1) * shard_size) - s * shard_size
+        lat = torch.randn((m, *shape), generator=g).to(torch.bfloat16)  # (M, C, h, w)
+        write_shard(root / shard_name(s), {"latents": lat, "latents_flip": lat.flip(-1),
+                                           "labels": torch.randint(0, num_classes, (m,), generator=g)},
+                    {"index": str(s)})
+    # resolution: the image size of an 8x-downsampling autoencoder (sd-vae: 4x32x32 latents <- 256 px)
+    write_manifest(root, {"format_version": FORMAT_VERSION, "autoencoder": {"spec": "synthetic"},
+                          "resolution": 8 * shape[-1],
+                          "latent_shape": list(shape), "count": count, "shard_size": shard_size,
+                          "num_shards": num_shards, "dtype": "bf16",
+                          "class_names": [str(i) for i in range(num_classes)], "has_flip": True,
+                          "text_encoder": None, "source": "synthetic"})
+    return root

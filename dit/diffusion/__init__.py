@@ -43,6 +43,13 @@ def create_diffusion(
     )
 
 
+def guidance_timesteps(sigma_lo: float, sigma_hi: float, **diffusion_kwargs) -> tuple[int, int]:
+    """An EDM sigma range ``(sigma_lo, sigma_hi]`` as ``(t_lo, t_hi)`` in the original (un-respaced) timesteps of
+    ``create_diffusion(**diffusion_kwargs)``'s schedule: the ``interval`` of ``classifier_free_guidance``."""
+    base = create_diffusion(timestep_respacing="", **diffusion_kwargs)
+    return sigma_interval_to_timesteps(base.alphas_cumprod, sigma_lo, sigma_hi)
+
+
 __all__ = [
     "GaussianDiffusion",
     "SpacedDiffusion",
@@ -54,6 +61,7 @@ __all__ = [
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
     "get_beta_schedule",
+    "guidance_timesteps",
     "guided_fraction",
     "make_scheduler",
     "mean_flat",
