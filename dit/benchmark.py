@@ -35,6 +35,9 @@ VARIANTS = {
                "reduction kernels (block sizes benchmarked per kernel while compiling)",
     "fast-cl": "as fast-cg, with the model and inputs in channels-last memory format (no NCHW <-> NHWC transposes "
                "around cuDNN convolutions: the UNet)",
+    "fast-bf16r": "as fast-cg, with the DiT's residual stream in bf16 (DiT.set_low_precision_residual) instead of "
+                  "fp32: half the traffic of the memory-bound norm/elementwise kernels",
+    "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
                "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
 }
@@ -187,6 +190,10 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     model = model.to(device)
     if variant == "fast-cl":
         model = model.to(memory_format=torch.channels_last)
+    if variant == "fast-bf16r":
+        if not hasattr(model, "set_low_precision_residual"):
+            raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")
+        model.set_low_precision_residual(True)
     # dynamic=False: the numerics check (batch 8) and the timed runs use different batch sizes; a dynamic-shape
     # recompile of the whole loss failed on DiT-XL/2 in torch 2.11 (symbolic batch size in randn).
     if variant == "compile":
@@ -219,7 +226,7 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
     return {"mode": "reduce-overhead"}
 
 
-_SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash"}
+_SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash", "fast-mea": "efficient"}
 
 
 @contextlib.contextmanager
@@ -233,7 +240,7 @@ def attention_backend(variant: str, device: torch.device):
     flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
              torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
     torch.backends.cuda.enable_flash_sdp(only == "flash")
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(only == "efficient")
     torch.backends.cuda.enable_math_sdp(False)
     torch.backends.cuda.enable_cudnn_sdp(only == "cudnn")
     try:

@@ -1,6 +1,7 @@
 """The benchmark harness (tools/benchmark.py) on CPU: plumbing, report and the sampling-budget arithmetic."""
 
 import pytest
+import torch
 
 from dit.benchmark import Result, kernel_category, kernel_table, markdown_table, run_benchmarks, sampling_budget
 
@@ -27,6 +28,17 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
     assert table.count("| DiT-S/4 |") == 2 and "1.00" in table  # the baseline row's ratio
     with pytest.raises(ValueError, match="unknown variant"):
         run_benchmarks(["DiT-S/4"], ["turbo"], overrides=tiny)
+
+
+def test_bf16_residual_variant_sets_the_model_option_and_refuses_unets():
+    from dit.benchmark import _prepare
+
+    tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
+    model, _, autocast = _prepare("DiT-S/4", "fast-bf16r", torch.device("cpu"), tiny)
+    assert model.low_precision_residual and autocast
+    assert not _prepare("DiT-S/4", "fast-cg", torch.device("cpu"), tiny)[0].low_precision_residual
+    with pytest.raises(ValueError, match="fast-bf16r: UNet-S has no low-precision residual option"):
+        _prepare("UNet-S", "fast-bf16r", torch.device("cpu"), {})
 
 
 def test_kernel_categories_and_table():

@@ -242,6 +242,28 @@ def test_grad_checkpointing_gives_same_gradients():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12)
 
 
+def test_low_precision_residual_keeps_stream_bf16_and_output_close():
+    gen = torch.Generator().manual_seed(2)
+    model = _tiny("DiT-S/2", depth=3).eval()
+    _randomize(model, gen)
+    x = torch.randn(4, 4, 8, 8, generator=gen)
+    t, y = torch.tensor([10, 300, 600, 900]), torch.tensor([1, 3, 5, 7])
+    with torch.no_grad():
+        ref = model(x, t, y)  # fp32
+        model.set_low_precision_residual(True)
+        torch.testing.assert_close(model(x, t, y), ref, rtol=0, atol=0)  # no autocast: nothing changes
+        dtypes = []
+        hook = model.blocks[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y).float()
+            model.set_low_precision_residual(False)
+            default = model(x, t, y).float()
+        hook.remove()
+    assert dtypes == [torch.bfloat16, torch.float32]  # the stream between blocks: bf16, then the official fp32
+    err = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(low) < 1e-2 and err(default) < err(low)  # within the bf16 target, and the fp32 stream is closer
+
+
 def test_text_variant_ignores_padding_tokens():
     gen = torch.Generator().manual_seed(2)
     model = _tiny("DiT-S/2-T", depth=2).double().eval()

@@ -427,6 +427,31 @@ def test_ema_update_unless_skip_is_a_no_op_on_device():
     torch.testing.assert_close(ema.module.weight.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_norm", [0.05, 1e3, None])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
+    from dit.train import clip_in_fused_step
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    folded = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    folded.load_state_dict(ref.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True) for m in (ref, folded)]
+    x = torch.randn(16, 5)
+    for step in range(3):
+        for m in (ref, folded):
+            m.zero_grad()
+            (m(x) ** 2).sum().mul(step + 1).backward()
+        want = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), max_norm or math.inf)
+        got = clip_in_fused_step(list(folded.parameters()), max_norm, opts[1])
+        torch.testing.assert_close(got, want)
+        if max_norm == 0.05:
+            assert want > 10 * max_norm  # the clip really scales the gradients down
+        for opt in opts:
+            opt.step()
+        for a, b in zip(ref.parameters(), folded.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
 def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:
     """Make the training diffusion's loss NaN on the listed (1-based) calls."""
     import dit.diffusion
@@ -525,6 +550,22 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert calls and "mode" not in calls[-1]
     with pytest.raises(ValueError, match="model.compile_mode='max-autotune' needs model.compile=true"):
         load_config(None, ["model.compile_mode=max-autotune"])
+
+
+def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
+    from dit.config import ConfigError
+    from dit.models.dit import DiT
+
+    seen = []
+    real = DiT.set_low_precision_residual
+    monkeypatch.setattr(DiT, "set_low_precision_residual", lambda self, enable=True: (seen.append(enable),
+                                                                                       real(self, enable)))
+    _train(tmp_path / "lp", "train.max_steps=1", "train.ckpt_every=1", "model.low_precision_residual=true")
+    assert seen == [True]
+    _train(tmp_path / "off", "train.max_steps=1", "train.ckpt_every=1")
+    assert seen == [True]  # off by default: the official fp32 stream
+    with pytest.raises(ConfigError, match="model.low_precision_residual: UNet-S has no low-precision residual"):
+        _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.low_precision_residual=true")
 
 
 def test_grid_guidance_interval(tmp_path, monkeypatch):
