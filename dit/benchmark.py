@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dit.diffusion import create_diffusion
 from dit.models import create_model
+from dit.models.layers import Mlp
 
 # Variants: name -> (description). Each is built by ``_prepare``.
 VARIANTS = {
@@ -37,6 +38,8 @@ VARIANTS = {
                "around cuDNN convolutions: the UNet)",
     "fast-bf16r": "as fast-cg, with the DiT's residual stream in bf16 (DiT.set_low_precision_residual) instead of "
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
+    "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
+                         "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
                "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
@@ -190,6 +193,10 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     model = model.to(device)
     if variant == "fast-cl":
         model = model.to(memory_format=torch.channels_last)
+    if variant == "fast-unfused-gelu":
+        for m in model.modules():
+            if isinstance(m, Mlp):
+                m.fused_inference = False
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
             raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")

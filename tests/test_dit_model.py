@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dit.models import create_model, list_models
 from dit.models.dit import DiT
@@ -262,6 +263,36 @@ def test_low_precision_residual_keeps_stream_bf16_and_output_close():
     assert dtypes == [torch.bfloat16, torch.float32]  # the stream between blocks: bf16, then the official fp32
     err = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(low) < 1e-2 and err(default) < err(low)  # within the bf16 target, and the fp32 stream is closer
+
+
+def test_fused_inference_mlp_matches_the_two_kernel_path():
+    from dit.models.layers import Mlp, linear_gelu_tanh
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    w, b = torch.randn(12, 8, generator=gen, dtype=torch.float64), torch.randn(12, generator=gen, dtype=torch.float64)
+    u = x @ w.T + b  # GELU, tanh form (Hendrycks & Gimpel 2016), written out
+    want = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+    torch.testing.assert_close(linear_gelu_tanh(x, w, b), want, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(linear_gelu_tanh, (x.float(), w.float(), b.float()))  # schema + fake (compile) impl
+
+    mlp = Mlp(8, 32).double()
+    xs = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    two_kernels = mlp(xs)  # grad enabled: fc1, GELU, fc2
+    calls = []
+    with torch.no_grad():
+        with torch.library._scoped_library("dit", "IMPL") as lib:  # count calls of the fused op
+            lib.impl("linear_gelu_tanh", lambda *a: (calls.append(1), F.gelu(F.linear(*a), approximate="tanh"))[1],
+                     "CPU")
+            fused = mlp(xs)
+        mlp.fused_inference = False
+        plain = mlp(xs)
+    assert calls == [1] and fused.shape == (2, 5, 8)
+    torch.testing.assert_close(fused, two_kernels.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain, two_kernels.detach(), rtol=0, atol=0)
+    compiled = torch.compile(Mlp(8, 32), backend="eager", fullgraph=True)  # no graph break around the custom op
+    with torch.no_grad():
+        compiled(xs.float())
 
 
 def test_text_variant_ignores_padding_tokens():
