@@ -134,6 +134,7 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert row["model"] == "DiT-S/2" and row["batch"] == 4 and row["steps_measured"] == 4  # steps 5..8
     assert row["img_s"] == pytest.approx(4 / (row["step_ms"] / 1e3)) and row["img_s"] > 0
     assert row["last_loss"] is not None
+    assert {"date", "torch", "device"} <= set(row["env"])  # what the figure was measured on
     # Long run, short timeout: stopped, and whatever was logged after --skip is reported (or nothing, said so).
     out = subprocess.run(common + ["--steps", "100000", "--skip", "2", "--timeout", "25", "--json",
                                    str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)

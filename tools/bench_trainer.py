@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dit.benchmark import environment  # noqa: E402
 from dit.data.latents import make_synthetic_latents  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main() -> int:
         assert len(shape) == 3 and min(shape) > 0
     except (ValueError, AssertionError):
         p.error(f"--latent-shape must be C,H,W positive integers, got {a.latent_shape!r}")
-    rows = []
+    rows, env = [], environment()
     with tempfile.TemporaryDirectory() as tmp:
         lat = make_synthetic_latents(Path(tmp) / "latents", count=a.count, shape=shape, shard_size=4096)
         for name in [m for m in a.models.split(",") if m]:
@@ -81,7 +82,8 @@ def main() -> int:
             step_s = statistics.median(times)
             row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
                    "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
-                   "overrides": a.overrides, "steps_measured": len(times)}  # one log row per step
+                   "overrides": a.overrides, "steps_measured": len(times),  # one log row per step
+                   "env": env}  # device, versions, date of the measurement
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
                   f"{row['peak_mem_gib'] or float('nan'):.1f} GiB", flush=True)
