@@ -34,7 +34,8 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
     # DiTs only: keep the residual stream in bf16 under bf16 autocast instead of fp32 (DiT.set_low_precision_residual).
-    # +4% training img/s on DiT-S/2 (docs/benchmarks.md); outputs stay within 1e-2 of fp32. Off: the official numerics.
+    # +4.8% training img/s on DiT-S/2; output error vs fp32 6.8e-3 (S/2) but 1.3e-2 (XL/2), over the 1e-2 target
+    # (docs/benchmarks.md, run 5). Off: the official numerics (fp32 stream).
     low_precision_residual: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
