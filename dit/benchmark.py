@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.diffusion import create_diffusion
@@ -569,6 +570,70 @@ def run_benchmarks(
                 json_out.write_text(json.dumps({"env": env, "results": [dataclasses.asdict(x) for x in results]},
                                                indent=1))
     return env, results
+
+
+def bench_step_ops(name: str, *, device: torch.device, warmup: int = 3, iters: int = 20, mlp_rows: int = 512,
+                   overrides: dict | None = None) -> dict[str, float]:
+    """Milliseconds per call (median) of the per-step work around the network, on ``name``'s real parameter set.
+
+    EMA updates and gradient clipping as the trainer does them against the simpler forms they replaced (each with a
+    fused AdamW step, since the clip factor now rides in the step), and, for models with a transformer MLP, the fc1
+    GEMM with and without the GELU epilogue at a sampling batch of ``mlp_rows`` images (bf16).
+    """
+    from dit.train import clip_in_fused_step, ema_update_unless
+    from dit.utils.ema import EMA, shard_pairs
+
+    torch.manual_seed(0)
+    model = create_model(name, **(overrides or {})).to(device)
+    ema = EMA(model, 0.9999)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-9, fused=device.type in ("cuda", "cpu"))
+    dst, src = shard_pairs(ema.module, model)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+
+    def ema_three_ops():  # the trainer's update before run 5
+        w = (~skip).float() * 1e-4
+        diff = torch._foreach_sub(src, dst)
+        torch._foreach_mul_(diff, w)
+        torch._foreach_add_(dst, diff)
+
+    def clip_then_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+
+    def clip_in_step():
+        clip_in_fused_step(params, 1.0, opt)
+        opt.step()
+
+    ops = {
+        "ema: sub + mul + add, device weight": ema_three_ops,
+        "ema: one lerp, device weight (trainer)": lambda: ema_update_unless(ema, model, 0.9999, skip, (dst, src)),
+        "ema: one lerp, float weight (cannot skip)": lambda: ema.update(model, 0.9999),
+        "clip_grad_norm_ + AdamW step": clip_then_step,
+        "norm + AdamW step with grad_scale (trainer)": clip_in_step,
+    }
+    mlp = next((m for m in model.modules() if isinstance(m, Mlp)), None)
+    if mlp is not None and hasattr(model, "x_embedder"):
+        from dit.models.layers import linear_gelu_tanh
+
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+        rows = mlp_rows * model.x_embedder.num_patches
+        x = torch.randn(rows, mlp.fc1.in_features, device=device, dtype=dt)
+        w1, b1 = mlp.fc1.weight.detach().to(dt), mlp.fc1.bias.detach().to(dt)
+        h = F.linear(x, w1, b1)
+        ops.update({
+            "mlp: fc1 GEMM + bias": lambda: F.linear(x, w1, b1),
+            "mlp: fc1 GEMM + bias + GELU epilogue (sampling)": lambda: linear_gelu_tanh(x, w1, b1),
+            "mlp: GELU kernel alone": lambda: F.gelu(h, approximate="tanh"),
+        })
+    with torch.no_grad():
+        out = {k: 1e3 * time_fn(fn, device, warmup, iters) for k, fn in ops.items()}
+    del model, ema, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 @dataclasses.dataclass

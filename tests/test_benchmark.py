@@ -41,6 +41,17 @@ def test_bf16_residual_variant_sets_the_model_option_and_refuses_unets():
         _prepare("UNet-S", "fast-bf16r", torch.device("cpu"), {})
 
 
+def test_step_ops_time_every_operation_on_cpu():
+    from dit.benchmark import bench_step_ops
+
+    tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
+    ms = bench_step_ops("DiT-S/4", device=torch.device("cpu"), warmup=0, iters=1, mlp_rows=2, overrides=tiny)
+    assert len(ms) == 8 and all(v > 0 for v in ms.values())
+    assert "mlp: fc1 GEMM + bias + GELU epilogue (sampling)" in ms
+    assert len(bench_step_ops("UNet-S", device=torch.device("cpu"), warmup=0, iters=1,
+                              overrides={"model_channels": 32, "num_res_blocks": 1})) == 5  # no transformer MLP
+
+
 def test_kernel_categories_and_table():
     # Kernel names as the profiler reports them on an H100 (cuBLAS, flash attention, Inductor, fused AdamW).
     assert kernel_category("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm/conv"

@@ -4,6 +4,11 @@
         --out docs/bench/run.md --plot docs/bench/run.png
     python tools/benchmark.py --sampling --models DiT-XL/2 --variants eager-bf16,fast-cg --json sampling.json
 
+``--step-ops`` times the work around the network on a model's parameters (EMA update, gradient clipping with the
+AdamW step, the MLP's fc1 GEMM with and without its GELU epilogue):
+
+    python tools/benchmark.py --step-ops --models DiT-XL/2 --json step_ops.json
+
 ``--sampling`` times the DDPM sampler loop with and without classifier-free guidance and the sd-vae decoder, and
 reports GPU-hours for 50,000 images x 250 steps, guided at every step and (``--guidance-interval``) on an interval.
 """
@@ -37,6 +42,8 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true",
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
     p.add_argument("--sampling", action="store_true", help="measure sampling (see above) instead of training")
+    p.add_argument("--step-ops", action="store_true",
+                   help="time the EMA, clipping + AdamW and MLP kernels on each model's parameters (see above)")
     p.add_argument("--sampling-batch", type=int, default=256)
     p.add_argument("--sampling-steps", type=int, default=20, help="DDPM steps timed per loop")
     p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
@@ -45,6 +52,8 @@ def main() -> None:
     models = [m for m in a.models.split(",") if m]
     if a.sampling:
         return sampling_main(a, models)
+    if a.step_ops:
+        return step_ops_main(a, models)
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
@@ -61,6 +70,24 @@ def main() -> None:
     if a.profile:
         plot_kernel_breakdown(results, a.plot.with_name(a.plot.stem + "_kernels.png"))
     print(table)
+
+
+def step_ops_main(a: argparse.Namespace, models: list[str]) -> None:
+    import json
+
+    import torch
+
+    from dit.benchmark import bench_step_ops, environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env, rows = environment(), {}
+    for name in models:
+        rows[name] = bench_step_ops(name, device=device, warmup=a.warmup, iters=a.iters,
+                                    overrides={"input_size": a.input_size})
+        for op, ms in rows[name].items():
+            print(f"[step-ops] {name}: {op}: {ms:.2f} ms", flush=True)
+    if a.json is not None:
+        a.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
 
 
 def interval_fraction(lo: float, hi: float, steps: int = 250) -> float:
