@@ -452,6 +452,19 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_trainer_clip_in_the_fused_step_is_exact_when_inactive_and_acts_when_active(tmp_path):
+    """train.grad_clip goes through the fused AdamW's grad_scale: a limit above every gradient norm leaves the run
+    bit-identical to no clipping (the factor is exactly 1), a small one changes it and the log shows the true norm."""
+    common = ("train.max_steps=4", "train.ckpt_every=4", "sample.grid_size=0")
+    free = _train(tmp_path / "none", *common)
+    loose = _train(tmp_path / "loose", *common, "train.grad_clip=1e9")
+    tight = _train(tmp_path / "tight", *common, "train.grad_clip=1e-4")
+    assert loose["weights_digest"] == free["weights_digest"]
+    assert tight["weights_digest"] != free["weights_digest"]
+    norms = [r["grad_norm"] for r in _log(tmp_path / "tight") if "grad_norm" in r]
+    assert norms and all(n > 1e-4 for n in norms)  # the clip was active on the logged steps
+
+
 def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:
     """Make the training diffusion's loss NaN on the listed (1-based) calls."""
     import dit.diffusion
