@@ -39,6 +39,11 @@ def test_bf16_residual_variant_sets_the_model_option_and_refuses_unets():
     assert not _prepare("DiT-S/4", "fast-cg", torch.device("cpu"), tiny)[0].low_precision_residual
     with pytest.raises(ValueError, match="fast-bf16r: UNet-S has no low-precision residual option"):
         _prepare("UNet-S", "fast-bf16r", torch.device("cpu"), {})
+    # the GELU-epilogue ablation: every transformer MLP back on the two-kernel path, the default keeps the fused one
+    mlps = lambda m: [x for x in m.modules() if type(x).__name__ == "Mlp"]  # noqa: E731
+    assert all(not m.fused_inference for m in mlps(_prepare("DiT-S/4", "fast-unfused-gelu", torch.device("cpu"),
+                                                            tiny)[0]))
+    assert all(m.fused_inference for m in mlps(model)) and mlps(model)
 
 
 def test_step_ops_time_every_operation_on_cpu():
