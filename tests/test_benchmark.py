@@ -30,7 +30,7 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
         run_benchmarks(["DiT-S/4"], ["turbo"], overrides=tiny)
 
 
-def test_bf16_residual_variant_sets_the_model_option_and_refuses_unets():
+def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
     from dit.benchmark import _prepare
 
     tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
