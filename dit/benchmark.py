@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dit.diffusion import create_diffusion
 from dit.models import create_model
-from dit.models.layers import Mlp
+from dit.models.layers import Mlp, linear_gelu_tanh
 
 # Variants: name -> (description). Each is built by ``_prepare``.
 VARIANTS = {
@@ -616,8 +616,6 @@ def bench_step_ops(name: str, *, device: torch.device, warmup: int = 3, iters: i
     }
     mlp = next((m for m in model.modules() if isinstance(m, Mlp)), None)
     if mlp is not None and hasattr(model, "x_embedder"):
-        from dit.models.layers import linear_gelu_tanh
-
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32
         rows = mlp_rows * model.x_embedder.num_patches
         x = torch.randn(rows, mlp.fc1.in_features, device=device, dtype=dt)

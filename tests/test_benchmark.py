@@ -32,6 +32,7 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
 
 def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
     from dit.benchmark import _prepare
+    from dit.models.layers import Mlp
 
     tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
     model, _, autocast = _prepare("DiT-S/4", "fast-bf16r", torch.device("cpu"), tiny)
@@ -40,7 +41,7 @@ def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
     with pytest.raises(ValueError, match="fast-bf16r: UNet-S has no low-precision residual option"):
         _prepare("UNet-S", "fast-bf16r", torch.device("cpu"), {})
     # the GELU-epilogue ablation: every transformer MLP back on the two-kernel path, the default keeps the fused one
-    mlps = lambda m: [x for x in m.modules() if type(x).__name__ == "Mlp"]  # noqa: E731
+    mlps = lambda m: [x for x in m.modules() if isinstance(x, Mlp)]  # noqa: E731
     assert all(not m.fused_inference for m in mlps(_prepare("DiT-S/4", "fast-unfused-gelu", torch.device("cpu"),
                                                             tiny)[0]))
     assert all(m.fused_inference for m in mlps(model)) and mlps(model)
