@@ -42,6 +42,12 @@ VARIANTS = {
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
+    "fast-fp8": "as fast-cg, with the DiT blocks' qkv/proj/fc1/fc2 GEMMs in FP8 (dit.models.fp8.Float8Linear: "
+                "E4M3 activations and weights, E5M2 gradients, dynamic per-tensor scales), forward and backward",
+    "fast-fp8s": "as fast-fp8, with static FP8 scales for inference (dit.models.fp8.calibrate_float8 on 8 timesteps "
+                 "of random latents, weights cast once): forward and sampling; training scales dynamically",
+    "fast-mk": "as fast-cg, with Inductor's multi-kernel reductions (persistent and looped variants compiled, the "
+               "faster chosen by benchmarking at run time)",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
                "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
 }
@@ -198,6 +204,13 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         for m in model.modules():
             if isinstance(m, Mlp):
                 m.fused_inference = False
+    if variant in ("fast-fp8", "fast-fp8s"):
+        from dit.models.fp8 import calibrate_float8, convert_to_float8
+
+        if convert_to_float8(model) == 0:
+            raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
+        if variant == "fast-fp8s":
+            calibrate_float8(model, lambda: _calibration_passes(model, device))
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
             raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")
@@ -215,6 +228,20 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     return model, fwd, autocast
 
 
+def _calibration_passes(model: torch.nn.Module, device: torch.device, batch: int = 32, steps: int = 8) -> None:
+    """Forward passes (bf16 autocast, eval) over random latents at ``steps`` timesteps spread over [0, 999], drawn
+    from their own generator (not the numerics check's inputs): what ``calibrate_float8`` records."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    was_training = model.training
+    model.eval()
+    C, S = model.in_channels, model.input_size
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        for t in torch.linspace(0, 999, steps).round().long().tolist():
+            x = torch.randn(batch, C, S, S, device=device, generator=gen)
+            model(x, torch.full((batch,), t, device=device), **_cond_kwargs(model, batch, device, gen))
+    model.train(was_training)
+
+
 def compile_settings(variant: str, device: torch.device, *, training: bool) -> dict:
     """``torch.compile`` keyword arguments (``mode`` or ``options``) of a ``fast*`` variant.
 
@@ -228,6 +255,8 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
         return {}
     if variant == "fast-at":
         return {"mode": "max-autotune"}
+    if variant == "fast-mk":
+        return {"options": {"triton.cudagraphs": True, "triton.multi_kernel": 1}}
     if variant == "fast-cd":
         return {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True,
                             "max_autotune_pointwise": True}}
@@ -530,6 +559,7 @@ def run_benchmarks(
     json_out: Path | None = None,
     profile: bool = False,
     do_fwd: bool = True,
+    do_train: bool = True,
     profile_top: int = 12,
 ) -> tuple[dict, list[Result]]:
     """Measure every (model, variant) pair; returns (environment incl. matmul ceiling, results)."""
@@ -548,7 +578,7 @@ def run_benchmarks(
             try:
                 r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
                               ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
-                              iters=iters, profile=profile, do_fwd=do_fwd,
+                              iters=iters, profile=profile, do_fwd=do_fwd, do_train=do_train,
                               profile_top=profile_top)
             except torch.cuda.OutOfMemoryError:
                 print(f"[bench] {name} {v}: out of memory", flush=True)

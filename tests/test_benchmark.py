@@ -47,6 +47,24 @@ def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
     assert all(m.fused_inference for m in mlps(model)) and mlps(model)
 
 
+def test_variants_fp8_and_multi_kernel():
+    from dit.benchmark import _prepare, compile_settings
+    from dit.models.fp8 import Float8Linear
+
+    tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
+    fp8 = lambda m: [x for x in m.modules() if isinstance(x, Float8Linear)]  # noqa: E731
+    dynamic = fp8(_prepare("DiT-S/4", "fast-fp8", torch.device("cpu"), tiny)[0])
+    static = fp8(_prepare("DiT-S/4", "fast-fp8s", torch.device("cpu"), tiny)[0])
+    assert len(dynamic) == len(static) == 4  # qkv, proj, fc1, fc2 of the one block
+    assert all(m.input_scale is None for m in dynamic)  # fast-fp8: dynamic scales
+    assert all(m.input_scale > 0 and m.weight8 is not None for m in static)  # fast-fp8s: calibrated
+    assert not fp8(_prepare("DiT-S/4", "fast-cg", torch.device("cpu"), tiny)[0])
+    with pytest.raises(ValueError, match="fast-fp8: UNet-S has no DiT block linears"):
+        _prepare("UNet-S", "fast-fp8", torch.device("cpu"), {})
+    opts = compile_settings("fast-mk", torch.device("cuda"), training=True)["options"]
+    assert opts["triton.multi_kernel"] == 1 and opts["triton.cudagraphs"]
+
+
 def test_step_ops_time_every_operation_on_cpu():
     from dit.benchmark import bench_step_ops
 

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--profile-top", type=int, default=40, help="kernels listed per profiled step (JSON, log)")
     p.add_argument("--train-only", action="store_true",
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
+    p.add_argument("--fwd-only", action="store_true",
+                   help="skip the training measurements (numerics check and forward img/s only)")
     p.add_argument("--sampling", action="store_true", help="measure sampling (see above) instead of training")
     p.add_argument("--step-ops", action="store_true",
                    help="time the EMA, clipping + AdamW and MLP kernels on each model's parameters (see above)")
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--guidance-interval", action="append", default=[], metavar="LO,HI",
                    help="also plan with guidance only for sigma in (LO, HI]; repeatable")
     a = p.parse_args()
+    if a.train_only and a.fwd_only:
+        p.error("--train-only and --fwd-only exclude each other")
     models = [m for m in a.models.split(",") if m]
     if a.sampling:
         return sampling_main(a, models)
@@ -57,7 +61,7 @@ def main() -> None:
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
-                                  json_out=a.json, profile=a.profile, do_fwd=not a.train_only,
+                                  json_out=a.json, profile=a.profile, do_fwd=not a.train_only, do_train=not a.fwd_only,
                                   profile_top=a.profile_top)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
     if kernel_table(results):  # --profile on a GPU

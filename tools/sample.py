@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from dit.sample import (SAMPLERS, compile_for_sampling, guidance_interval_summary, load_sampling_setup,
-                        parse_class_labels,
-                        parse_guidance_interval, sample_images, sample_to_npz, save_grid)
+from dit.sample import (SAMPLERS, compile_for_sampling, float8_for_sampling, guidance_interval_summary,
+                        load_sampling_setup, parse_class_labels, parse_guidance_interval, sample_images, sample_to_npz,
+                        save_grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=None, help="output .npz (arr_0 uint8 NHWC, labels); parts kept in <npz>.parts/")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (and per part) for --npz")
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 GEMMs in the DiT blocks with scales calibrated on random latents (H100+; 1.2x for "
+                        "DiT-XL/2 sampling, relative error vs fp32 6.8e-3 measured at random weights)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (CUDA graphs on GPU): faster for many steps/batches, ~40 s to start")
     return p
@@ -88,13 +91,15 @@ def _run(args: argparse.Namespace):
     setup = load_sampling_setup(args.ckpt, model_name=args.model, vae=args.vae, image_size=args.image_size,
                                 num_classes=args.num_classes, use_model_weights=args.use_model_weights,
                                 device=device)
-    if args.compile:
-        setup.model = compile_for_sampling(setup.model, device)
     sampler = args.sampler or setup.defaults["sampler"]
     official = args.official_cfg
     if official is None:
         official = setup.source == "official" and sampler in ("ddpm", "ddim")
     precision = args.precision or ("fp32" if official else "bf16")
+    if args.fp8:  # calibrated in the precision the sampler will run in, before compiling
+        float8_for_sampling(setup, device, precision=precision)
+    if args.compile:
+        setup.model = compile_for_sampling(setup.model, device)
     if official and device.type == "cuda":
         # facebookresearch/DiT's sample.py enables TF32 at import; match it so the two runs do the same arithmetic.
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -201,7 +201,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D)."""
-        if self.fused_inference and not torch.is_grad_enabled():
+        # (an FP8 fc1, dit.models.fp8.Float8Linear, keeps its own GEMM)
+        if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs
             dev = x.device.type
             autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)  # (meta: FLOP counting)

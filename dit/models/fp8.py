@@ -1,0 +1,176 @@
+"""FP8 linear layers: the large GEMMs of a DiT block on the FP8 tensor cores (Hopper and later).
+
+``Float8Linear`` is an ``nn.Linear`` (same parameters, same state-dict keys) whose matmuls, forward and backward, run
+through ``torch._scaled_mm`` with dynamic per-tensor scaling, the "tensorwise" recipe of Micikevicius et al. 2022
+("FP8 Formats for Deep Learning"): activations and weights in E4M3 (more mantissa), gradients in E5M2 (more range),
+each tensor scaled so that its absolute maximum maps to the format's largest finite value. The fp32 master weights,
+the optimizer and everything outside these matmuls are unchanged. Under ``torch.compile`` the amax reductions and
+casts fuse into the neighbouring kernels.
+
+For inference, ``calibrate_float8`` fixes each layer's activation scale from the largest input seen on calibration
+batches and casts the weights once ("static" scaling, as post-training quantisation does): the cast then needs no
+amax pass and fuses into the kernel that produces the activation.
+
+FP8 rounds each operand to 3 (E4M3) or 2 (E5M2) mantissa bits, so outputs differ from the bf16 model by far more
+than bf16 rounding (docs/benchmarks.md measures it): an opt-in for throughput, never a default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+
+# Linear layers of a DiT block that are converted by default: the four GEMMs that hold nearly all of its FLOPs. The
+# adaLN modulation (M = batch) and the embedders are tiny GEMMs where the casts would cost more than they save.
+# (fnmatch patterns of qualified module names; a UNet's attention layers are not matched: its FLOPs are convolutions)
+DIT_BLOCK_LINEARS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor scaling: ``x`` -> (``x * s`` in ``dtype``, ``1 / s``) with ``s = fp8_max / amax(|x|)``.
+
+    The returned inverse scale (a 0-d float32 tensor) is what ``torch._scaled_mm`` multiplies the product by.
+    """
+    fmax = torch.finfo(dtype).max
+    amax = x.detach().abs().amax().float().clamp_min(1e-12)  # all-zero tensors: any finite scale works
+    scale = fmax / amax
+    x8 = (x.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return x8, scale.reciprocal()
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    """The same (R, C) matrix stored column-major (what ``_scaled_mm`` needs for its second operand)."""
+    return t.t().contiguous().t()
+
+
+def _scaled_mm(a, b, sa, sb, out_dtype, bias=None):
+    """(M, K) row-major x (K, N) column-major -> (M, N) in ``out_dtype``, scales applied in fp32."""
+    if bias is not None and out_dtype == torch.float32:  # cuBLASLt takes no bias with an fp32 output
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype) + bias.float()
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype)
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """``x @ weight^T + bias`` with every GEMM in FP8: forward E4M3 x E4M3, backward E5M2 gradients x E4M3."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        """x: (M, K); weight: (N, K); bias: (N,) or None -> (M, N) in out_dtype."""
+        x8, sx = to_float8(x, E4M3)  # (M, K)
+        w8, sw = to_float8(weight, E4M3)  # (N, K)
+        b = None if bias is None else bias.to(out_dtype)
+        out = _scaled_mm(x8, w8.t(), sx, sw, out_dtype, b)  # (M, N)
+        ctx.save_for_backward(x8, w8, sx, sw)
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x8, w8, sx, sw = ctx.saved_tensors
+        g8, sg = to_float8(grad, E5M2)  # (M, N)
+        grad_x = _scaled_mm(g8, _col_major(w8), sg, sw, ctx.x_dtype)  # (M, N) x (N, K) -> (M, K)
+        # The weight gradient comes out in fp32 (the master weights' dtype under autocast) straight from the GEMM.
+        grad_w = _scaled_mm(g8.t().contiguous(), _col_major(x8), sg, sx, torch.float32)  # (N, M) x (M, K) -> (N, K)
+        grad_b = grad.float().sum(0) if ctx.has_bias else None  # (N,)
+        return grad_x, grad_w.to(ctx.w_dtype), grad_b, None
+
+
+class Float8Linear(nn.Linear):
+    """``nn.Linear`` computed with FP8 GEMMs (``_Float8Matmul``); same parameters and state-dict keys.
+
+    Falls back to the plain linear when a dimension is not a multiple of 16 (an FP8 tensor-core requirement). Under
+    autocast the output has the autocast dtype, as ``nn.Linear``'s would; otherwise the input's dtype.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Float8Linear":
+        """A Float8Linear that shares ``linear``'s parameter tensors (no copy; an optimizer over them stays valid)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        new.clear_static_scales()
+        return new
+
+    def clear_static_scales(self) -> None:
+        """Back to dynamic scaling (drops what ``calibrate_float8`` set)."""
+        self.input_scale: float | None = None  # static activation scale fp8_max / amax (inference)
+        # non-persistent: the state dict keeps exactly nn.Linear's keys
+        self.register_buffer("weight8", None, persistent=False)  # (N, K) E4M3, cast once
+        self.register_buffer("weight_scale_inv", None, persistent=False)  # () float32
+        self.register_buffer("input_scale_inv", None, persistent=False)  # () float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        k, n = self.in_features, self.out_features
+        rows = x.numel() // k if k else 0
+        if k % 16 or n % 16 or rows % 16 or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        dev = x.device.type
+        autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+        out_dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        x2d = x.reshape(-1, k)  # (M, K)
+        if self.input_scale is not None and not torch.is_grad_enabled():
+            # static scales: no amax pass; inputs beyond the calibrated range saturate at the E4M3 maximum
+            fmax = torch.finfo(E4M3).max
+            x8 = (x2d.float() * self.input_scale).clamp(-fmax, fmax).to(E4M3)
+            b = None if self.bias is None else self.bias.to(out_dtype)
+            y = _scaled_mm(x8, self.weight8.t(), self.input_scale_inv, self.weight_scale_inv, out_dtype, b)
+        else:
+            with torch.autocast(dev, enabled=False):
+                y = _Float8Matmul.apply(x2d, self.weight, self.bias, out_dtype)  # (M, N)
+        return y.view(*x.shape[:-1], n)
+
+
+def convert_to_float8(model: nn.Module, names: tuple[str, ...] = DIT_BLOCK_LINEARS) -> int:
+    """Replace every ``nn.Linear`` whose qualified name matches one of the fnmatch patterns ``names`` by a
+    ``Float8Linear`` sharing its parameters, in place. Returns how many were converted (0: none matched, a UNet)."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and any(fnmatch.fnmatchcase(name, pat) for pat in names)]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Float8Linear.from_linear(m))
+    return len(targets)
+
+
+@torch.no_grad()
+def calibrate_float8(model: nn.Module, run_batches, margin: float = 1.0) -> int:
+    """Static FP8 scales for inference: call ``run_batches()`` (forward passes over representative inputs, e.g. noisy
+    latents at timesteps spread over the schedule), record each ``Float8Linear``'s largest input magnitude, and fix
+    its activation scale to ``fp8_max / (margin * amax)``; the weights are cast to E4M3 once. Returns the number of
+    layers calibrated. The weights must not change afterwards (``clear_static_scales`` undoes it); training
+    (autograd on) always scales dynamically.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    amax: dict[Float8Linear, torch.Tensor] = {}
+
+    def hook(mod, args):
+        a = args[0].detach().abs().amax().float()
+        amax[mod] = torch.maximum(amax[mod], a) if mod in amax else a
+
+    for m in layers:
+        m.clear_static_scales()
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        run_batches()
+    finally:
+        for h in handles:
+            h.remove()
+    fmax = torch.finfo(E4M3).max
+    for m in layers:
+        if m not in amax:
+            continue  # not reached by the calibration batches: stays dynamic
+        scale = fmax / max(margin * amax[m].item(), 1e-12)
+        m.input_scale = scale
+        m.input_scale_inv = torch.tensor(1.0 / scale, dtype=torch.float32, device=m.weight.device)
+        m.weight8, m.weight_scale_inv = to_float8(m.weight, E4M3)
+    return len(amax)

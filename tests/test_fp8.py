@@ -1,0 +1,172 @@
+"""FP8 linear layers (dit.models.fp8) against float64 references, on CPU (``torch._scaled_mm`` has a CPU kernel)."""
+
+from __future__ import annotations
+
+import copy
+
+from helpers import load_tool
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dit.models import create_model
+from dit.models.fp8 import E4M3, E5M2, Float8Linear, calibrate_float8, convert_to_float8, to_float8
+
+TINY = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+
+
+def _dequant(x8: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    return x8.double() * inv.double()
+
+
+def test_to_float8_maps_amax_to_the_format_maximum_and_rounds_to_its_mantissa():
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 3
+    for dtype, mant_bits in ((E4M3, 3), (E5M2, 2)):
+        x8, inv = to_float8(x, dtype)
+        assert x8.dtype == dtype and inv.dtype == torch.float32 and inv.ndim == 0
+        fmax = torch.finfo(dtype).max
+        assert x8.float().abs().max().item() == fmax  # the largest |x| lands on the largest finite value
+        back = _dequant(x8, inv)
+        # round-to-nearest: relative error at most 2^-(m+1) for values in the normal range
+        normal = x.abs() * fmax / x.abs().max() >= torch.finfo(dtype).smallest_normal
+        rel = ((back - x.double()).abs() / x.double().abs())[normal]
+        assert rel.max().item() <= 2.0 ** -(mant_bits + 1) + 1e-12
+    z8, zinv = to_float8(torch.zeros(16, 16), E4M3)  # all zeros: finite scale, zeros out
+    assert torch.isfinite(zinv) and z8.float().abs().max() == 0
+
+
+def test_forward_and_backward_are_the_products_of_the_quantised_operands():
+    g = torch.Generator().manual_seed(1)
+    lin = Float8Linear.from_linear(nn.Linear(48, 32))
+    x = torch.randn(2, 16, 48, generator=g, requires_grad=True)
+    y = lin(x)  # fp32 in -> fp32 out
+    assert y.shape == (2, 16, 32) and y.dtype == torch.float32
+
+    x8, sx = to_float8(x.detach().reshape(-1, 48), E4M3)
+    w8, sw = to_float8(lin.weight.detach(), E4M3)
+    ref = _dequant(x8, sx) @ _dequant(w8, sw).T + lin.bias.double()
+    torch.testing.assert_close(y.reshape(-1, 32).double(), ref, rtol=1e-5, atol=1e-5)
+    # ... and close to the unquantised layer (E4M3: ~2^-4 relative rounding per operand)
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 0.1
+
+    grad = torch.randn(2, 16, 32, generator=g)
+    y.backward(grad)
+    g8, sg = to_float8(grad.reshape(-1, 32), E5M2)
+    gd = _dequant(g8, sg)
+    torch.testing.assert_close(x.grad.reshape(-1, 48).double(), gd @ _dequant(w8, sw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.weight.grad.double(), gd.T @ _dequant(x8, sx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.bias.grad, grad.reshape(-1, 32).sum(0))
+
+
+def test_autocast_output_dtype_and_fallback_for_shapes_fp8_cannot_take():
+    lin = Float8Linear.from_linear(nn.Linear(48, 32))
+    x = torch.randn(16, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # as nn.Linear under autocast
+    odd = Float8Linear.from_linear(nn.Linear(40, 24))  # not multiples of 16: the plain linear, bit for bit
+    x = torch.randn(16, 40)
+    assert torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))
+    x = torch.randn(5, 48)  # 5 rows
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_convert_shares_parameters_and_keeps_state_dict_keys():
+    model = create_model("DiT-S/2", **TINY)
+    before = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    assert convert_to_float8(model) == 4 * TINY["depth"]
+    assert type(model.blocks[0].mlp.fc1) is Float8Linear and type(model.blocks[0].adaLN_modulation[1]) is nn.Linear
+    assert list(model.state_dict()) == keys  # official checkpoints still load with strict keys
+    assert all(p is before[n] for n, p in model.named_parameters())  # an optimizer built before stays valid
+    assert convert_to_float8(create_model("UNet-S", input_size=8, model_channels=16, channel_mult=(1, 2),
+                                          num_res_blocks=1, attention_resolutions=(2,), num_head_channels=8,
+                                          norm_groups=8, num_classes=3)) == 0
+
+
+def _randomised_dit(seed: int = 0) -> nn.Module:
+    model = create_model("DiT-S/2", **TINY)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_fp8_dit_stays_close_to_fp32_and_trains():
+    ref = _randomised_dit()
+    m8 = copy.deepcopy(ref)
+    convert_to_float8(m8)
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.arange(8) % 4
+    with torch.no_grad():
+        a, b = ref(x, t, y=y), m8(x, t, y=y)
+    err = ((a - b).norm() / a.norm()).item()
+    assert 0 < err < 0.05, err  # quantised (not the fp32 path), yet close
+
+    # a tiny overfit: the loss falls with every block GEMM in FP8, forward and backward
+    m8.train()
+    opt = torch.optim.AdamW(m8.parameters(), lr=3e-3)
+    target = torch.randn(8, 8, 8, 8, generator=g)
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(m8(x, t, y=y), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_static_scales_equal_dynamic_ones_on_the_calibration_batch_and_saturate_beyond():
+    m8 = _randomised_dit()
+    convert_to_float8(m8)
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(8, 4, 8, 8, generator=g), torch.full((8,), 500), torch.arange(8) % 4
+    with torch.no_grad():
+        dynamic = m8(x, t, y=y)
+        assert calibrate_float8(m8, lambda: m8(x, t, y=y)) == 4 * TINY["depth"]
+        layer = m8.blocks[0].attn.qkv
+        assert layer.input_scale is not None and layer.weight8.dtype == E4M3
+        static = m8(x, t, y=y)
+        # same amax -> same scales -> the same quantised operands and products
+        torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
+        big = m8(x * 50, t, y=y)  # inputs beyond the calibrated range saturate instead of overflowing
+        assert torch.isfinite(big).all()
+    assert "weight8" not in m8.state_dict() and list(m8.state_dict()) == list(_randomised_dit().state_dict())
+    with torch.enable_grad():  # training never uses the static scales (weights change every step)
+        x.requires_grad_(True)
+        m8(x, t, y=y).sum().backward()
+        assert layer.weight.grad is not None
+
+
+def test_sample_tool_fp8(tmp_path):
+    from test_sample import _our_ckpt
+
+    ckpt = _our_ckpt(tmp_path / "tiny.pt")
+    grids = []
+    for extra in ([], ["--fp8"]):
+        out = tmp_path / f"grid{len(extra)}.png"
+        load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1", "--steps", "3", "--out", str(out),
+                                  "--device", "cpu", "--precision", "fp32", *extra])
+        grids.append(np.asarray(Image.open(out)).astype(int))
+    diff = np.abs(grids[0] - grids[1])
+    assert grids[1].std() > 0 and diff.max() > 0  # FP8 really ran ...
+    assert diff.mean() < 8  # ... and gives the same images up to quantisation noise (uint8 levels)
+
+
+def test_sample_tool_fp8_rejects_models_without_transformer_blocks(tmp_path, capsys):
+    kwargs = dict(input_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(2,), num_head_channels=8, norm_groups=8, num_classes=3)
+    sd = create_model("UNet-S", **kwargs).state_dict()
+    path = tmp_path / "unet.pt"
+    torch.save({"model": sd, "ema": sd, "model_name": "UNet-S", "model_kwargs": kwargs, "config": {},
+                "autoencoder": {"spec": "identity"}, "diffusion": {}, "class_names": [], "text_encoder": None}, path)
+    with pytest.raises(SystemExit):
+        load_tool("sample").main(["--ckpt", str(path), "--device", "cpu", "--fp8", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fp8: UNet-S has no transformer blocks") and err.count("\n") == 1
