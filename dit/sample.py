@@ -207,6 +207,13 @@ def compile_for_sampling(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
+def uses_float8(model: nn.Module) -> bool:
+    """Whether ``float8_for_sampling`` converted ``model`` (compiled or not)."""
+    from dit.models.fp8 import Float8Linear
+
+    return any(isinstance(m, Float8Linear) for m in model.modules())
+
+
 @torch.no_grad()
 def float8_for_sampling(setup: SamplingSetup, device: torch.device, *, precision: str = "bf16", batch: int = 32,
                         timesteps: int = 8, seed: int = 0) -> int:
@@ -578,7 +585,9 @@ def _check_meta(parts: Path, meta: dict) -> None:
     meta_path = parts / "meta.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        # over both key sets: a setting recorded only when on (fp8) must match when it is off, too
+        diff = {k: (old.get(k), meta.get(k)) for k in [*meta, *(k for k in old if k not in meta)]
+                if old.get(k) != meta.get(k)}
         if diff:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{parts} holds parts made with other settings ({what}); delete it or choose another "
@@ -614,11 +623,13 @@ def sample_npz_parts(setup: SamplingSetup, npz: str | os.PathLike, *, num_sample
     check_conditions(setup, [0] if setup.conditioning == "class" else None, prompts)
     parts = Path(f"{npz}.parts")
     parts.mkdir(parents=True, exist_ok=True)
-    _check_meta(parts, {"ckpt": str(Path(setup.ckpt_path).resolve()) if setup.ckpt_path else None,
-                        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
-                        "steps": steps, "cfg_scale": cfg_scale, "eta": eta, "prompts": prompts,
-                        "precision": precision,
-                        "guidance_interval": None if guidance_interval is None else list(guidance_interval)})
+    meta = {"ckpt": str(Path(setup.ckpt_path).resolve()) if setup.ckpt_path else None,
+            "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
+            "steps": steps, "cfg_scale": cfg_scale, "eta": eta, "prompts": prompts, "precision": precision,
+            "guidance_interval": None if guidance_interval is None else list(guidance_interval)}
+    if uses_float8(setup.model):  # recorded only when on, so parts written before this key existed still resume
+        meta["fp8"] = True
+    _check_meta(parts, meta)
     num_batches = math.ceil(num_samples / batch_size)
     mine = [b for b in range(rank, num_batches, world_size) if not (parts / f"batch_{b:06d}.npz").is_file()]
     device = next(setup.model.parameters()).device

@@ -170,3 +170,23 @@ def test_sample_tool_fp8_rejects_models_without_transformer_blocks(tmp_path, cap
         load_tool("sample").main(["--ckpt", str(path), "--device", "cpu", "--fp8", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert err.startswith("error: --fp8: UNet-S has no transformer blocks") and err.count("\n") == 1
+
+
+def test_npz_parts_record_fp8_so_a_resume_never_mixes_precisions(tmp_path):
+    from test_sample import _our_ckpt
+
+    from dit.sample import float8_for_sampling, load_sampling_setup, sample_npz_parts
+
+    ckpt = _our_ckpt(tmp_path / "tiny.pt")
+    npz = tmp_path / "s.npz"
+    kw = dict(num_samples=4, batch_size=2, steps=2)
+    plain = load_sampling_setup(ckpt)
+    assert sample_npz_parts(plain, npz, **kw) == [0, 1]
+    fp8 = load_sampling_setup(ckpt)
+    float8_for_sampling(fp8, torch.device("cpu"), precision="fp32")
+    with pytest.raises(ValueError, match=r"other settings \(fp8: None -> True\)"):
+        sample_npz_parts(fp8, npz, **kw)
+    npz2 = tmp_path / "t.npz"
+    assert sample_npz_parts(fp8, npz2, **kw) == [0, 1]
+    with pytest.raises(ValueError, match=r"other settings \(fp8: True -> None\)"):  # and the other way round
+        sample_npz_parts(plain, npz2, **kw)
