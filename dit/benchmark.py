@@ -675,6 +675,11 @@ class SamplingResult:
     cond_step_s: float  # seconds per step with the conditional model alone (outside a guidance interval)
     decode_img_s: float = float("nan")  # autoencoder decode rate (bf16)
     decoder: str = ""
+    # profile=True (GPU): kernel ms per guided step by category (+ wall, idle) and the top kernels, for the sampler
+    # step and for the model call alone on the same 2 x batch rows (the difference is the sampler loop's own work)
+    guided_kernels_ms: dict = dataclasses.field(default_factory=dict)
+    model_kernels_ms: dict = dataclasses.field(default_factory=dict)
+    guided_top_kernels: list = dataclasses.field(default_factory=list)
 
 
 def sd_vae_decoder_for_timing() -> torch.nn.Module:
@@ -689,11 +694,13 @@ def sd_vae_decoder_for_timing() -> torch.nn.Module:
 
 def bench_sampling(name: str, variant: str, *, device: torch.device, batch: int = 256, steps: int = 20,
                    cfg_scale: float = 1.5, overrides: dict | None = None, decode: bool = True,
-                   decode_batch: int = 64, repeats: int = 2) -> SamplingResult:
+                   decode_batch: int = 64, repeats: int = 2, profile: bool = False,
+                   profile_top: int = 25) -> SamplingResult:
     """Time ``steps`` DDPM steps of the real sampler loop (``p_sample_loop``) at ``batch`` images, once with
     classifier-free guidance at every step and once with the conditional model alone (what a step outside a guidance
     interval costs), after one untimed loop of each (compilation, CUDA-graph capture); plus the bf16 decode rate of
-    sd-vae's decoder architecture when the model works on 4-channel latents."""
+    sd-vae's decoder architecture when the model works on 4-channel latents. ``profile`` (GPU): where a guided
+    step's GPU time goes, and the same for the model call alone (``kernel_breakdown``, per step)."""
     from dit.diffusion.guidance import classifier_free_guidance
 
     model, fwd, autocast = _prepare(name, variant, device, overrides or {})
@@ -720,6 +727,23 @@ def bench_sampling(name: str, variant: str, *, device: torch.device, batch: int 
         per_step[key] = min(loop(fn) for _ in range(repeats)) / steps
     res = SamplingResult(model=name, variant=variant, batch=batch, guided_step_s=per_step["guided"],
                          cond_step_s=per_step["cond"])
+    if profile and device.type == "cuda":
+        rows = 2 * batch if uncond else batch  # what one guided step feeds the model
+        x2 = torch.randn(rows, C, S, S, device=device, generator=gen)
+        t2 = torch.full((rows,), diffusion.num_timesteps // 2, device=device)
+        cond2 = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()} if uncond else cond
+
+        def model_steps():
+            with torch.inference_mode(), amp:
+                for _ in range(steps):
+                    fwd(x2, t2, **cond2)
+
+        model_steps()  # the model alone is another call pattern: let it settle first
+        per = lambda d: {k: v / steps for k, v in d.items()}  # noqa: E731  (per loop -> per step)
+        cats, top = kernel_breakdown(lambda: loop(guided), device, iters=1, top=profile_top)
+        res.guided_kernels_ms = per(cats)
+        res.guided_top_kernels = [(k, ms / steps, n / steps) for k, ms, n in top]
+        res.model_kernels_ms = per(kernel_breakdown(model_steps, device, iters=1)[0])
     del model, fwd, guided
     if decode and C == 4 and device.type == "cuda":
         vae = sd_vae_decoder_for_timing().to(device).eval().to(memory_format=torch.channels_last)

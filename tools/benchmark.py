@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=Path("docs/bench/latest.png"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--profile", action="store_true",
-                   help="also profile the training step (GPU): kernel ms per step by category, top kernels")
+                   help="also profile the training step (with --sampling: a guided sampler step and the model call "
+                        "alone) on a GPU: kernel ms per step by category, top kernels")
     p.add_argument("--profile-top", type=int, default=40, help="kernels listed per profiled step (JSON, log)")
     p.add_argument("--train-only", action="store_true",
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
@@ -125,7 +126,8 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
         for v in a.variants.split(","):
             try:
                 r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
-                                   overrides={"input_size": a.input_size})
+                                   overrides={"input_size": a.input_size}, profile=a.profile,
+                                   profile_top=a.profile_top)
             except Exception as e:  # one broken variant must not cost the rest of a (paid) GPU session
                 print(f"[sampling] {name} {v}: FAILED {type(e).__name__}: {' '.join(str(e).split())[:300]}",
                       flush=True)
@@ -136,6 +138,10 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
                   f"{r.cond_step_s * 1e3:.1f} ms (batch {r.batch}), decode {r.decode_img_s:,.0f} img/s; 50k x 250: "
                   + "; ".join(f"{k} {pl['gpu_hours']:.2f} GPU-h ({pl['guided_steps']} guided)"
                               for k, pl in plans.items()), flush=True)
+            for label, cats in (("guided step", r.guided_kernels_ms), ("model alone", r.model_kernels_ms)):
+                if cats:
+                    print(f"[sampling] {name} {v} {label}, GPU ms per step: "
+                          + ", ".join(f"{k} {ms:.1f}" for k, ms in cats.items()), flush=True)
             if a.json is not None:
                 a.json.write_text(json.dumps({"env": env, "results": rows}, indent=1))
     if rows:
