@@ -19,13 +19,13 @@ TINY = dict(input_size=8, hidden_size=32, depth=2, num_heads=2)
 
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def _randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """DiT zero-initialises its output layers; give every learned weight random values so outputs depend on inputs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
 
 
