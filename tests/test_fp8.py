@@ -154,6 +154,18 @@ def test_sample_tool_fp8(tmp_path):
     assert diff.mean() < 8  # ... and gives the same images up to quantisation noise (uint8 levels)
 
 
+def test_fp8_text_model_calibrates_on_the_empty_prompt_and_samples(tmp_path):
+    from dit.sample import float8_for_sampling, load_sampling_setup, sample_images
+
+    setup = load_sampling_setup(_our_ckpt(tmp_path / "text.pt", name="DiT-S/2-T", text=True, context_dim=384))
+    ref = sample_images(setup, prompts=["a red circle", "a blue square"], seed=1, sampler="ddim", steps=2)
+    assert float8_for_sampling(setup, torch.device("cpu"), precision="fp32", batch=16) == 4 * len(setup.model.blocks)
+    qkv = setup.model.blocks[0].attn.qkv
+    assert qkv.input_scale is not None  # calibrated through the text encoder's empty-prompt tokens
+    out = sample_images(setup, prompts=["a red circle", "a blue square"], seed=1, sampler="ddim", steps=2)
+    assert out.shape == ref.shape and np.abs(out.astype(int) - ref.astype(int)).mean() < 8
+
+
 def test_sample_tool_fp8_rejects_models_without_transformer_blocks(tmp_path, capsys):
     kwargs = dict(input_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(2,), num_head_channels=8, norm_groups=8, num_classes=3)

@@ -30,10 +30,10 @@ def _randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 
 
 def _our_ckpt(path: Path, *, name: str = "DiT-S/2", in_channels: int = 3, num_classes: int = 4,
-              text: bool = False) -> Path:
+              text: bool = False, context_dim: int = 16) -> Path:
     kwargs = dict(TINY, in_channels=in_channels)
     if text:
-        kwargs["context_dim"] = 16
+        kwargs["context_dim"] = context_dim  # 384 = the packaged MiniLM's width, to really encode prompts
     else:
         kwargs["num_classes"] = num_classes
     model = _randomise(create_model(name, **kwargs))
