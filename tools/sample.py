@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 GEMMs in the DiT blocks with scales calibrated on random latents (H100+; 1.2x for "
-                        "DiT-XL/2 sampling, relative error vs fp32 6.8e-3 measured at random weights)")
+                        "DiT-XL/2 sampling; network error 4-5x bf16's: check FID, docs/sampling.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (CUDA graphs on GPU): faster for many steps/batches, ~40 s to start")
     return p
