@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from test_sample import _our_ckpt, _randomise
+from test_sample import _our_ckpt, _randomise, tool_grids
 
 from dit.models import create_model
 from dit.models.fp8 import E4M3, E5M2, Float8Linear, calibrate_float8, convert_to_float8, to_float8
@@ -142,13 +141,7 @@ def test_static_scales_equal_dynamic_ones_on_the_calibration_batch_and_saturate_
 
 
 def test_sample_tool_fp8(tmp_path):
-    ckpt = _our_ckpt(tmp_path / "tiny.pt")
-    grids = []
-    for extra in ([], ["--fp8"]):
-        out = tmp_path / f"grid{len(extra)}.png"
-        load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1", "--steps", "3", "--out", str(out),
-                                  "--device", "cpu", "--precision", "fp32", *extra])
-        grids.append(np.asarray(Image.open(out)).astype(int))
+    grids = tool_grids(_our_ckpt(tmp_path / "tiny.pt"), tmp_path, [], ["--fp8"])
     diff = np.abs(grids[0] - grids[1])
     assert grids[1].std() > 0 and diff.max() > 0  # FP8 really ran ...
     assert diff.mean() < 8  # ... and gives the same images up to quantisation noise (uint8 levels)

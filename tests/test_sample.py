@@ -357,18 +357,25 @@ def test_tool_guidance_interval(ckpt, tmp_path, capsys):
     assert "--guidance-interval is not supported with the official DiT guidance convention" in err
 
 
+def tool_grids(ckpt: Path, tmp_path: Path, *flag_sets: list[str]) -> list[np.ndarray]:
+    """The fp32 CPU grid (classes 0, 1; 3 steps; same seed) that tools/sample.py writes under each set of extra flags,
+    as int arrays, so that a flag's effect on the samples can be compared."""
+    grids = []
+    for i, extra in enumerate(flag_sets):
+        out = tmp_path / f"grid{i}.png"
+        load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1", "--steps", "3", "--out", str(out),
+                                  "--device", "cpu", "--precision", "fp32", *extra])
+        grids.append(np.asarray(Image.open(out)).astype(int))
+    return grids
+
+
 def test_tool_compile_gives_the_eager_samples(ckpt, tmp_path):
     # --compile (torch.compile; CUDA graphs on GPU) must not change what is sampled: same seed, same grid up to
     # float rounding in the compiled kernels (uint8 pixels within 1 level almost everywhere).
     from torch._dynamo.utils import counters
 
     counters.clear()
-    grids = []
-    for extra in ([], ["--compile"]):
-        out = tmp_path / f"grid{len(extra)}.png"
-        load_tool("sample").main(["--ckpt", str(ckpt), "--class-labels", "0,1", "--steps", "3", "--out", str(out),
-                                  "--device", "cpu", "--precision", "fp32", *extra])
-        grids.append(np.asarray(Image.open(out)).astype(int))
+    grids = tool_grids(ckpt, tmp_path, [], ["--compile"])
     assert counters["stats"]["unique_graphs"] >= 1  # the second run really went through torch.compile
     diff = np.abs(grids[0] - grids[1])
     assert grids[0].std() > 0 and diff.max() <= 2 and (diff > 1).mean() < 0.01
