@@ -46,6 +46,10 @@ VARIANTS = {
                 "E4M3 activations and weights, E5M2 gradients, dynamic per-tensor scales), forward and backward",
     "fast-fp8s": "as fast-fp8, with static FP8 scales for inference (dit.models.fp8.calibrate_float8 on 8 timesteps "
                  "of random latents, weights cast once): forward and sampling; training scales dynamically",
+    "fast-fp8s-unfused": "as fast-fp8s, with the DiT's plain block forward at inference (DiT.fused_inference = "
+                         "False): Inductor's LayerNorm/GELU/FP8-cast kernels (run 6's fast-fp8s)",
+    "fast-fp8s-promoted": "as fast-fp8s, with the inference GEMMs accumulating with fp32 promotion "
+                          "(Float8Linear.fast_accum = False; run 6's GEMMs)",
     "fast-mk": "as fast-cg, with Inductor's multi-kernel reductions (persistent and looped variants compiled, the "
                "faster chosen by benchmarking at run time)",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
@@ -204,13 +208,21 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         for m in model.modules():
             if isinstance(m, Mlp):
                 m.fused_inference = False
-    if variant in ("fast-fp8", "fast-fp8s"):
+    if variant == "fast-fp8s-unfused":
+        if not hasattr(model, "fused_inference"):
+            raise ValueError(f"variant {variant}: {name} has no fused inference path (DiTs only)")
+        model.fused_inference = False
+    if variant in ("fast-fp8", "fast-fp8s", "fast-fp8s-unfused", "fast-fp8s-promoted"):
         from dit.models.fp8 import calibrate_float8, convert_to_float8
 
         if convert_to_float8(model) == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-        if variant == "fast-fp8s":
+        if variant != "fast-fp8":
             calibrate_float8(model, lambda: _calibration_passes(model, device))
+        if variant == "fast-fp8s-promoted":
+            for m in model.modules():
+                if hasattr(m, "fast_accum"):
+                    m.fast_accum = False
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
             raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")

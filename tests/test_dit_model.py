@@ -254,7 +254,7 @@ def test_low_precision_residual_keeps_stream_bf16_and_output_close():
         model.set_low_precision_residual(True)
         torch.testing.assert_close(model(x, t, y), ref, rtol=0, atol=0)  # no autocast: nothing changes
         dtypes = []
-        hook = model.blocks[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        hook = model.final_layer.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x, t, y).float()
             model.set_low_precision_residual(False)

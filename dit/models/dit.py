@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fp8 import E4M3
+from .kernels import add_layernorm_modulate, layernorm_modulate
 from .layers import (
     Attention,
     CrossAttention,
@@ -25,6 +27,7 @@ from .layers import (
     Mlp,
     TimestepEmbedder,
     check_conditioning,
+    compute_dtype,
     get_2d_sincos_pos_embed,
     masked_mean,
     modulate,
@@ -108,6 +111,37 @@ class DiTBlock(nn.Module):
         return x
 
 
+    def forward_fused(
+        self, x: torch.Tensor, c: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` without autograd, each residual update fused into the LayerNorm kernel that follows it
+        (``dit.models.kernels``); the block's last update is left pending for the next block's first LayerNorm.
+
+        x: (N, T, D) stream before ``pending`` = (o (N, T, D), gate (N, D)) is added (None: nothing pending);
+        c: (N, D); dtype: the GEMMs' input dtype (the autocast dtype) -> (x, pending of this block).
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        rows = x.shape[0] * x.shape[1]
+        scale, out = _gemm_input(self.attn.qkv, rows, dtype)
+        if pending is None:
+            a = layernorm_modulate(x, shift_msa, scale_msa, self.norm1.eps, scale, out)  # (N, T, D)
+        else:
+            x, a = add_layernorm_modulate(x, *pending, shift_msa, scale_msa, self.norm1.eps, scale, out)
+        o = self.attn(a)  # (N, T, D)
+        scale, out = _gemm_input(self.mlp.fc1, rows, dtype)
+        x, a = add_layernorm_modulate(x, o, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, scale, out)
+        return x, (self.mlp(a), gate_mlp)
+
+
+def _gemm_input(layer: nn.Module, rows: int, dtype: torch.dtype) -> tuple[float | None, torch.dtype]:
+    """(scale, dtype) of the input a fused kernel should write for ``layer``: E4M3 with its static scale for a
+    calibrated ``Float8Linear`` whose shapes the FP8 GEMM takes (multiples of 16), else ``dtype`` unscaled."""
+    scale = getattr(layer, "input_scale", None)
+    if scale is None or rows % 16 or layer.in_features % 16 or layer.out_features % 16:
+        return None, dtype
+    return scale, E4M3
+
+
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map to ``p * p * out_channels`` values per token.
 
@@ -183,6 +217,11 @@ class DiT(nn.Module):
         self.conditioning = "text" if context_dim is not None else ("class" if num_classes > 0 else "none")
         self.grad_checkpointing = False
         self.low_precision_residual = False
+        # Without autograd, class/unconditional models whose blocks run FP8 GEMMs with static scales
+        # (dit.models.fp8.calibrate_float8) use DiTBlock.forward_fused: residual updates, LayerNorm, modulation and
+        # FP8 casts in one kernel (dit.models.kernels). False = the plain block forward (the benchmark's ablation).
+        # bf16 models keep the plain forward: Inductor's kernels are as fast there (docs/benchmarks.md, run 7).
+        self.fused_inference = True
 
         self.x_embedder = PatchEmbed(img_size=input_size, patch_size=patch_size, in_chans=in_channels,
                                      embed_dim=hidden_size)
@@ -319,6 +358,14 @@ class DiT(nn.Module):
                 pooled = masked_mean(context, mask)  # (N, C_ctx)
             ctx = self.context_embedder(context.to(c.dtype))  # (N, L, D)
             c = c + self.pooled_embedder(pooled.to(c.dtype))  # (N, D)
+        if self.fused_inference and self.context_embedder is None and not torch.is_grad_enabled() \
+                and getattr(self.blocks[0].attn.qkv, "input_scale", None) is not None:
+            pending = None
+            dtype = compute_dtype(h.device, h.dtype)
+            for block in self.blocks:
+                h, pending = block.forward_fused(h, c, pending, dtype)  # (N, T, D), ((N, T, D), (N, D))
+            o, gate = pending
+            return self.unpatchify(self.final_layer(h + gate.unsqueeze(1) * o, c))  # (N, C_out, H, W)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:

@@ -52,11 +52,17 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _scaled_mm(a, b, sa, sb, out_dtype, bias=None):
-    """(M, K) row-major x (K, N) column-major -> (M, N) in ``out_dtype``, scales applied in fp32."""
+def _scaled_mm(a, b, sa, sb, out_dtype, bias=None, fast_accum: bool = False):
+    """(M, K) row-major x (K, N) column-major -> (M, N) in ``out_dtype``, scales applied in fp32.
+
+    ``fast_accum``: Hopper's FP8 tensor-core accumulation without the periodic promotion of partial sums to fp32
+    registers (faster; its rounding is far below E4M3's). Used for the inference GEMMs only, as torchao does for
+    forward outputs; gradients keep the promoted accumulation.
+    """
     if bias is not None and out_dtype == torch.float32:  # cuBLASLt takes no bias with an fp32 output
-        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype) + bias.float()
-    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype)
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum) + bias.float()
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -106,6 +112,7 @@ class Float8Linear(nn.Linear):
     def clear_static_scales(self) -> None:
         """Back to dynamic scaling (drops what ``calibrate_float8`` set)."""
         self.input_scale: float | None = None  # static activation scale fp8_max / amax (inference)
+        self.fast_accum = True  # inference GEMMs (static scales) accumulate without fp32 promotion (_scaled_mm)
         # non-persistent: the state dict keeps exactly nn.Linear's keys
         self.register_buffer("weight8", None, persistent=False)  # (N, K) E4M3, cast once
         self.register_buffer("weight_scale_inv", None, persistent=False)  # () float32
@@ -120,17 +127,25 @@ class Float8Linear(nn.Linear):
         dev = x.device.type
         autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
         out_dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
-        x2d = x.reshape(-1, k)  # (M, K)
         if self.input_scale is not None and not torch.is_grad_enabled():
-            # static scales: no amax pass; inputs beyond the calibrated range saturate at the E4M3 maximum
-            fmax = torch.finfo(E4M3).max
-            x8 = (x2d.float() * self.input_scale).clamp(-fmax, fmax).to(E4M3)
-            b = None if self.bias is None else self.bias.to(out_dtype)
-            y = _scaled_mm(x8, self.weight8.t(), self.input_scale_inv, self.weight_scale_inv, out_dtype, b)
-        else:
-            with torch.autocast(dev, enabled=False):
-                y = _Float8Matmul.apply(x2d, self.weight, self.bias, out_dtype)  # (M, N)
+            return self.forward_float8(self.quantize_input(x), out_dtype)
+        with torch.autocast(dev, enabled=False):
+            y = _Float8Matmul.apply(x.reshape(-1, k), self.weight, self.bias, out_dtype)  # (M, N)
         return y.view(*x.shape[:-1], n)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Static scaling (after ``calibrate_float8``): ``x * input_scale`` in E4M3, no amax pass; inputs beyond the
+        calibrated range saturate at the format's maximum. (..., K) -> (..., K) E4M3."""
+        fmax = torch.finfo(E4M3).max
+        return (x.float() * self.input_scale).clamp(-fmax, fmax).to(E4M3)
+
+    def forward_float8(self, x8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The static-scale GEMM on an input already cast by ``quantize_input`` (or by a fused kernel with the same
+        ``input_scale``, ``dit.models.kernels``). x8: (..., K) E4M3 -> (..., N) in ``out_dtype``."""
+        b = None if self.bias is None else self.bias.to(out_dtype)
+        y = _scaled_mm(x8.reshape(-1, self.in_features), self.weight8.t(), self.input_scale_inv,
+                       self.weight_scale_inv, out_dtype, b, fast_accum=self.fast_accum)  # (M, N)
+        return y.view(*x8.shape[:-1], self.out_features)
 
 
 def convert_to_float8(model: nn.Module, names: tuple[str, ...] = DIT_BLOCK_LINEARS) -> int:

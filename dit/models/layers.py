@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from .fp8 import E4M3
+from .kernels import gelu_tanh_fp8
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` (DiT paper, Sec. 3.2).
@@ -128,7 +131,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
         n, t, d = x.shape
-        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
+        if x.dtype == E4M3:  # already cast for a static-scale FP8 qkv by a fused LayerNorm kernel (DiT inference)
+            qkv = self.qkv.forward_float8(x, compute_dtype(x.device, self.qkv.weight.dtype))  # (N, T, 3D)
+        else:
+            qkv = self.qkv(x)  # (N, T, 3D)
+        qkv = qkv.view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -184,6 +191,14 @@ def _linear_gelu_tanh_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # the GEMM's (M, K) x (K, N); the GELU is not counted
 
 
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype a layer computes in: the autocast dtype where autocast is on for ``device``, else ``default``."""
+    dev = device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):  # (meta tensors: FLOP counting)
+        return torch.get_autocast_dtype(dev)
+    return default
+
+
 class Mlp(nn.Module):
     """Transformer MLP ``fc2(GELU_tanh(fc1(x)))`` (the DiT configuration of timm's ``Mlp``).
 
@@ -200,13 +215,18 @@ class Mlp(nn.Module):
         self.fused_inference = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., D) -> (..., D)."""
+        """x: (..., D) -> (..., D); an E4M3 ``x`` is already cast for a static-scale FP8 fc1 (DiT fused inference)."""
+        if x.dtype == E4M3:
+            dtype = compute_dtype(x.device, self.fc1.weight.dtype)
+            h = self.fc1.forward_float8(x, dtype)  # (..., 4D)
+            if getattr(self.fc2, "input_scale", None) is None:  # fc2 not in FP8 (or not calibrated)
+                return self.fc2(self.act(h))
+            # the GELU and fc2's input cast in one kernel: the 4x-wide activation is read once, written in 1 byte
+            return self.fc2.forward_float8(gelu_tanh_fp8(h, self.fc2.input_scale), dtype)  # (..., D)
         # (an FP8 fc1, dit.models.fp8.Float8Linear, keeps its own GEMM)
         if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs
-            dev = x.device.type
-            autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)  # (meta: FLOP counting)
-            dtype = torch.get_autocast_dtype(dev) if autocast else self.fc1.weight.dtype
+            dtype = compute_dtype(x.device, self.fc1.weight.dtype)
             h = linear_gelu_tanh(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight.to(dtype),
                                  self.fc1.bias.to(dtype))  # (M, 4D)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))  # (..., D)

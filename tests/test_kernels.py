@@ -1,0 +1,169 @@
+"""Fused inference ops (dit.models.kernels) and the DiT's fused FP8 inference path, on CPU.
+
+The CUDA (Triton) kernels are checked against these same reference implementations on the GPU by
+``scripts/check_kernels.py`` (docs/benchmarks.md, run 7); here the references are checked against float64 formulas,
+and the block restructuring (residual updates deferred into the next LayerNorm) against the plain forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from dit.models import create_model
+from dit.models.fp8 import E4M3, calibrate_float8, convert_to_float8
+from dit.models.kernels import add_layernorm_modulate, gelu_tanh_fp8, layernorm_modulate
+
+TINY = dict(input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=4)
+
+
+def _inputs(gen: torch.Generator, n=2, t=5, d=16, dtype=torch.float64):
+    x = torch.randn(n, t, d, generator=gen, dtype=dtype) * 3 + 1
+    o = torch.randn(n, t, d, generator=gen, dtype=dtype)
+    mod = torch.randn(n, 6 * d, generator=gen, dtype=dtype)  # adaLN output: chunks are strided (N, D) views
+    shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
+    return x, o, gate, shift, scale
+
+
+def _ln_mod_formula(x, shift, scale, eps):
+    """LayerNorm without affine parameters, then adaLN modulation (DiT Sec. 3.2), written out in float64."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)  # biased, as LayerNorm
+    return (x - mean) / torch.sqrt(var + eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def test_layernorm_modulate_and_residual_update_match_the_formulas():
+    x, o, gate, shift, scale = _inputs(torch.Generator().manual_seed(0))
+    want = _ln_mod_formula(x, shift, scale, 1e-6)
+    torch.testing.assert_close(layernorm_modulate(x, shift, scale, 1e-6, None, torch.float64), want,
+                               rtol=1e-12, atol=1e-12)
+    x2, y = add_layernorm_modulate(x, o, gate, shift, scale, 1e-6, None, torch.float64)
+    torch.testing.assert_close(x2, x + gate[:, None] * o, rtol=0, atol=0)
+    torch.testing.assert_close(y, _ln_mod_formula(x + gate[:, None] * o, shift, scale, 1e-6), rtol=1e-12, atol=1e-12)
+    # the output dtype is the next GEMM's input dtype; the stream keeps its own
+    x32 = x.float()
+    x2, y = add_layernorm_modulate(x32, o.float(), gate.float(), shift.float(), scale.float(), 1e-6, None,
+                                   torch.bfloat16)
+    assert x2.dtype == torch.float32 and y.dtype == torch.bfloat16
+
+
+def test_fp8_outputs_are_the_saturating_e4m3_cast_of_the_scaled_values():
+    x, o, gate, shift, scale = _inputs(torch.Generator().manual_seed(1))
+    y = _ln_mod_formula(x, shift, scale, 1e-6)
+    s = 448.0 / y.abs().amax().item() * 4  # a quarter of the range saturates
+    got = layernorm_modulate(x, shift, scale, 1e-6, s, E4M3)
+    assert got.dtype == E4M3
+    want = (y * s).clamp(-448, 448).to(E4M3)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert (got.double().abs() == 448).float().mean() > 0.05  # saturated, not inf/nan
+    assert torch.isfinite(got.double()).all()
+
+    h = torch.linspace(-6, 6, 2001, dtype=torch.float64).reshape(1, -1)
+    gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # tanh-GELU, written out
+    for scale_ in (1.0, 30.0, 200.0):  # 200: GELU(6) * 200 > 448 saturates
+        got = gelu_tanh_fp8(h, scale_)
+        want = (gelu * scale_).clamp(-448, 448).to(E4M3)
+        assert got.dtype == E4M3 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_bad_output_arguments_raise_one_clear_error():
+    x, o, gate, shift, scale = _inputs(torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="out_scale is required for"):
+        layernorm_modulate(x, shift, scale, 1e-6, None, E4M3)
+    with pytest.raises(ValueError, match="out_scale is required for"):
+        add_layernorm_modulate(x, o, gate, shift, scale, 1e-6, 2.0, torch.bfloat16)
+
+
+def test_ops_pass_torch_library_opcheck():
+    # fake (meta) kernels agree with the real ones, incl. a non-contiguous stream (the patch embedding's transpose)
+    gen = torch.Generator().manual_seed(3)
+    x, o, gate, shift, scale = _inputs(gen, dtype=torch.float32)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((xt, o, gate, shift, scale, 1e-6, 3.0, E4M3), (xt, o, gate, shift, scale, 1e-6, None, torch.float32)):
+        opcheck(add_layernorm_modulate, args)
+    opcheck(layernorm_modulate, (xt, shift, scale, 1e-6, None, torch.bfloat16))
+    opcheck(gelu_tanh_fp8, (torch.randn(4, 32, generator=gen), 2.0))
+
+
+def _randomised(seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = create_model("DiT-S/2", **{**TINY, **kw}).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.1)
+    return m
+
+
+def test_deferred_residual_blocks_equal_the_plain_forward_in_float64():
+    """DiTBlock.forward_fused leaves each block's last residual update pending for the next block's first LayerNorm:
+    chained, the blocks must give the plain forward's stream exactly (no FP8 involved: float64 throughout)."""
+    m = _randomised().double()
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(3, 16, 32, generator=gen, dtype=torch.float64)  # (N, T, D) stream
+    c = torch.randn(3, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        want = h
+        for block in m.blocks:
+            want = block(want, c)
+        got, pending = h, None
+        for block in m.blocks:
+            got, pending = block.forward_fused(got, c, pending, torch.float64)
+        o, gate = pending
+        got = got + gate.unsqueeze(1) * o
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _calibrated(model, x, t, y):
+    m8 = copy.deepcopy(model)
+    convert_to_float8(m8)
+    with torch.no_grad():
+        calibrate_float8(m8, lambda: m8(x, t, y=y))
+    return m8
+
+
+def test_fp8_model_takes_the_fused_path_with_the_plain_paths_accuracy(monkeypatch):
+    ref = _randomised(seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(8, 4, 8, 8, generator=gen), torch.randint(0, 1000, (8,), generator=gen), torch.arange(8) % 5
+    m8 = _calibrated(ref, x, t, y)
+    calls = []
+    real = type(m8.blocks[0]).forward_fused
+    monkeypatch.setattr(type(m8.blocks[0]), "forward_fused", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = m8(x, t, y=y).float()
+        assert len(calls) == TINY["depth"]  # every block, once
+        m8.fused_inference = False
+        plain = m8(x, t, y=y).float()
+        assert len(calls) == TINY["depth"]  # the ablation switch really switches
+    with torch.no_grad():
+        exact = ref(x, t, y=y)
+    err = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
+    # same quantisation; only where bf16 rounding happens differs (no bf16 GELU output before the FP8 cast)
+    assert 0 < err(fused) < 0.05 and err(fused) < 1.25 * err(plain), (err(fused), err(plain))
+
+    bf16 = copy.deepcopy(ref)  # no static FP8 scales: the plain block forward, fused path never taken
+    with torch.no_grad():
+        bf16(x, t, y=y)
+    assert len(calls) == TINY["depth"]
+
+
+def test_inference_gemms_use_fast_accumulation_and_training_gemms_do_not(monkeypatch):
+    ref = _randomised(seed=6)
+    gen = torch.Generator().manual_seed(6)
+    x, t, y = torch.randn(16, 4, 8, 8, generator=gen), torch.randint(0, 1000, (16,), generator=gen), torch.arange(16) % 5
+    m8 = _calibrated(ref, x, t, y)
+    seen = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(k.get("use_fast_accum")) or real(*a, **k))
+    with torch.no_grad():
+        m8(x, t, y=y)
+    assert seen and all(seen)
+    seen.clear()
+    m8.train()
+    m8(x, t, y=y).sum().backward()
+    assert seen and not any(seen)
