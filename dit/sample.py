@@ -223,7 +223,8 @@ def float8_for_sampling(setup: SamplingSetup, device: torch.device, *, precision
     part) at ``timesteps`` timesteps spread over the schedule, with random class labels including the null class
     (unconditional models: none; text models: the empty prompt, the unconditional branch). Call before
     ``compile_for_sampling``. FP8 tensor cores need an H100 or newer; elsewhere it runs (slowly) for testing.
-    Returns the number of layers converted. 1.20x per guided DiT-XL/2 step on an H100 (docs/benchmarks.md, run 6).
+    Returns the number of layers converted. 1.34x per guided DiT-XL/2 step on an H100, with the fused kernels the
+    calibrated model then runs (``dit.models.kernels``; docs/benchmarks.md, run 7).
     """
     from dit.models.fp8 import calibrate_float8, convert_to_float8
 

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (and per part) for --npz")
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
     p.add_argument("--fp8", action="store_true",
-                   help="FP8 GEMMs in the DiT blocks with scales calibrated on random latents (H100+; 1.2x for "
+                   help="FP8 GEMMs in the DiT blocks with scales calibrated on random latents (H100+; 1.34x for "
                         "DiT-XL/2 sampling; network error 4-5x bf16's: check FID, docs/sampling.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (CUDA graphs on GPU): faster for many steps/batches, ~40 s to start")
