@@ -167,3 +167,24 @@ def test_inference_gemms_use_fast_accumulation_and_training_gemms_do_not(monkeyp
     m8.train()
     m8(x, t, y=y).sum().backward()
     assert seen and not any(seen)
+
+
+def test_fused_path_falls_back_per_layer_when_rows_do_not_fit_fp8_gemms():
+    # DiT-S/4 at 8x8: 4 tokens per image, 3 images = 12 rows, not a multiple of 16: the GEMMs run in the compute dtype
+    torch.manual_seed(7)
+    ref = create_model("DiT-S/4", **TINY).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.1)
+    gen = torch.Generator().manual_seed(7)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([5, 500, 900]), torch.tensor([0, 1, 4])
+    m8 = _calibrated(ref, torch.randn(16, 4, 8, 8, generator=gen), torch.randint(0, 1000, (16,), generator=gen),
+                     torch.arange(16) % 5)
+    with torch.no_grad():
+        fused = m8(x, t, y=y)
+        m8.fused_inference = False
+        plain = m8(x, t, y=y)
+        exact = ref(x, t, y=y)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)  # both unquantised at 12 rows
+    torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-5)
