@@ -141,10 +141,13 @@ def test_static_scales_equal_dynamic_ones_on_the_calibration_batch_and_saturate_
 
 
 def test_sample_tool_fp8(tmp_path):
-    grids = tool_grids(_our_ckpt(tmp_path / "tiny.pt"), tmp_path, [], ["--fp8"])
+    grids = tool_grids(_our_ckpt(tmp_path / "tiny.pt"), tmp_path, [], ["--fp8"], ["--fp8", "--compile"])
     diff = np.abs(grids[0] - grids[1])
     assert grids[1].std() > 0 and diff.max() > 0  # FP8 really ran ...
     assert diff.mean() < 8  # ... and gives the same images up to quantisation noise (uint8 levels)
+    # compiled, the fused FP8 ops (dit.models.kernels) stay opaque custom ops: the same samples up to float rounding
+    diff = np.abs(grids[1] - grids[2])
+    assert diff.max() <= 2 and (diff > 1).mean() < 0.01, (diff.max(), (diff > 1).mean())
 
 
 def test_fp8_text_model_calibrates_on_the_empty_prompt_and_samples(tmp_path):
