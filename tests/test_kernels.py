@@ -99,20 +99,24 @@ def _randomised(seed: int = 0, **kw) -> torch.nn.Module:
     return m
 
 
-def test_deferred_residual_blocks_equal_the_plain_forward_in_float64():
-    """DiTBlock.forward_fused leaves each block's last residual update pending for the next block's first LayerNorm:
-    chained, the blocks must give the plain forward's stream exactly (no FP8 involved: float64 throughout)."""
-    m = _randomised().double()
+@pytest.mark.parametrize("text", [False, True])
+def test_deferred_residual_blocks_equal_the_plain_forward_in_float64(text):
+    """DiTBlock.forward_fused leaves each block's last residual update pending for the next block's first LayerNorm
+    (text blocks: also through the cross-attention's affine LayerNorm): chained, the blocks must give the plain
+    forward's stream exactly (no FP8 involved: float64 throughout)."""
+    m = (_randomised(context_dim=8, num_classes=0) if text else _randomised()).double()
     gen = torch.Generator().manual_seed(4)
     h = torch.randn(3, 16, 32, generator=gen, dtype=torch.float64)  # (N, T, D) stream
     c = torch.randn(3, 32, generator=gen, dtype=torch.float64)
+    ctx = torch.randn(3, 5, 32, generator=gen, dtype=torch.float64) if text else None  # projected tokens
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool) if text else None
     with torch.no_grad():
         want = h
         for block in m.blocks:
-            want = block(want, c)
+            want = block(want, c, ctx, mask)
         got, pending = h, None
         for block in m.blocks:
-            got, pending = block.forward_fused(got, c, pending, torch.float64)
+            got, pending = block.forward_fused(got, c, pending, torch.float64, ctx, mask)
         o, gate = pending
         got = got + gate.unsqueeze(1) * o
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

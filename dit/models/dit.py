@@ -112,13 +112,20 @@ class DiTBlock(nn.Module):
 
 
     def forward_fused(
-        self, x: torch.Tensor, c: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.Tensor] | None,
+        dtype: torch.dtype,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``forward`` without autograd, each residual update fused into the LayerNorm kernel that follows it
         (``dit.models.kernels``); the block's last update is left pending for the next block's first LayerNorm.
 
         x: (N, T, D) stream before ``pending`` = (o (N, T, D), gate (N, D)) is added (None: nothing pending);
-        c: (N, D); dtype: the GEMMs' input dtype (the autocast dtype) -> (x, pending of this block).
+        c: (N, D); dtype: the GEMMs' input dtype (the autocast dtype); context, context_mask: as ``forward``
+        -> (x, pending of this block).
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         rows = x.shape[0] * x.shape[1]
@@ -128,6 +135,13 @@ class DiTBlock(nn.Module):
         else:
             x, a = add_layernorm_modulate(x, *pending, shift_msa, scale_msa, self.norm1.eps, scale, out)
         o = self.attn(a)  # (N, T, D)
+        if self.cross_attn is not None:
+            # norm_ca's affine LayerNorm is the modulation with shift = bias, scale = weight - 1, shared by all images
+            n, d = c.shape
+            w, b = self.norm_ca.weight.expand(n, d), self.norm_ca.bias.expand(n, d)
+            x, a = add_layernorm_modulate(x, o, gate_msa, b, w - 1, self.norm_ca.eps, None, dtype)
+            o = self.cross_attn(a, context, context_mask)  # (N, T, D)
+            gate_msa = torch.ones_like(b)  # the cross-attention output is added ungated
         scale, out = _gemm_input(self.mlp.fc1, rows, dtype)
         x, a = add_layernorm_modulate(x, o, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, scale, out)
         return x, (self.mlp(a), gate_mlp)
@@ -217,7 +231,7 @@ class DiT(nn.Module):
         self.conditioning = "text" if context_dim is not None else ("class" if num_classes > 0 else "none")
         self.grad_checkpointing = False
         self.low_precision_residual = False
-        # Without autograd, class/unconditional models whose blocks run FP8 GEMMs with static scales
+        # Without autograd, models whose blocks run FP8 GEMMs with static scales
         # (dit.models.fp8.calibrate_float8) use DiTBlock.forward_fused: residual updates, LayerNorm, modulation and
         # FP8 casts in one kernel (dit.models.kernels). False = the plain block forward (the benchmark's ablation).
         # bf16 models keep the plain forward: Inductor's kernels are as fast there (docs/benchmarks.md, run 7).
@@ -358,12 +372,12 @@ class DiT(nn.Module):
                 pooled = masked_mean(context, mask)  # (N, C_ctx)
             ctx = self.context_embedder(context.to(c.dtype))  # (N, L, D)
             c = c + self.pooled_embedder(pooled.to(c.dtype))  # (N, D)
-        if self.fused_inference and self.context_embedder is None and not torch.is_grad_enabled() \
+        if self.fused_inference and not torch.is_grad_enabled() \
                 and getattr(self.blocks[0].attn.qkv, "input_scale", None) is not None:
             pending = None
             dtype = compute_dtype(h.device, h.dtype)
             for block in self.blocks:
-                h, pending = block.forward_fused(h, c, pending, dtype)  # (N, T, D), ((N, T, D), (N, D))
+                h, pending = block.forward_fused(h, c, pending, dtype, ctx, mask)  # (N, T, D), ((N, T, D), (N, D))
             o, gate = pending
             return self.unpatchify(self.final_layer(h + gate.unsqueeze(1) * o, c))  # (N, C_out, H, W)
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()

@@ -79,24 +79,25 @@ def _triton():
 
     @triton.jit
     def triton_dit_ln_modulate(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, xout_ptr, y_ptr,
-                      rows_total, T, D, mod_stride, eps, out_scale,
-                      HAS_RES: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                               rows_total, T, D, gate_stride, shift_stride, scale_stride, eps, out_scale,
+                               HAS_RES: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_D: tl.constexpr,
+                               ROWS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) token rows of the (N*T, D) stream
         cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         m = (rows < rows_total)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        mod_offs = (rows // T)[:, None].to(tl.int64) * mod_stride + cols[None, :]  # the row's image's (D,) vectors
+        img = (rows // T)[:, None].to(tl.int64)  # the row's image: its (D,) gate/shift/scale vectors
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             o = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            g = tl.load(gate_ptr + mod_offs, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + img * gate_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
             x = x + g * o
             tl.store(xout_ptr + offs, x.to(xout_ptr.dtype.element_ty), mask=m)
         mean = tl.sum(x, axis=1) / D  # (ROWS,)
         xc = tl.where(m, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)  # two-pass variance over the row in registers
-        sh = tl.load(shift_ptr + mod_offs, mask=m, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + mod_offs, mask=m, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + img * shift_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + img * scale_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
         y = xc * rstd[:, None] * (1.0 + sc) + sh
         if OUT_FP8:
             y = tl.minimum(tl.maximum(y * out_scale, -448.0), 448.0)
@@ -109,8 +110,9 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
     triton, _, kernel = _triton()
     n, t, d = x.shape
     for v in (shift, scale) + (() if o is None else (gate,)):
-        if v.shape != (n, d) or v.stride(1) != 1 or v.stride(0) != shift.stride(0):
-            raise ValueError("add_layernorm_modulate: shift/scale/gate must be (N, D) rows with one common stride")
+        if v.shape != (n, d) or v.stride(1) != 1:
+            raise ValueError(f"add_layernorm_modulate: shift/scale/gate must be ({n}, {d}) with unit column stride, "
+                             f"got shape {tuple(v.shape)}, strides {v.stride()}")
     x = x.contiguous()
     xout = torch.empty_like(x) if o is not None else None
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -119,7 +121,8 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
     has_res = o is not None
     kernel[(triton.cdiv(n * t, rows),)](
         x, o.contiguous() if has_res else x, gate if has_res else shift, shift, scale, xout if has_res else x, y,
-        n * t, t, d, shift.stride(0), eps, 1.0 if out_scale is None else out_scale,
+        n * t, t, d, gate.stride(0) if has_res else 0, shift.stride(0), scale.stride(0), eps,
+        1.0 if out_scale is None else out_scale,
         HAS_RES=has_res, OUT_FP8=out_dtype == E4M3, BLOCK_D=block_d, ROWS=rows, num_warps=2 if rows == 1 else 4)
     return xout, y
 
