@@ -110,7 +110,6 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
         return x
 
-
     def forward_fused(
         self,
         x: torch.Tensor,
