@@ -89,9 +89,9 @@ def test_ops_pass_torch_library_opcheck():
     opcheck(gelu_tanh_fp8, (torch.randn(4, 32, generator=gen), 2.0))
 
 
-def _randomised(seed: int = 0, **kw) -> torch.nn.Module:
+def _randomised(seed: int = 0, name: str = "DiT-S/2", **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = create_model("DiT-S/2", **{**TINY, **kw}).eval()
+    m = create_model(name, **{**TINY, **kw}).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name != "pos_embed":
@@ -122,6 +122,11 @@ def test_deferred_residual_blocks_equal_the_plain_forward_in_float64(text):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _batch(n: int, gen: torch.Generator):
+    """(x, t, y) for a TINY class model: 8x8x4 latents, random timesteps, labels cycling over 4 classes + null."""
+    return torch.randn(n, 4, 8, 8, generator=gen), torch.randint(0, 1000, (n,), generator=gen), torch.arange(n) % 5
+
+
 def _calibrated(model, x, t, y):
     m8 = copy.deepcopy(model)
     convert_to_float8(m8)
@@ -132,8 +137,7 @@ def _calibrated(model, x, t, y):
 
 def test_fp8_model_takes_the_fused_path_with_the_plain_paths_accuracy(monkeypatch):
     ref = _randomised(seed=5)
-    gen = torch.Generator().manual_seed(5)
-    x, t, y = torch.randn(8, 4, 8, 8, generator=gen), torch.randint(0, 1000, (8,), generator=gen), torch.arange(8) % 5
+    x, t, y = _batch(8, torch.Generator().manual_seed(5))
     m8 = _calibrated(ref, x, t, y)
     calls = []
     real = type(m8.blocks[0]).forward_fused
@@ -158,8 +162,7 @@ def test_fp8_model_takes_the_fused_path_with_the_plain_paths_accuracy(monkeypatc
 
 def test_inference_gemms_use_fast_accumulation_and_training_gemms_do_not(monkeypatch):
     ref = _randomised(seed=6)
-    gen = torch.Generator().manual_seed(6)
-    x, t, y = torch.randn(16, 4, 8, 8, generator=gen), torch.randint(0, 1000, (16,), generator=gen), torch.arange(16) % 5
+    x, t, y = _batch(16, torch.Generator().manual_seed(6))
     m8 = _calibrated(ref, x, t, y)
     seen = []
     real = torch._scaled_mm
@@ -175,16 +178,10 @@ def test_inference_gemms_use_fast_accumulation_and_training_gemms_do_not(monkeyp
 
 def test_fused_path_falls_back_per_layer_when_rows_do_not_fit_fp8_gemms():
     # DiT-S/4 at 8x8: 4 tokens per image, 3 images = 12 rows, not a multiple of 16: the GEMMs run in the compute dtype
-    torch.manual_seed(7)
-    ref = create_model("DiT-S/4", **TINY).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.1)
+    ref = _randomised(seed=7, name="DiT-S/4")
     gen = torch.Generator().manual_seed(7)
     x, t, y = torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([5, 500, 900]), torch.tensor([0, 1, 4])
-    m8 = _calibrated(ref, torch.randn(16, 4, 8, 8, generator=gen), torch.randint(0, 1000, (16,), generator=gen),
-                     torch.arange(16) % 5)
+    m8 = _calibrated(ref, *_batch(16, gen))
     with torch.no_grad():
         fused = m8(x, t, y=y)
         m8.fused_inference = False
