@@ -222,12 +222,17 @@ def float8_for_sampling(setup: SamplingSetup, device: torch.device, *, precision
     The scales come from forward passes over random unit-variance latents (what a sampler's x_t is, up to the data
     part) at ``timesteps`` timesteps spread over the schedule, with random class labels including the null class
     (unconditional models: none; text models: the empty prompt, the unconditional branch). Call before
-    ``compile_for_sampling``. FP8 tensor cores need an H100 or newer; elsewhere it runs (slowly) for testing.
+    ``compile_for_sampling``. On a GPU it needs FP8 tensor cores (compute capability 8.9+; ValueError otherwise); on
+    the CPU it runs (slowly) for testing.
     Returns the number of layers converted. 1.34x per guided DiT-XL/2 step on an H100, with the fused kernels the
     calibrated model then runs (``dit.models.kernels``; docs/benchmarks.md, run 7).
     """
     from dit.models.fp8 import calibrate_float8, convert_to_float8
 
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--fp8: needs FP8 tensor cores (compute capability 8.9 or newer: L4, L40, H100, ...); "
+                         f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
     model = setup.model
     if convert_to_float8(model) == 0:
         raise ValueError(f"--fp8: {setup.model_name or type(model).__name__} has no transformer blocks to run in FP8 "

@@ -175,6 +175,17 @@ def test_sample_tool_fp8_rejects_models_without_transformer_blocks(tmp_path, cap
     assert err.startswith("error: --fp8: UNet-S has no transformer blocks") and err.count("\n") == 1
 
 
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_one_clear_error(tmp_path, monkeypatch):
+    from dit.sample import float8_for_sampling, load_sampling_setup
+
+    setup = load_sampling_setup(str(_our_ckpt(tmp_path / "tiny.pt")), device="cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"--fp8: needs FP8 tensor cores .* NVIDIA A100-SXM4-80GB is sm_80"):
+        float8_for_sampling(setup, torch.device("cuda"))
+    assert not any(type(m).__name__ == "Float8Linear" for m in setup.model.modules())  # nothing converted
+
+
 def test_npz_parts_record_fp8_so_a_resume_never_mixes_precisions(tmp_path):
     from dit.sample import float8_for_sampling, load_sampling_setup, sample_npz_parts
 
