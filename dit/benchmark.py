@@ -50,6 +50,8 @@ VARIANTS = {
                          "False): Inductor's LayerNorm/GELU/FP8-cast kernels (run 6's fast-fp8s)",
     "fast-fp8s-promoted": "as fast-fp8s, with the inference GEMMs accumulating with fp32 promotion "
                           "(Float8Linear.fast_accum = False; run 6's GEMMs)",
+    "fast-bm": "as fast-cg, with cuDNN's convolution algorithms chosen by benchmarking each shape "
+               "(torch.backends.cudnn.benchmark = True) instead of its heuristics (the UNet)",
     "fast-mk": "as fast-cg, with Inductor's multi-kernel reductions (persistent and looped variants compiled, the "
                "faster chosen by benchmarking at run time)",
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
@@ -199,6 +201,7 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
     torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
+    torch.backends.cudnn.benchmark = variant == "fast-bm"
     model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)

@@ -63,6 +63,19 @@ def test_variants_fp8_and_multi_kernel():
         _prepare("UNet-S", "fast-fp8", torch.device("cpu"), {})
     opts = compile_settings("fast-mk", torch.device("cuda"), training=True)["options"]
     assert opts["triton.multi_kernel"] == 1 and opts["triton.cudagraphs"]
+    # the ablations of run 7: the plain FP8 block forward, promoted accumulation
+    unfused = _prepare("DiT-S/4", "fast-fp8s-unfused", torch.device("cpu"), tiny)[0]
+    assert not unfused.fused_inference and all(m.input_scale > 0 for m in fp8(unfused))
+    assert not any(m.fast_accum for m in fp8(_prepare("DiT-S/4", "fast-fp8s-promoted", torch.device("cpu"), tiny)[0]))
+    assert all(m.fast_accum for m in static)
+    # cuDNN autotuning is set by fast-bm only, and reset by every other variant
+    try:
+        _prepare("DiT-S/4", "fast-bm", torch.device("cpu"), tiny)
+        assert torch.backends.cudnn.benchmark
+        _prepare("DiT-S/4", "fast-cg", torch.device("cpu"), tiny)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def test_step_ops_time_every_operation_on_cpu():
