@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from dit.benchmark import _calibration_passes, _randomise_zero_init, time_fn
 from dit.models import create_model
 from dit.models import kernels as K
-from dit.models.fp8 import calibrate_float8, convert_to_float8
+from dit.models.fp8 import E4M3, calibrate_float8, convert_to_float8
 from dit.models.layers import modulate
-
-E4M3 = torch.float8_e4m3fn
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -36,6 +36,13 @@ E5M2 = torch.float8_e5m2
 DIT_BLOCK_LINEARS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
 
 
+def saturating_cast(x: torch.Tensor, scale: float | torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """``x * scale`` in the FP8 ``dtype``, clamped to the format's largest finite value (no inf/nan from values
+    beyond a calibrated range). Shape unchanged."""
+    fmax = torch.finfo(dtype).max
+    return (x * scale).clamp(-fmax, fmax).to(dtype)
+
+
 def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-tensor scaling: ``x`` -> (``x * s`` in ``dtype``, ``1 / s``) with ``s = fp8_max / amax(|x|)``.
 
@@ -44,7 +51,7 @@ def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     fmax = torch.finfo(dtype).max
     amax = x.detach().abs().amax().float().clamp_min(1e-12)  # all-zero tensors: any finite scale works
     scale = fmax / amax
-    x8 = (x.float() * scale).clamp(-fmax, fmax).to(dtype)
+    x8 = saturating_cast(x.float(), scale, dtype)
     return x8, scale.reciprocal()
 
 
@@ -137,8 +144,7 @@ class Float8Linear(nn.Linear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Static scaling (after ``calibrate_float8``): ``x * input_scale`` in E4M3, no amax pass; inputs beyond the
         calibrated range saturate at the format's maximum. (..., K) -> (..., K) E4M3."""
-        fmax = torch.finfo(E4M3).max
-        return (x.float() * self.input_scale).clamp(-fmax, fmax).to(E4M3)
+        return saturating_cast(x.float(), self.input_scale)
 
     def forward_float8(self, x8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The static-scale GEMM on an input already cast by ``quantize_input`` (or by a fused kernel with the same

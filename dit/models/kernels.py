@@ -28,15 +28,12 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-E4M3 = torch.float8_e4m3fn
-_E4M3_MAX = 448.0  # torch.finfo(E4M3).max
+from .fp8 import E4M3, saturating_cast
 
 
 def _to_output(y: torch.Tensor, out_scale: float | None, out_dtype: torch.dtype) -> torch.Tensor:
     """fp32 ``y`` -> ``out_dtype``; for E4M3, scaled by ``out_scale`` and saturated at the format's maximum."""
-    if out_dtype == E4M3:
-        return (y * out_scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(E4M3)
-    return y.to(out_dtype)
+    return saturating_cast(y, out_scale) if out_dtype == E4M3 else y.to(out_dtype)
 
 
 def _check_out(name: str, out_scale: float | None, out_dtype: torch.dtype) -> None:
@@ -81,7 +78,7 @@ def _triton():
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2/pi) (h + 0.044715 h^3)
         t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # tanh(u); saturates to +-1 when exp over/underflows
         y = 0.5 * h * (1.0 + t) * out_scale
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)  # saturate at E4M3's largest finite value
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
