@@ -625,6 +625,7 @@ def bench_step_ops(name: str, *, device: torch.device, warmup: int = 3, iters: i
     fused AdamW step, since the clip factor now rides in the step), and, for models with a transformer MLP, the fc1
     GEMM with and without the GELU epilogue at a sampling batch of ``mlp_rows`` images (bf16).
     """
+    from dit.optim import AdamWEMA
     from dit.train import clip_in_fused_step, ema_update_unless
     from dit.utils.ema import EMA, shard_pairs
 
@@ -652,13 +653,30 @@ def bench_step_ops(name: str, *, device: torch.device, warmup: int = 3, iters: i
         clip_in_fused_step(params, 1.0, opt)
         opt.step()
 
+    ema_of = dict(zip(model.parameters(), dst))
+    one_pass = AdamWEMA(opt, [ema_of[p] for p in params])
+
+    def step_then_ema():  # train.fused_adamw_ema=false
+        clip_in_fused_step(params, 1.0, opt)
+        opt.found_inf = skip.float()
+        opt.step()
+        ema_update_unless(ema, model, 0.9999, skip, (dst, src))
+
+    def step_with_ema():  # the trainer on CUDA
+        clip_in_fused_step(params, 1.0, opt)
+        opt.found_inf = skip.float()
+        one_pass.step(1e-4)
+
     ops = {
         "ema: sub + mul + add, device weight": ema_three_ops,
         "ema: one lerp, device weight (trainer)": lambda: ema_update_unless(ema, model, 0.9999, skip, (dst, src)),
         "ema: one lerp, float weight (cannot skip)": lambda: ema.update(model, 0.9999),
         "clip_grad_norm_ + AdamW step": clip_then_step,
-        "norm + AdamW step with grad_scale (trainer)": clip_in_step,
+        "norm + AdamW step with grad_scale (trainer before run 8)": clip_in_step,
+        "norm + AdamW step, then EMA lerp (fused_adamw_ema=false)": step_then_ema,
     }
+    if one_pass.fused:
+        ops["norm + AdamW + EMA in one kernel (trainer)"] = step_with_ema
     mlp = next((m for m in model.modules() if isinstance(m, Mlp)), None)
     if mlp is not None and hasattr(model, "x_embedder"):
         dt = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -120,6 +120,9 @@ class TrainConfig:
     seed: int = 0
     tf32: bool = True
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    # On CUDA, AdamW's update and the EMA update in one Triton kernel (dit/optim.py; the same state and results as
+    # torch's fused AdamW to fp32 rounding); false: torch's fused AdamW, then a separate EMA pass
+    fused_adamw_ema: bool = True
     log_every: int = 100
     ckpt_every: int = 50_000
     sample_every: int = 0  # 0 = only at the end of the run

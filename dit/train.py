@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
-from dit.utils.ema import EMA, ema_decay_at, shard_pairs
+from dit.optim import AdamWEMA
+from dit.utils.ema import EMA, copy_buffers, ema_decay_at, shard_pairs
 
 logger = logging.getLogger("dit.train")
 
@@ -656,6 +657,15 @@ def train(cfg: Config) -> dict:
     # models' GPU steps cannot hide. The parameters are final here (sharded, if at all, above).
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     ema_pairs = shard_pairs(ema.module, raw_model)
+    # AdamW's update and the EMA in one pass over the weights (dit/optim.py): a CUDA-only Triton kernel; elsewhere,
+    # and with train.fused_adamw_ema=false, the fused AdamW step and then a foreach lerp.
+    adamw_ema = None
+    if fused_skip and not fsdp and tc.fused_adamw_ema:
+        adamw_ema = AdamWEMA(inner_opt, list(ema.module.parameters()))
+        if is_main and device.type == "cuda":
+            logger.info("AdamW + EMA: %s", "one Triton kernel" if adamw_ema.fused else
+                        f"separate passes ({adamw_ema.reason})")
+        adamw_ema = adamw_ema if adamw_ema.fused else None
 
     def flush() -> None:
         """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""
@@ -737,11 +747,17 @@ def train(cfg: Config) -> dict:
                             bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
                             if fused_skip:
                                 inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
-                                optimizer.step()
+                                if adamw_ema is not None:  # the EMA update rides in the same kernel
+                                    adamw_ema.step(1.0 - ema_decay_at(tc.ema_decay, step, tc.ema_warmup))
+                                else:
+                                    optimizer.step()
                             elif not bool(bad):  # no fused AdamW on this device: one host sync per step
                                 optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad, pairs=ema_pairs)
+            if adamw_ema is None:
+                ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad, pairs=ema_pairs)
+            else:
+                copy_buffers(ema.module, raw_model)
             scheduler.step()
             step += 1
             window_steps += 1
@@ -853,9 +869,7 @@ def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tens
     # One pass (read both, write the EMA) with the device weight: 3.9 ms on DiT-XL/2's 675M parameters against
     # 8.1 ms for sub + mul + add (docs/benchmarks.md). lerp(e, p, w) = e + w (p - e); w = 0 leaves e untouched.
     torch._foreach_lerp_(dst, src, [w] * len(dst))
-    for b_ema, b in zip(ema.module.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
+    copy_buffers(ema.module, model)
 
 def _autocast(model: nn.Module, accelerator: Any) -> Any:
     """``model`` called under the accelerator's autocast (what ``prepare`` adds to a model it wraps)."""

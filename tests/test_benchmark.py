@@ -83,10 +83,10 @@ def test_step_ops_time_every_operation_on_cpu():
 
     tiny = {"input_size": 8, "depth": 1, "hidden_size": 32, "num_heads": 2}
     ms = bench_step_ops("DiT-S/4", device=torch.device("cpu"), warmup=0, iters=1, mlp_rows=2, overrides=tiny)
-    assert len(ms) == 8 and all(v > 0 for v in ms.values())
+    assert len(ms) == 9 and all(v > 0 for v in ms.values())  # the one-kernel AdamW + EMA row is CUDA-only
     assert "mlp: fc1 GEMM + bias + GELU epilogue (sampling)" in ms
     assert len(bench_step_ops("UNet-S", device=torch.device("cpu"), warmup=0, iters=1,
-                              overrides={"model_channels": 32, "num_res_blocks": 1})) == 5  # no transformer MLP
+                              overrides={"model_channels": 32, "num_res_blocks": 1})) == 6  # no transformer MLP
 
 
 def test_kernel_categories_and_table():

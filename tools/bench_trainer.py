@@ -69,6 +69,10 @@ def main() -> int:
                 timed_out = True
                 print(f"[trainer] {name}: stopped after --timeout {a.timeout:.0f} s; reporting the steps logged",
                       flush=True)
+            if not timed_out:  # how the trainer ran its optimizer step (dit/optim.py)
+                for line in proc.stderr.splitlines():
+                    if "AdamW + EMA:" in line:
+                        print(f"[trainer] {name}: AdamW + EMA:{line.split('AdamW + EMA:', 1)[1]}", flush=True)
             if not timed_out and proc.returncode != 0:
                 print(f"[trainer] {name}: FAILED (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
                 continue

@@ -38,6 +38,13 @@ def shard_pairs(ema_module: nn.Module, model: nn.Module) -> tuple[list[torch.Ten
     return dst, src
 
 
+@torch.no_grad()
+def copy_buffers(ema_module: nn.Module, model: nn.Module) -> None:
+    """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged."""
+    for b_ema, b in zip(ema_module.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
 class EMA:
     """fp32 shadow copy of a model: ``ema = decay * ema + (1 - decay) * model`` after every optimizer step.
 
@@ -61,8 +68,7 @@ class EMA:
             src = [s.float() for s in src]
         # lerp(ema, p, w) = ema + w (p - ema) = decay * ema + (1 - decay) * p with w = 1 - decay; one fused kernel
         torch._foreach_lerp_(dst, src, 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        copy_buffers(self.module, model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

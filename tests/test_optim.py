@@ -1,0 +1,166 @@
+"""The one-pass AdamW + EMA step (dit.optim.AdamWEMA) against torch.optim.AdamW followed by a lerp.
+
+The Triton kernel runs here in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before Triton is imported, so
+in a subprocess); scripts/check_adamw_ema.py checks the compiled kernel on a GPU against torch's fused AdamW.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit.optim import AdamWEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Parameter shapes: aligned sizes (the kernel's vectorised path) and odd ones (masking), one tensor over several
+# blocks, and a frozen one without a gradient.
+CASE = textwrap.dedent("""
+    import copy
+
+    import torch
+    from dit.optim import AdamWEMA
+
+    SHAPES = [(37, 5), (3000,), (64, 8), (12,)]
+
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+
+    def run(fused_kernel, steps=6, force=True):
+        params = make()
+        ema = [p.detach().clone() * 0.5 for p in params]
+        opt = torch.optim.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+        step = AdamWEMA(opt, ema, block=256, force_triton=force) if fused_kernel else None
+        for k in range(steps):
+            g = torch.Generator().manual_seed(100 + k)
+            for i, p in enumerate(params):
+                p.grad = None if (i == 1 and k == 2) or i == 3 else torch.randn(p.shape, generator=g)
+            skip = k == 3
+            scale = torch.tensor(1.0 + k)  # a gradient-clipping factor, as clip_in_fused_step sets it
+            w = 0.9 if k == 0 else 0.01  # both forms of torch.lerp
+            if step is not None:
+                assert step.fused, step.reason
+                opt.grad_scale, opt.found_inf = scale, torch.tensor(float(skip))
+                step.step(w)
+            elif not skip:  # the reference: unscale, torch's AdamW, then the EMA lerp
+                for p in params:
+                    if p.grad is not None:
+                        p.grad /= scale
+                opt.step()
+                torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+        return params, ema, opt
+""")
+
+
+def _run_interpreted(body: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", CASE + textwrap.dedent(body)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_kernel_matches_torch_adamw_then_lerp_in_the_triton_interpreter():
+    out = _run_interpreted("""
+        ref, mine = run(False), run(True)
+        for name, a, b in [("param", ref[0], mine[0]), ("ema", ref[1], mine[1])]:
+            for i, (x, y) in enumerate(zip(a, b)):
+                err = ((x - y).abs().max() / x.abs().max()).item()
+                assert err < 2e-6, (name, i, err)
+        for i, (p, q) in enumerate(zip(ref[0], mine[0])):
+            s_ref, s_mine = ref[2].state.get(p, {}), mine[2].state[q]
+            if i == 3:  # never had a gradient: moments untouched, no step counted
+                assert s_mine["step"].item() == 0 and s_mine["exp_avg"].abs().max() == 0, i
+                assert not s_ref
+                continue
+            # 6 steps, one skipped; tensor 1 had no gradient once
+            assert s_mine["step"].item() == s_ref["step"].item() == (4 if i == 1 else 5), i
+            for k in ("exp_avg", "exp_avg_sq"):
+                err = ((s_ref[k] - s_mine[k]).abs().max() / s_ref[k].abs().max()).item()
+                assert err < 2e-6, (i, k, err)
+        # the frozen tensor's EMA moved towards it anyway (the trainer's EMA covers every parameter)
+        assert not torch.equal(mine[1][3], mine[0][3].detach() * 0.5)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
+def test_kernel_state_is_torch_adamws_and_a_skipped_step_changes_nothing():
+    out = _run_interpreted("""
+        params, ema, opt = run(True, steps=3)
+        # a plain AdamW loads the state and continues exactly as the kernel does
+        plain = make()
+        for p, q in zip(plain, params):
+            p.data.copy_(q.detach())
+        plain_opt = torch.optim.AdamW(plain, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+        plain_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict would share the tensors
+        step = AdamWEMA(opt, ema, block=256, force_triton=True)
+        before = [p.detach().clone() for p in params] + [e.clone() for e in ema]
+        moments = [t.clone() for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
+        opt.found_inf, opt.grad_scale = torch.tensor(1.0), None
+        step.step(0.5)  # skipped: nothing moves, not even the step counters
+        after = [p.detach() for p in params] + ema
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert all(torch.equal(a, b) for a, b in zip(moments,
+                   [t for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"], s["step"])]))
+        g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) for p in params]
+        for p, q, gi in zip(params, plain, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        opt.found_inf = None
+        step.step(0.0)
+        plain_opt.step()
+        for p, q in zip(params, plain):
+            assert ((p - q).abs().max() / q.abs().max()).item() < 2e-6
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+
+
+def test_fallback_is_the_optimizer_step_then_a_lerp_and_skips_without_a_host_sync():
+    params, ref = _tiny(), _tiny()
+    ema, ema_ref = [p.detach().clone() for p in params], [p.detach().clone() for p in ref]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    opt_ref = torch.optim.AdamW(ref, lr=0.1, fused=True)
+    step = AdamWEMA(opt, ema)
+    assert not step.fused and "CUDA" in step.reason  # CPU tensors
+    for k, skip in enumerate([0.0, 1.0, 0.0]):
+        for p, q in zip(params, ref):
+            p.grad = torch.full_like(p, 0.5 + k)
+            q.grad = p.grad.clone()
+        opt.found_inf = torch.tensor(skip)
+        step.step(0.25)
+        if not skip:
+            opt_ref.step()
+            torch._foreach_lerp_(ema_ref, [q.detach() for q in ref], 0.25)
+        assert all(torch.equal(a, b) for a, b in zip(params + ema, ref + ema_ref)), k
+    assert opt.state[params[0]]["step"].item() == 2
+
+
+def test_unsupported_settings_are_named_and_bad_ema_lists_rejected():
+    params = _tiny()
+    assert "amsgrad" in AdamWEMA(torch.optim.AdamW(params, amsgrad=True), force_triton=True).reason
+    assert "not torch.optim.AdamW" in AdamWEMA(torch.optim.Adam(params), force_triton=True).reason
+    with pytest.raises(ValueError, match="1 EMA tensors for 2 parameters"):
+        AdamWEMA(torch.optim.AdamW(params), [params[0].detach()])
+    with pytest.raises(ValueError, match=r"EMA tensor 1 has shape \(3,\), its parameter \(7,\)"):
+        AdamWEMA(torch.optim.AdamW(params), [params[0].detach(), torch.zeros(3)])
