@@ -39,6 +39,8 @@ VARIANTS = {
                "around cuDNN convolutions: the UNet)",
     "fast-bf16r": "as fast-cg, with the DiT's residual stream in bf16 (DiT.set_low_precision_residual) instead of "
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
+    "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
+                "too (DiT.fused_training: DiTBlock.forward_fused with autograd; backward compiled by Inductor)",
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
@@ -226,6 +228,10 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
             for m in model.modules():
                 if hasattr(m, "fast_accum"):
                     m.fast_accum = False
+    if variant == "fast-lnk":
+        if not hasattr(model, "fused_training"):
+            raise ValueError(f"variant fast-lnk: {name} has no fused training forward (DiTs only)")
+        model.fused_training = True
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
             raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")

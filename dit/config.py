@@ -37,6 +37,9 @@ class ModelConfig:
     # +4.8% training img/s on DiT-S/2; output error vs fp32 6.8e-3 (S/2) but 1.3e-2 (XL/2), over the 1e-2 target
     # (docs/benchmarks.md, run 5). Off: the official numerics (fp32 stream).
     low_precision_residual: bool = False
+    # DiTs only: train with DiTBlock.forward_fused, each residual update + LayerNorm + modulation in one Triton kernel
+    # (dit.models.kernels; backward compiled by Inductor). Same results to fp32 rounding (docs/benchmarks.md, run 8).
+    fused_training: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).

@@ -30,7 +30,7 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
         run_benchmarks(["DiT-S/4"], ["turbo"], overrides=tiny)
 
 
-def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
+def test_variants_set_model_options_bf16_residual_unfused_gelu_and_fused_training():
     from dit.benchmark import _prepare
     from dit.models.layers import Mlp
 
@@ -45,6 +45,9 @@ def test_variants_set_model_options_bf16_residual_and_unfused_gelu():
     assert all(not m.fused_inference for m in mlps(_prepare("DiT-S/4", "fast-unfused-gelu", torch.device("cpu"),
                                                             tiny)[0]))
     assert all(m.fused_inference for m in mlps(model)) and mlps(model)
+    assert _prepare("DiT-S/4", "fast-lnk", torch.device("cpu"), tiny)[0].fused_training and not model.fused_training
+    with pytest.raises(ValueError, match="fast-lnk: UNet-S has no fused training forward"):
+        _prepare("UNet-S", "fast-lnk", torch.device("cpu"), {})
 
 
 def test_variants_fp8_and_multi_kernel():

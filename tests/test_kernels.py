@@ -1,4 +1,4 @@
-"""Fused inference ops (dit.models.kernels) and the DiT's fused FP8 inference path, on CPU.
+"""Fused ops (dit.models.kernels), the DiT's fused FP8 inference path and its fused training forward, on CPU.
 
 The CUDA (Triton) kernels are checked against these same reference implementations on the GPU by
 ``scripts/check_kernels.py`` (docs/benchmarks.md, run 7); here the references are checked against float64 formulas,
@@ -120,6 +120,37 @@ def test_deferred_residual_blocks_equal_the_plain_forward_in_float64(text):
         o, gate = pending
         got = got + gate.unsqueeze(1) * o
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_layernorm_ops_gradients_pass_gradcheck_in_float64():
+    x, o, gate, shift, scale = (v.clone().requires_grad_() for v in _inputs(torch.Generator().manual_seed(6)))
+    assert torch.autograd.gradcheck(
+        lambda *a: add_layernorm_modulate(*a, 1e-6, None, torch.float64), (x, o, gate, shift, scale))
+    assert torch.autograd.gradcheck(lambda *a: layernorm_modulate(*a, 1e-6, None, torch.float64), (x, shift, scale))
+    with pytest.raises(RuntimeError, match="E4M3 output has no gradient"):
+        layernorm_modulate(x.float(), shift.float(), scale.float(), 1e-6, 2.0, E4M3).float().sum().backward()
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_fused_training_forward_gives_the_plain_models_gradients(text):
+    """DiT.fused_training runs forward_fused with autograd: loss and every parameter gradient equal the plain
+    forward's (float64; the ops' backward formulas against autograd through nn.LayerNorm)."""
+    m = (_randomised(context_dim=8, num_classes=0) if text else _randomised()).double().train()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    kw = {"context": torch.randn(3, 5, 8, generator=gen, dtype=torch.float64),
+          "context_mask": torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)} if text else {"y": torch.arange(3)}
+    grads = []
+    for fused in (False, True):
+        m.fused_training = fused
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # label dropout draws the same
+        (m(x, t, **kw) ** 2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-12, msg=k)
 
 
 def _batch(n: int, gen: torch.Generator):

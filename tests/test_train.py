@@ -581,6 +581,24 @@ def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
         _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.low_precision_residual=true")
 
 
+def test_fused_training_option_runs_the_fused_block_forward(tmp_path, monkeypatch):
+    from dit.config import ConfigError
+    from dit.models.dit import DiTBlock
+
+    calls = []
+    real = DiTBlock.forward_fused
+    monkeypatch.setattr(DiTBlock, "forward_fused", lambda self, *a, **k: (calls.append(torch.is_grad_enabled()),
+                                                                         real(self, *a, **k))[1])
+    _train(tmp_path / "fused", "train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0",
+           "model.fused_training=true")
+    assert calls and all(calls)  # the training forward, with autograd
+    calls.clear()
+    _train(tmp_path / "off", "train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0")
+    assert not calls
+    with pytest.raises(ConfigError, match="model.fused_training: UNet-S has no fused training forward"):
+        _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.fused_training=true")
+
+
 def test_grid_guidance_interval(tmp_path, monkeypatch):
     """sample.guidance_interval reaches the training grids' guidance (as timesteps of the training schedule), and a
     range holding no timestep is refused before training starts (no checkpoint written)."""

@@ -119,7 +119,7 @@ class DiTBlock(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``forward`` without autograd, each residual update fused into the LayerNorm kernel that follows it
+        """``forward`` with each residual update fused into the LayerNorm kernel that follows it
         (``dit.models.kernels``); the block's last update is left pending for the next block's first LayerNorm.
 
         x: (N, T, D) stream before ``pending`` = (o (N, T, D), gate (N, D)) is added (None: nothing pending);
@@ -235,6 +235,9 @@ class DiT(nn.Module):
         # FP8 casts in one kernel (dit.models.kernels). False = the plain block forward (the benchmark's ablation).
         # bf16 models keep the plain forward: Inductor's kernels are as fast there (docs/benchmarks.md, run 7).
         self.fused_inference = True
+        # With autograd: the same deferred-residual forward, its LayerNorm kernels differentiable (backward by
+        # Inductor under torch.compile). Off by default: see docs/benchmarks.md, run 8, for what it measured.
+        self.fused_training = False
 
         self.x_embedder = PatchEmbed(img_size=input_size, patch_size=patch_size, in_chans=in_channels,
                                      embed_dim=hidden_size)
@@ -371,15 +374,18 @@ class DiT(nn.Module):
                 pooled = masked_mean(context, mask)  # (N, C_ctx)
             ctx = self.context_embedder(context.to(c.dtype))  # (N, L, D)
             c = c + self.pooled_embedder(pooled.to(c.dtype))  # (N, D)
-        if self.fused_inference and not torch.is_grad_enabled() \
-                and getattr(self.blocks[0].attn.qkv, "input_scale", None) is not None:
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            fused = self.fused_training and not use_ckpt
+        else:
+            fused = self.fused_inference and getattr(self.blocks[0].attn.qkv, "input_scale", None) is not None
+        if fused:
             pending = None
             dtype = compute_dtype(h.device, h.dtype)
             for block in self.blocks:
                 h, pending = block.forward_fused(h, c, pending, dtype, ctx, mask)  # (N, T, D), ((N, T, D), (N, D))
             o, gate = pending
             return self.unpatchify(self.final_layer(h + gate.unsqueeze(1) * o, c))  # (N, C_out, H, W)
-        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
                 h = checkpoint(block, h, c, ctx, mask, use_reentrant=False)  # (N, T, D)

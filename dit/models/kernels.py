@@ -189,3 +189,66 @@ def gelu_tanh_fp8(h: torch.Tensor, out_scale: float) -> torch.Tensor:
 @gelu_tanh_fp8.register_fake
 def _(h, out_scale):
     return h.new_empty(h.shape, dtype=E4M3)
+
+
+# ---- autograd: the LayerNorm ops are differentiable (training with DiT.fused_training) ----------------------------
+# The backward is plain PyTorch: under torch.compile it is traced into the backward graph and Inductor fuses it with
+# its neighbours, as it does for nn.LayerNorm's. The row statistics are recomputed from the saved normalised input
+# (the updated residual stream, which the backward reads anyway) instead of being saved by the forward kernel.
+
+
+def _ln_modulate_backward(x, shift, scale, eps, dy):
+    """Gradients of ``y = LN(x) * (1 + scale) + shift`` (no affine LayerNorm parameters): dy (N, T, D) ->
+    (dx (N, T, D), dshift (N, D), dscale (N, D)) in the accumulation dtype."""
+    acc = _acc(x)
+    x, dy = x.to(acc), dy.to(acc)
+    mean = x.mean(-1, keepdim=True)  # (N, T, 1)
+    xc = x - mean
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)  # (N, T, 1)
+    xhat = xc * rstd  # (N, T, D)
+    g = dy * (1 + scale.to(acc).unsqueeze(1))  # d loss / d xhat
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx, dy.sum(1), (dy * xhat).sum(1)
+
+
+def _check_differentiable(ctx_name: str, out_dtype: torch.dtype) -> None:
+    if out_dtype == E4M3:
+        raise RuntimeError(f"{ctx_name}: an E4M3 output has no gradient (FP8 inference only)")
+
+
+def _ln_mod_setup(ctx, inputs, output):
+    x, shift, scale, eps, out_scale, out_dtype = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps, ctx.out_dtype = eps, out_dtype
+
+
+def _ln_mod_bwd(ctx, dy):
+    _check_differentiable("layernorm_modulate", ctx.out_dtype)
+    x, shift, scale = ctx.saved_tensors
+    dx, dshift, dscale = _ln_modulate_backward(x, shift, scale, ctx.eps, dy)
+    return dx.to(x.dtype), dshift.to(shift.dtype), dscale.to(scale.dtype), None, None, None
+
+
+layernorm_modulate.register_autograd(_ln_mod_bwd, setup_context=_ln_mod_setup)
+
+
+def _add_ln_mod_setup(ctx, inputs, output):
+    x, o, gate, shift, scale, eps, out_scale, out_dtype = inputs
+    ctx.save_for_backward(output[0], o, gate, shift, scale)  # x' = x + gate * o: LayerNorm's input
+    ctx.eps, ctx.out_dtype, ctx.x_dtype = eps, out_dtype, x.dtype
+
+
+def _add_ln_mod_bwd(ctx, dx_new, dy):
+    _check_differentiable("add_layernorm_modulate", ctx.out_dtype)
+    x_new, o, gate, shift, scale = ctx.saved_tensors
+    dx, dshift, dscale = _ln_modulate_backward(x_new, shift, scale, ctx.eps, dy)
+    if dx_new is not None:  # x' also continues along the residual stream
+        dx = dx + dx_new.to(dx.dtype)
+    acc = dx.dtype
+    do = dx * gate.to(acc).unsqueeze(1)  # (N, T, D)
+    dgate = (dx * o.to(acc)).sum(1)  # (N, D)
+    return (dx.to(ctx.x_dtype), do.to(o.dtype), dgate.to(gate.dtype), dshift.to(shift.dtype),
+            dscale.to(scale.dtype), None, None, None)
+
+
+add_layernorm_modulate.register_autograd(_add_ln_mod_bwd, setup_context=_add_ln_mod_setup)
