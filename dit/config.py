@@ -37,9 +37,10 @@ class ModelConfig:
     # +4.8% training img/s on DiT-S/2; output error vs fp32 6.8e-3 (S/2) but 1.3e-2 (XL/2), over the 1e-2 target
     # (docs/benchmarks.md, run 5). Off: the official numerics (fp32 stream).
     low_precision_residual: bool = False
-    # DiTs only: train with DiTBlock.forward_fused, each residual update + LayerNorm + modulation in one Triton kernel
-    # (dit.models.kernels; backward compiled by Inductor). Same results to fp32 rounding (docs/benchmarks.md, run 8).
-    fused_training: bool = False
+    # DiTs with model.compile=true: train with DiTBlock.forward_fused, each residual update + LayerNorm + modulation
+    # in one Triton kernel (dit.models.kernels; its backward compiled by Inductor). Same results to fp32 rounding,
+    # +4.8% img/s for DiT-XL/2, +1.2% for S/2 (docs/benchmarks.md, run 8). Ignored without compile and by the UNet.
+    fused_training: bool = True
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).

@@ -522,10 +522,8 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.low_precision_residual: {cfg.model.name} has no low-precision residual stream "
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
-    if cfg.model.fused_training:
-        if not hasattr(raw_model, "fused_training"):
-            raise ConfigError(f"model.fused_training: {cfg.model.name} has no fused training forward (DiT models only)")
-        raw_model.fused_training = True
+    if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
+        raw_model.fused_training = True  # eager, the kernels' backward would run as a dozen unfused ops
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1

@@ -581,22 +581,25 @@ def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
         _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.low_precision_residual=true")
 
 
-def test_fused_training_option_runs_the_fused_block_forward(tmp_path, monkeypatch):
-    from dit.config import ConfigError
+def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_path, monkeypatch):
+    """model.fused_training (default true) switches a compiled DiT to DiTBlock.forward_fused; eager runs and UNets
+    keep their forward. torch.compile is replaced by a stand-in that returns the function unchanged."""
     from dit.models.dit import DiTBlock
 
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     calls = []
     real = DiTBlock.forward_fused
     monkeypatch.setattr(DiTBlock, "forward_fused", lambda self, *a, **k: (calls.append(torch.is_grad_enabled()),
                                                                          real(self, *a, **k))[1])
-    _train(tmp_path / "fused", "train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0",
-           "model.fused_training=true")
+    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0")
+    _train(tmp_path / "fused", *common, "model.compile=true")
     assert calls and all(calls)  # the training forward, with autograd
     calls.clear()
-    _train(tmp_path / "off", "train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0")
+    _train(tmp_path / "off", *common, "model.compile=true", "model.fused_training=false")
+    _train(tmp_path / "eager", *common)
     assert not calls
-    with pytest.raises(ConfigError, match="model.fused_training: UNet-S has no fused training forward"):
-        _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.fused_training=true")
+    _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 32}",
+           "model.compile=true")
 
 
 def test_grid_guidance_interval(tmp_path, monkeypatch):

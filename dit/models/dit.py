@@ -235,8 +235,9 @@ class DiT(nn.Module):
         # FP8 casts in one kernel (dit.models.kernels). False = the plain block forward (the benchmark's ablation).
         # bf16 models keep the plain forward: Inductor's kernels are as fast there (docs/benchmarks.md, run 7).
         self.fused_inference = True
-        # With autograd: the same deferred-residual forward, its LayerNorm kernels differentiable (backward by
-        # Inductor under torch.compile). Off by default: see docs/benchmarks.md, run 8, for what it measured.
+        # With autograd: the same deferred-residual forward, its LayerNorm kernels differentiable. A win under
+        # torch.compile, which fuses their backward (DiT-XL/2 +4.8% img/s, docs/benchmarks.md, run 8): the trainer
+        # turns it on with model.compile (model.fused_training). Eager, the backward would be a dozen separate ops.
         self.fused_training = False
 
         self.x_embedder = PatchEmbed(img_size=input_size, patch_size=patch_size, in_chans=in_channels,
