@@ -131,6 +131,37 @@ def test_kernel_state_is_torch_adamws_and_a_skipped_step_changes_nothing():
     assert out.strip().endswith("ok")
 
 
+@needs_triton
+def test_kernel_resumes_from_a_saved_state_exactly():
+    """3 steps, the state saved (as the trainer's checkpoint holds it) and loaded into a fresh AdamW + AdamWEMA,
+    then 3 more steps == 6 steps uninterrupted, bit for bit."""
+    out = _run_interpreted("""
+        import io
+        full_p, full_e, _ = run(True, steps=6)
+
+        params, ema, opt = run(True, steps=3)
+        buf = io.BytesIO()
+        torch.save({"p": [p.detach() for p in params], "e": ema, "opt": opt.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf)
+        params = [torch.nn.Parameter(p.clone()) for p in saved["p"]]
+        ema = [e.clone() for e in saved["e"]]
+        opt = torch.optim.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+        opt.load_state_dict(saved["opt"])
+        step = AdamWEMA(opt, ema, block=256, force_triton=True)
+        for k in range(3, 6):  # the same draws as run()'s steps 3..5
+            g = torch.Generator().manual_seed(100 + k)
+            for i, p in enumerate(params):
+                p.grad = None if i == 3 else torch.randn(p.shape, generator=g)
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0 + k), torch.tensor(float(k == 3))
+            step.step(0.01)
+        assert all(torch.equal(a, b) for a, b in zip(params, full_p))
+        assert all(torch.equal(a, b) for a, b in zip(ema, full_e))
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def _tiny(seed=0):
     torch.manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
