@@ -18,11 +18,12 @@ lerp: the reference the kernel is tested against.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from collections.abc import Sequence
 
 import torch
+
+from dit.models.kernels import has_triton
 
 _FIELDS = 8  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses, numel, has_grad
 
@@ -91,11 +92,6 @@ def _kernel():
     return triton, dit_adamw_ema
 
 
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 class AdamWEMA:
     """``optimizer.step()`` followed by ``ema = lerp(ema, param, ema_weight)``, as one Triton kernel on CUDA.
 
@@ -131,15 +127,17 @@ class AdamWEMA:
     def _unsupported(self, force: bool) -> str | None:
         if not isinstance(self.optimizer, torch.optim.AdamW):
             return f"{type(self.optimizer).__name__} is not torch.optim.AdamW"
-        if not _has_triton():
+        if not has_triton():
             return "Triton is not installed"
         tensors = self.params + (self.ema_params or [])
         if not force and not all(t.is_cuda for t in tensors):
             return "parameters are not on a CUDA device"
         if len({t.device for t in tensors}) > 1:
             return "parameters are on several devices"
-        if any(type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter for t in tensors):
-            return "parameters are not plain tensors (FSDP shards?)"
+        if any(hasattr(t, "to_local") for t in tensors):
+            return "parameters are DTensors (FSDP shards)"
+        if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+            return "parameters are tensor subclasses"
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             return "parameters are not contiguous fp32 tensors"
         for g in self.optimizer.param_groups:

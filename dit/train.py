@@ -873,6 +873,7 @@ def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tens
     torch._foreach_lerp_(dst, src, [w] * len(dst))
     copy_buffers(ema.module, model)
 
+
 def _autocast(model: nn.Module, accelerator: Any) -> Any:
     """``model`` called under the accelerator's autocast (what ``prepare`` adds to a model it wraps)."""
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:

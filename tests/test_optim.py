@@ -173,7 +173,7 @@ def test_fallback_is_the_optimizer_step_then_a_lerp_and_skips_without_a_host_syn
     opt = torch.optim.AdamW(params, lr=0.1, fused=True)
     opt_ref = torch.optim.AdamW(ref, lr=0.1, fused=True)
     step = AdamWEMA(opt, ema)
-    assert not step.fused and "CUDA" in step.reason  # CPU tensors
+    assert not step.fused and step.reason  # CPU tensors (or no Triton)
     for k, skip in enumerate([0.0, 1.0, 0.0]):
         for p, q in zip(params, ref):
             p.grad = torch.full_like(p, 0.5 + k)

@@ -52,13 +52,13 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None  # CUDA wheels ship it on Linux, not everywhere
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     # float64 (exact parity tests) stays on the reference: the kernels accumulate in fp32
-    return x.is_cuda and x.dtype != torch.float64 and _has_triton()
+    return x.is_cuda and x.dtype != torch.float64 and has_triton()
 
 
 def _ln_modulate_ref(x, shift, scale, eps, out_scale, out_dtype):
