@@ -1,11 +1,15 @@
-"""GPU check of the fused inference kernels (dit.models.kernels): correctness against their PyTorch references, the
-DiT-XL/2 fused FP8 path against the plain one and fp32, and each kernel's time against what Inductor generates from
-the model's own code at DiT-XL/2's sampling shape (512 rows x 256 tokens).
+"""GPU check of the fused kernels (dit.models.kernels): correctness against their PyTorch references, the DiT-XL/2
+fused FP8 path against the plain one and fp32, the training backward kernel at DiT-XL/2's and DiT-S/2's training
+shapes, and each kernel's time against what Inductor generates from the same code (inference kernels at DiT-XL/2's
+sampling shape, 512 rows x 256 tokens).
 
-    python scripts/check_kernels.py          # CUDA only; about 2 minutes on an H100
+    python scripts/check_kernels.py                    # CUDA only; about 2 minutes on an H100
+    python scripts/check_kernels.py --parts backward   # one part: ops, model, text, backward, time
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -141,15 +145,56 @@ def time_kernels(dev: torch.device) -> None:
                       f"({gb / ms:.2f} TB/s)", flush=True)
 
 
+def check_backward(dev: torch.device, g: torch.Generator) -> None:
+    """The Triton backward of add_layernorm_modulate against its float64 reference at the training shapes of DiT-XL/2
+    (batch 64) and DiT-S/2 (batch 256), and its time against Inductor's kernels for the same formulas."""
+    from dit.models.kernels import _add_ln_mod_bwd_triton, _ln_modulate_backward
+
+    def inductor_formula(x, o, gate, shift, scale, dy, dxn):
+        dx, dshift, dscale = _ln_modulate_backward(x, shift, scale, 1e-6, dy)
+        dx = dx + dxn
+        return dx, (dx * gate.float().unsqueeze(1)).to(o.dtype), (dx * o.float()).sum(1), dshift, dscale
+
+    compiled = torch.compile(inductor_formula)
+    for n, t, d in [(64, 256, 1152), (256, 256, 384)]:
+        x = torch.randn(n, t, d, device=dev, generator=g) * 2 + 0.3
+        o, dy = (torch.randn(n, t, d, device=dev, generator=g).bfloat16() for _ in range(2))
+        dxn = torch.randn(n, t, d, device=dev, generator=g) * 0.1
+        mod = (torch.randn(n, 6 * d, device=dev, generator=g) * 0.5).bfloat16()
+        ga, sh, sc = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
+        want = K.add_layernorm_modulate_backward(*(v.cpu().double() for v in (x, o, ga, sh, sc, dy, dxn)), 1e-6)
+        got = K.add_layernorm_modulate_backward(x, o, ga, sh, sc, dy, dxn, 1e-6)
+        errs = ", ".join(f"{k} {rel(a.cpu(), b):.1e}" for k, a, b in zip(("dx", "do", "dgate", "dshift", "dscale"),
+                                                                           got, want))
+        print(f"[bwd] {n}x{t}x{d} vs float64: {errs}", flush=True)
+        gb = x.numel() * (4 + 2 + 2 + 4 + 4 + 2) / 1e9  # x, o, dy, dx_new in; dx, do out
+        ms = _ms_per_call(lambda: compiled(x, o, ga, sh, sc, dy, dxn), dev)
+        print(f"[bwd] {n}x{t}x{d} inductor: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+        for sub in (1, 2, 4):
+            for rpp in (8, 16, 32, 64):
+                for warps in (2, 4, 8):
+                    if sub * d > 2048 * 2 or rpp < sub:
+                        continue
+                    ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6, rows_per_program=rpp,
+                                                                     num_warps=warps, sub=sub), dev)
+                    print(f"[bwd] {n}x{t}x{d} triton, {sub} rows x {rpp} per program, {warps} warps: {ms:.3f} ms "
+                          f"({gb / ms:.2f} TB/s)", flush=True)
+
+
 def main() -> None:
+    parts = {"ops": check_ops, "model": check_model, "text": check_text_model, "backward": check_backward,
+             "time": lambda dev, g: time_kernels(dev)}
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=",".join(parts), help=f"comma list of: {', '.join(parts)}")
+    chosen = ap.parse_args().parts.split(",")
+    if unknown := [p for p in chosen if p not in parts]:
+        ap.error(f"unknown part(s) {unknown}; valid: {', '.join(parts)}")
     if not torch.cuda.is_available():
         raise SystemExit("check_kernels.py: needs a CUDA GPU (the CPU paths are tested by tests/test_kernels.py)")
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    check_ops(dev, g)
-    check_model(dev, g)
-    check_text_model(dev, g)
-    time_kernels(dev)
+    for p in chosen:
+        parts[p](dev, g)
 
 
 if __name__ == "__main__":
