@@ -38,8 +38,8 @@ class ModelConfig:
     # (docs/benchmarks.md, run 5). Off: the official numerics (fp32 stream).
     low_precision_residual: bool = False
     # DiTs with model.compile=true: train with DiTBlock.forward_fused, each residual update + LayerNorm + modulation
-    # in one Triton kernel (dit.models.kernels; its backward compiled by Inductor). Same results to fp32 rounding,
-    # +4.8% img/s for DiT-XL/2, +1.2% for S/2 (docs/benchmarks.md, run 8). Ignored without compile and by the UNet.
+    # in one Triton kernel, forward and backward (dit.models.kernels). Same results to fp32 rounding; +5.3% img/s
+    # for DiT-XL/2, +6.7% for S/2 in the trainer (docs/benchmarks.md, run 8). Ignored without compile and by UNets.
     fused_training: bool = True
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /

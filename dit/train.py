@@ -523,7 +523,7 @@ def train(cfg: Config) -> dict:
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
     if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
-        raw_model.fused_training = True  # eager, the kernels' backward would run as a dozen unfused ops
+        raw_model.fused_training = True  # measured (and so used) under torch.compile only
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1

@@ -235,9 +235,9 @@ class DiT(nn.Module):
         # FP8 casts in one kernel (dit.models.kernels). False = the plain block forward (the benchmark's ablation).
         # bf16 models keep the plain forward: Inductor's kernels are as fast there (docs/benchmarks.md, run 7).
         self.fused_inference = True
-        # With autograd: the same deferred-residual forward, its LayerNorm kernels differentiable. A win under
-        # torch.compile, which fuses their backward (DiT-XL/2 +4.8% img/s, docs/benchmarks.md, run 8): the trainer
-        # turns it on with model.compile (model.fused_training). Eager, the backward would be a dozen separate ops.
+        # With autograd: the same deferred-residual forward through the differentiable kernels (Triton forward and
+        # backward on CUDA). Measured under torch.compile (DiT-XL/2 +5.3%, S/2 +6.7% trainer img/s,
+        # docs/benchmarks.md, run 8), where the trainer turns it on (model.fused_training).
         self.fused_training = False
 
         self.x_embedder = PatchEmbed(img_size=input_size, patch_size=patch_size, in_chans=in_channels,

@@ -15,9 +15,11 @@ once and write each output once, with two-pass row statistics held in registers 
 run 7: the FP8 guided DiT-XL/2 step 191 instead of 202 ms before fast accumulation). In bf16 inference Inductor's own
 LayerNorm kernels are as fast, so a bf16 model keeps its plain forward there.
 
-The LayerNorm ops are differentiable (backward formulas at the end of this file): a compiled DiT trains through them
-with ``DiT.fused_training`` (the trainer's ``model.fused_training``). In training Inductor's forward kernels for
-DiT-XL/2's 1,152 channels take 140-180 us per call against 77 us for this one: +4.8% training img/s (run 8).
+The LayerNorm ops are differentiable: a compiled DiT trains through them with ``DiT.fused_training`` (the trainer's
+``model.fused_training``). ``add_layernorm_modulate_backward`` does its backward in one pass (dx, the gated output's
+gradient and the adaLN gradients' column sums); Inductor's kernels for the same formulas re-read the rows for the
+sums. Forward: 77 us per call at DiT-XL/2's training shape against Inductor's 140-180 us; backward: 0.224 ms
+against 0.392 at DiT-S/2's. Trainer img/s +5.3% (XL/2), +6.7% (S/2) (docs/benchmarks.md, run 8).
 
 Each is a ``torch.library.custom_op``: opaque to ``torch.compile`` (which compiles everything around it), safe in
 CUDA graphs, with a plain PyTorch implementation on other devices that is also the reference the CUDA kernels are
@@ -196,9 +198,11 @@ def _(h, out_scale):
 
 
 # ---- autograd: the LayerNorm ops are differentiable (training with DiT.fused_training) ----------------------------
-# The backward is plain PyTorch: under torch.compile it is traced into the backward graph and Inductor fuses it with
-# its neighbours, as it does for nn.LayerNorm's. The row statistics are recomputed from the saved normalised input
-# (the updated residual stream, which the backward reads anyway) instead of being saved by the forward kernel.
+# add_layernorm_modulate (every LayerNorm but the first block's) has its own op for the backward: one Triton kernel
+# on CUDA, these PyTorch formulas elsewhere (and as its reference). layernorm_modulate's backward (once per forward)
+# is the formulas, traced into the backward graph and fused by Inductor under torch.compile. Both recompute the row
+# statistics from the saved LayerNorm input (the updated residual stream, which the backward reads anyway) instead
+# of having the forward kernel save them.
 
 
 def _ln_modulate_backward(x, shift, scale, eps, dy):
