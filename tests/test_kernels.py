@@ -180,7 +180,7 @@ def test_backward_kernel_matches_the_formulas_in_the_triton_interpreter():
             gate, shift, scale = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:]
             if stride0:
                 shift, scale = shift[0].expand(n, d), scale[0].expand(n, d)
-            got = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, rows_per_program=8)
+            got = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, rows_per_program=6)  # not a whole step
             want = K.add_layernorm_modulate_backward(*(v.double() for v in (x, o, gate, shift, scale, dy)),
                                                      dxn.double() if with_dxn else None, 1e-6)
             for name, a, b in zip(("dx", "do", "dgate", "dshift", "dscale"), got, want):

@@ -274,7 +274,7 @@ def _triton_bwd():
             dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
             acc_shift += dy
             acc_scale += dy * xhat
-            gh = dy * sc1[None, :]  # d loss / d xhat
+            gh = dy * sc1[None, :]  # d loss / d xhat; LayerNorm's backward: rstd (gh - mean(gh) - xhat mean(gh xhat))
             dx = rstd[:, None] * (gh - (tl.sum(gh, axis=1) / D)[:, None]
                                   - xhat * (tl.sum(gh * xhat, axis=1) / D)[:, None])
             if HAS_DXN:
@@ -305,7 +305,7 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_prog
     block_d = triton.next_power_of_2(d)
     if sub is None:
         sub = max(1, 2048 // block_d)  # rows per step: 1 for DiT-XL (2,048 lanes), 4 for DiT-S (512 lanes)
-    rpp = max(rows_per_program or (32 if block_d > 512 else 64), sub)
+    rpp = triton.cdiv(max(rows_per_program or (32 if block_d > 512 else 64), sub), sub) * sub  # whole steps
     nb = triton.cdiv(t, rpp)
     dx = torch.empty_like(x_new)
     do = torch.empty_like(o)
