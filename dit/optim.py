@@ -154,6 +154,9 @@ class AdamWEMA:
         opt = self.optimizer
         found_inf = getattr(opt, "found_inf", None)
         if not self.fused:
+            if (found_inf is not None or getattr(opt, "grad_scale", None) is not None) and not opt.defaults.get("fused"):
+                raise ValueError("AdamWEMA: optimizer.found_inf / grad_scale are read by torch's fused AdamW only; "
+                                 "create the AdamW with fused=True where the one-pass kernel does not run")
             opt.step()
             if self.ema_params is not None:
                 src = [p.detach() for p in self.params]

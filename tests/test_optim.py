@@ -185,6 +185,10 @@ def test_fallback_is_the_optimizer_step_then_a_lerp_and_skips_without_a_host_syn
             torch._foreach_lerp_(ema_ref, [q.detach() for q in ref], 0.25)
         assert all(torch.equal(a, b) for a, b in zip(params + ema, ref + ema_ref)), k
     assert opt.state[params[0]]["step"].item() == 2
+    plain = AdamWEMA(torch.optim.AdamW(_tiny(), lr=0.1, foreach=True), [p.detach().clone() for p in _tiny()])
+    plain.optimizer.found_inf = torch.tensor(0.0)
+    with pytest.raises(ValueError, match="read by torch's fused AdamW only"):
+        plain.step(0.25)  # an unfused AdamW would ignore found_inf and step anyway
 
 
 def test_unsupported_settings_are_named_and_bad_ema_lists_rejected():
