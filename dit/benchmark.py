@@ -40,7 +40,7 @@ VARIANTS = {
     "fast-bf16r": "as fast-cg, with the DiT's residual stream in bf16 (DiT.set_low_precision_residual) instead of "
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
     "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
-                "too (DiT.fused_training: DiTBlock.forward_fused with autograd; backward compiled by Inductor)",
+                "too (DiT.fused_training: DiTBlock.forward_fused with autograd; the backward in one Triton kernel too)",
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",

@@ -37,9 +37,9 @@ def _kernel():
     def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr,
                       lr, beta1, beta2, eps, wd_factor, log2_beta1, log2_beta2, ema_w,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                      ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
-        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * 8  # this block's tensor
+        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * FIELDS  # this block's tensor
         p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
         m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -234,4 +234,4 @@ class AdamWEMA:
             math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
             float(ema_weight),
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
-            ALIGNED=aligned, BLOCK=self.block, num_warps=self.num_warps)
+            ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)

@@ -121,8 +121,9 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
     n, t, d = x.shape
     for v in (shift, scale) + (() if o is None else (gate,)):
         if v.shape != (n, d) or v.stride(1) != 1:
-            raise ValueError(f"add_layernorm_modulate: shift/scale/gate must be ({n}, {d}) with unit column stride, "
-                             f"got shape {tuple(v.shape)}, strides {v.stride()}")
+            name = "layernorm_modulate: shift/scale" if o is None else "add_layernorm_modulate: shift/scale/gate"
+            raise ValueError(f"{name} must be ({n}, {d}) with unit column stride, got shape {tuple(v.shape)}, "
+                             f"strides {v.stride()}")
     x = x.contiguous()
     xout = torch.empty_like(x) if o is not None else None
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -354,14 +355,15 @@ def _(x_new, o, gate, shift, scale, dy, dx_new, eps):
 def _add_ln_mod_setup(ctx, inputs, output):
     x, o, gate, shift, scale, eps, out_scale, out_dtype = inputs
     ctx.save_for_backward(output[0], o, gate, shift, scale)  # x' = x + gate * o: LayerNorm's input
-    ctx.eps, ctx.out_dtype, ctx.x_dtype = eps, out_dtype, x.dtype
+    ctx.eps, ctx.out_dtype = eps, out_dtype
 
 
 def _add_ln_mod_bwd(ctx, dx_new, dy):
     _check_differentiable("add_layernorm_modulate", ctx.out_dtype)
     x_new, o, gate, shift, scale = ctx.saved_tensors
+    # dx in x_new's dtype, which is x's (the residual update keeps the stream's dtype)
     dx, do, dgate, dshift, dscale = add_layernorm_modulate_backward(x_new, o, gate, shift, scale, dy, dx_new, ctx.eps)
-    return dx.to(ctx.x_dtype), do, dgate, dshift, dscale, None, None, None
+    return dx, do, dgate, dshift, dscale, None, None, None
 
 
 add_layernorm_modulate.register_autograd(_add_ln_mod_bwd, setup_context=_add_ln_mod_setup)
