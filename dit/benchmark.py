@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit.diffusion import create_diffusion
 from dit.models import create_model
 from dit.models.layers import Mlp, linear_gelu_tanh
+from dit.utils.cuda_graph import StepGraph
 
 # Variants: name -> (description). Each is built by ``_prepare``.
 VARIANTS = {
@@ -41,6 +42,9 @@ VARIANTS = {
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
     "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
                 "too (DiT.fused_training: DiTBlock.forward_fused with autograd; the backward in one Triton kernel too)",
+    "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the fused AdamW step) "
+               "captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's train.cuda_graph) "
+               "instead of cudagraph trees around the forward and the backward",
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
@@ -232,6 +236,8 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant fast-lnk: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
+    if variant == "fast-sg" and hasattr(model, "fused_training"):  # DiTs: as fast-lnk; UNets: as fast-cg
+        model.fused_training = True
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
             raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")
@@ -272,7 +278,7 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
     ~45% of a DiT-S/2 step); ``fast-at`` is max-autotune (Triton GEMM templates with fused prologues/epilogues,
     benchmarked against cuBLAS per shape: minutes of compilation).
     """
-    if device.type != "cuda" or (training and variant == "fast"):
+    if device.type != "cuda" or (training and variant in ("fast", "fast-sg")):  # fast-sg: one graph of its own
         return {}
     if variant == "fast-at":
         return {"mode": "max-autotune"}
@@ -382,7 +388,9 @@ def _bench_one(
     if do_train:
         model.train()
         fused = device.type == "cuda" and variant != "ref-tf32" and variant != "eager-bf16"
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused)
+        step_graph = variant == "fast-sg" and device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused,
+                                capturable=step_graph)
         x = torch.randn(train_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)
         cond = _cond_kwargs(model, train_batch, device, gen)
 
@@ -401,12 +409,16 @@ def _bench_one(
             # trees); the fused AdamW step stays outside the graph.
             loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
-        def train_step():
-            t = torch.randint(0, diffusion.num_timesteps, (train_batch,), device=device)
+        def update(t):
             loss = loss_fn(x, t, cond)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+        graphed = StepGraph(update) if step_graph else update
+
+        def train_step():
+            graphed(t=torch.randint(0, diffusion.num_timesteps, (train_batch,), device=device))
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

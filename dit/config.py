@@ -127,6 +127,11 @@ class TrainConfig:
     # On CUDA, AdamW's update and the EMA update in one Triton kernel (dit/optim.py; the same state and results as
     # torch's fused AdamW to fp32 rounding); false: torch's fused AdamW, then a separate EMA pass
     fused_adamw_ema: bool = True
+    # CUDA, one process: capture the whole step (forward, backward, clipping, the AdamW + EMA kernel) in one CUDA
+    # graph after train.cuda_graph_warmup direct steps (dit/utils/cuda_graph.py). Needs grad_accum_steps=1,
+    # mixed_precision no or bf16, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
+    cuda_graph: bool = False
+    cuda_graph_warmup: int = 2
     log_every: int = 100
     ckpt_every: int = 50_000
     sample_every: int = 0  # 0 = only at the end of the run
@@ -345,6 +350,17 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
+    if t.cuda_graph:
+        need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
+                "train.mixed_precision no or bf16 (fp16's grad scaler decides on the host)": t.mixed_precision != "fp16",
+                "train.fused_adamw_ema=true (the optimizer kernel that reads its learning rate from the device)":
+                    t.fused_adamw_ema,
+                "model.compile_mode default or max-autotune-no-cudagraphs (the others make CUDA graphs of their own)":
+                    cfg.model.compile_mode in ("default", "max-autotune-no-cudagraphs"),
+                "train.cuda_graph_warmup >= 1": t.cuda_graph_warmup >= 1}
+        missing = [k for k, ok in need.items() if not ok]
+        if missing:
+            raise ConfigError(f"{source}: train.cuda_graph=true needs {'; '.join(missing)}")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"train.grad_accum_steps ({t.grad_accum_steps})")

@@ -34,8 +34,8 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr,
-                      lr, beta1, beta2, eps, wd_factor, log2_beta1, log2_beta2, ema_w,
+    def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
+                      beta1, beta2, eps, log2_beta1, log2_beta2,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
                       ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
@@ -70,6 +70,11 @@ def _kernel():
         m = tl.load(m_ptr + offs, mask=adam, other=0.0)
         v = tl.load(v_ptr + offs, mask=adam, other=0.0)
         step = tl.load(s_ptr)  # already incremented for this update
+        # Read from the device, not passed as arguments: a CUDA graph of the step replays this launch with the
+        # learning rate and EMA weight of each step (AdamWEMA.set_hyperparameters writes them before the replay).
+        lr = tl.load(hyper_ptr)
+        wd_factor = tl.load(hyper_ptr + 1)  # 1 - lr * weight_decay
+        ema_w = tl.load(hyper_ptr + 2)
         bc1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 - beta1^t
         bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # sqrt(1 - beta2^t)
         # AdamW (Loshchilov & Hutter 2019, Algorithm 2) in torch's form: decoupled decay, then the Adam step
@@ -83,10 +88,7 @@ def _kernel():
         if HAS_EMA:
             e = tl.load(e_ptr + offs, mask=live, other=0.0)
             # torch.lerp's two forms (exact at both ends): e + w (p - e) for w < 0.5, p - (p - e)(1 - w) otherwise
-            if ema_w < 0.5:
-                e = e + ema_w * (p_new - e)
-            else:
-                e = p_new - (p_new - e) * (1.0 - ema_w)
+            e = tl.where(ema_w < 0.5, e + ema_w * (p_new - e), p_new - (p_new - e) * (1.0 - ema_w))
             tl.store(e_ptr + offs, e, mask=live)
 
     return triton, dit_adamw_ema
@@ -118,6 +120,8 @@ class AdamWEMA:
         self._blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (block -> tensor, index)
         self._tables: dict[int, tuple] = {}  # group -> (addresses, device table, aligned)
         self._dummy_step: torch.Tensor | None = None
+        self._hyper: dict[int, torch.Tensor] = {}  # group -> (3,) fp32 device: lr, 1 - lr * weight_decay, EMA weight
+        self._graph_sources: list[torch.Tensor] = []  # pinned tables a CUDA graph copies from on every replay
 
     @property
     def fused(self) -> bool:
@@ -163,10 +167,41 @@ class AdamWEMA:
                 w = ema_weight if found_inf is None else (1.0 - found_inf.float()) * ema_weight  # () on the device
                 torch._foreach_lerp_(self.ema_params, src, w if isinstance(w, float) else [w] * len(src))
             return
+        self.set_hyperparameters(ema_weight)
+        self.launch()
+
+    def set_hyperparameters(self, ema_weight: float = 0.0) -> None:
+        """Upload each group's learning rate and weight-decay factor and this step's EMA weight to the device, where
+        the kernel reads them. With a CUDA graph of the training step, call this before each replay (outside the
+        graph) and :meth:`launch` inside it: the graph then follows the LR schedule and the EMA warm-up."""
+        if not self.fused:
+            raise RuntimeError(f"AdamWEMA.set_hyperparameters: the one-pass kernel does not run here ({self.reason})")
+        for gi, group in enumerate(self.optimizer.param_groups):
+            if not group["params"]:
+                continue
+            lr = float(group["lr"])
+            values = torch.tensor([lr, 1.0 - lr * group["weight_decay"], float(ema_weight)], dtype=torch.float32)
+            device = group["params"][0].device
+            if device.type == "cuda":  # a fresh pinned block per call: the caching host allocator keeps it until the
+                values = values.pin_memory()  # asynchronous copy has run, so no host sync and no overwrite
+            hyper = self._hyper.get(gi)
+            if hyper is None:
+                self._hyper[gi] = hyper = torch.empty(3, dtype=torch.float32, device=device)
+            hyper.copy_(values, non_blocking=True)
+
+    def launch(self) -> None:
+        """The update with the hyperparameters of the last :meth:`set_hyperparameters`: no host sync and no host
+        transfer (except the address table, when the gradients moved), so it can be captured in a CUDA graph."""
+        if not self.fused:
+            raise RuntimeError(f"AdamWEMA.launch: the one-pass kernel does not run here ({self.reason})")
+        opt = self.optimizer
+        if any(group["params"] and gi not in self._hyper for gi, group in enumerate(opt.param_groups)):
+            raise RuntimeError("AdamWEMA.launch: call set_hyperparameters first")
+        found_inf = getattr(opt, "found_inf", None)
         grad_scale = getattr(opt, "grad_scale", None)
         with torch.no_grad():
             for gi, group in enumerate(opt.param_groups):
-                self._step_group(gi, group, found_inf, grad_scale, ema_weight)
+                self._step_group(gi, group, found_inf, grad_scale)
         opt._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that the optimizer stepped
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -179,8 +214,8 @@ class AdamWEMA:
             st["step"] = st["step"].to(p.device, torch.float32)
         return st
 
-    def _step_group(self, gi: int, group: dict, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None,
-                    ema_weight: float) -> None:
+    def _step_group(self, gi: int, group: dict, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None
+                    ) -> None:
         triton, kernel = _kernel()
         params = group["params"]
         if not params:
@@ -217,6 +252,8 @@ class AdamWEMA:
             aligned = all(a % 16 == 0 for r in range(0, len(key), _FIELDS) for a in key[r:r + 5]) and all(
                 p.numel() % 4 == 0 for p in params)
             self._tables[gi] = cached = (key, host.to(device, non_blocking=True), aligned)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self._graph_sources.append(host)  # every replay copies from it again: it must outlive the graph
         _, table, aligned = cached
         if gi not in self._blocks:
             counts = torch.tensor([triton.cdiv(p.numel(), self.block) for p in params])
@@ -226,12 +263,10 @@ class AdamWEMA:
             self._blocks[gi] = (owner.to(device, torch.int32), index.to(device, torch.int32))
         owner, index = self._blocks[gi]
         beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
         kernel[(owner.numel(),)](
             table, owner, index, found_inf if found_inf is not None else table,
-            grad_scale if grad_scale is not None else table,
-            lr, beta1, beta2, group["eps"], 1.0 - lr * group["weight_decay"],
+            grad_scale if grad_scale is not None else table, self._hyper[gi],
+            beta1, beta2, group["eps"],
             math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
-            float(ema_weight),
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
             ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
 from dit.optim import AdamWEMA
+from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, copy_buffers, ema_decay_at, shard_pairs
 
 logger = logging.getLogger("dit.train")
@@ -705,10 +706,66 @@ def train(cfg: Config) -> dict:
         if is_main:
             log_file.flush()
 
+    def micro_step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict, sums: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Forward + backward of one micro-batch; after the last one of a step, clipping and the optimizer update.
+        Returns (sums (3,): loss, mse, vb summed over the micro-batches so far, stats (4,) or None, bad () or None).
+        Everything stays on the device (no host sync), so ``train.cuda_graph`` can capture it whole."""
+        stats = bad = None
+        # Under FSDP every micro-step's backward reduce-scatters its gradients (no_sync is DDP's; FSDP2 could
+        # defer it with set_requires_gradient_sync, at the cost of full unsharded gradients in memory).
+        with accelerator.accumulate(model):
+            terms = loss_terms(x0, t, noise, kw)
+            loss = terms["loss"].mean()
+            vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
+            sums = sums + torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
+                                       vb.detach().float()])
+            # A non-finite loss makes the gradients non-finite (in DDP on every rank, through the all-reduce): it
+            # is caught below from the gradient norm and the losses, without a host sync.
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
+                if fsdp:  # a replicated DTensor -> plain ()
+                    grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                elif fused_skip:
+                    grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt)  # ()
+                else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
+                    accelerator.unscale_gradients()  # fp16: clip the true gradients
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
+                stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
+                if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
+                    stats = accelerator.reduce(stats, reduction="mean")
+                if tc.mixed_precision == "fp16":  # the grad scaler skips steps with inf grads itself
+                    bad = ~torch.isfinite(stats[0])
+                    optimizer.step()
+                else:
+                    bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
+                    if fused_skip:
+                        inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
+                        if adamw_ema is not None:  # the EMA update rides in the same kernel (weights set below)
+                            adamw_ema.launch()
+                        else:
+                            optimizer.step()
+                    elif not bool(bad):  # no fused AdamW on this device: one host sync per step
+                        optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return sums, stats, bad
+
+    graph_step = None
+    if tc.cuda_graph:  # the config checked the settings; these depend on the machine and the run
+        why = ("a CUDA device" if device.type != "cuda" else "one process" if world > 1 else
+               "the one-pass AdamW + EMA kernel (Triton on CUDA, no FSDP)" if adamw_ema is None else None)
+        if why is not None:
+            raise ConfigError(f"train.cuda_graph=true needs {why}; this run has device {device.type}, {world} "
+                              f"process(es)")
+        graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup)
+
     try:
         while step < tc.max_steps:
             sums = torch.zeros(3, device=device)  # loss, mse, vb summed over the micro-batches, on the device
             stats = bad = None
+            if adamw_ema is not None:  # read by the kernel on the device (and so by a CUDA graph of the step)
+                adamw_ema.set_hyperparameters(1.0 - ema_decay_at(tc.ema_decay, step, tc.ema_warmup))
             for micro in range(tc.grad_accum_steps):
                 batch, epoch, position = next(stream)
                 s = step_seed(tc.seed, rank, step * tc.grad_accum_steps + micro)
@@ -719,43 +776,10 @@ def train(cfg: Config) -> dict:
                 n = x0.shape[0]
                 t = torch.randint(0, diffusion.num_timesteps, (n,), generator=g, device=device)
                 noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
-                # Under FSDP every micro-step's backward reduce-scatters its gradients (no_sync is DDP's; FSDP2 could
-                # defer it with set_requires_gradient_sync, at the cost of full unsharded gradients in memory).
-                with accelerator.accumulate(model):
-                    terms = loss_terms(x0, t, noise, kw)
-                    loss = terms["loss"].mean()
-                    vb = terms["vb"].mean() if "vb" in terms else torch.zeros((), device=device)
-                    sums += torch.stack([loss.detach().float(), terms["mse"].mean().detach().float(),
-                                         vb.detach().float()])
-                    # A non-finite loss makes the gradients non-finite (in DDP on every rank, through the
-                    # all-reduce): it is caught below from the gradient norm and the losses, without a host sync.
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                        if fsdp:  # a replicated DTensor -> plain ()
-                            grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                        elif fused_skip:
-                            grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt)  # ()
-                        else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
-                            accelerator.unscale_gradients()  # fp16: clip the true gradients
-                            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
-                        stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
-                        if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
-                            stats = accelerator.reduce(stats, reduction="mean")
-                        if tc.mixed_precision == "fp16":  # the grad scaler skips steps with inf grads itself
-                            bad = ~torch.isfinite(stats[0])
-                            optimizer.step()
-                        else:
-                            bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
-                            if fused_skip:
-                                inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
-                                if adamw_ema is not None:  # the EMA update rides in the same kernel
-                                    adamw_ema.step(1.0 - ema_decay_at(tc.ema_decay, step, tc.ema_warmup))
-                                else:
-                                    optimizer.step()
-                            elif not bool(bad):  # no fused AdamW on this device: one host sync per step
-                                optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if graph_step is not None:
+                    sums, stats, bad = graph_step(x0=x0, t=t, noise=noise, kw=kw, sums=sums)
+                else:
+                    sums, stats, bad = micro_step(x0, t, noise, kw, sums)
             if adamw_ema is None:
                 ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad, pairs=ema_pairs)
             else:

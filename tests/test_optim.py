@@ -199,3 +199,42 @@ def test_unsupported_settings_are_named_and_bad_ema_lists_rejected():
         AdamWEMA(torch.optim.AdamW(params), [params[0].detach()])
     with pytest.raises(ValueError, match=r"EMA tensor 1 has shape \(3,\), its parameter \(7,\)"):
         AdamWEMA(torch.optim.AdamW(params), [params[0].detach(), torch.zeros(3)])
+
+
+@needs_triton
+def test_hyperparameters_come_from_the_device_and_follow_a_schedule():
+    """set_hyperparameters + launch (what a CUDA graph of the training step replays, dit.utils.cuda_graph) follows a
+    learning rate and an EMA weight that change every step: equal to torch's AdamW + lerp with the same schedule, and
+    launch before any set_hyperparameters is refused."""
+    out = _run_interpreted("""
+        def sched(split):
+            params = make()
+            ema = [p.detach().clone() for p in params]
+            opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.1, foreach=False)
+            kernel = AdamWEMA(opt, ema, block=256, force_triton=True) if split is not None else None
+            if split:
+                try:
+                    kernel.launch()
+                except RuntimeError as e:
+                    print("refused:", e)
+            for k in range(4):
+                for i, p in enumerate(params):
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * k + i))
+                opt.param_groups[0]["lr"] = 1e-2 / (1 + k)
+                w = 0.5 / (1 + k)
+                if kernel is None:
+                    opt.step()
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+                elif split:
+                    kernel.set_hyperparameters(w)
+                    kernel.launch()
+                else:
+                    kernel.step(w)
+            return params, ema
+        (pa, ea), (pb, eb), (pr, er) = sched(True), sched(False), sched(None)
+        print("split==step", all(torch.equal(a, b) for a, b in zip(pa + ea, pb + eb)))
+        print("vs torch", max(((a - r).abs().max() / r.abs().max()).item() for a, r in zip(pa + ea, pr + er)))
+    """)
+    assert "refused: AdamWEMA.launch: call set_hyperparameters first" in out
+    assert "split==step True" in out
+    assert float(out.split("vs torch")[1]) < 1e-6
