@@ -166,7 +166,7 @@ def test_backward_kernel_matches_the_formulas_in_the_triton_interpreter():
     """The Triton backward of add_layernorm_modulate (one pass, per-program column partial sums), run by Triton's
     CPU interpreter (TRITON_INTERPRET=1, so in a subprocess) against the float64 reference formulas: DiT-S's width
     (4 rows per step), an odd width and token count (masking, a partial last program), stride-0 (text) modulation
-    rows, with and without a residual gradient."""
+    rows, with and without a residual gradient; and through the op with fp32 inputs, whose outputs must not alias."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
@@ -186,6 +186,10 @@ def test_backward_kernel_matches_the_formulas_in_the_triton_interpreter():
             for name, a, b in zip(("dx", "do", "dgate", "dshift", "dscale"), got, want):
                 err = ((a.double() - b).abs().max() / b.abs().max()).item()
                 assert err < 1e-5, (n, t, d, name, err)
+        # through the op with fp32 inputs (training without autocast): torch checks that no output aliases another
+        K._use_triton = lambda x: True
+        outs = K.add_layernorm_modulate_backward(x, o, gate, shift, scale, dy, None, 1e-6)
+        assert len({v.untyped_storage().data_ptr() for v in outs}) == 5
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))

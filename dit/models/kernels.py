@@ -314,7 +314,9 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_prog
     kernel[(n, nb)](x_new, o, dy, dx_new if dx_new is not None else x_new, gate, scale, dx, do, part,
                     t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
                     HAS_DXN=dx_new is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp, num_warps=num_warps)
-    dshift, dscale, dgate = part.sum(2)  # (N, D) each
+    # (N, D) each, as separate tensors: the op's outputs may not be views of one another (fp32 gates would be
+    # returned as they are)
+    dshift, dscale, dgate = (part[i].sum(1) for i in range(3))
     return dx, do, dgate, dshift, dscale
 
 
