@@ -42,6 +42,7 @@ class StepGraph:
         self._static: list[Any] = []
         self._spec = None
         self._outputs: Any = None
+        self._side: torch.cuda.Stream | None = None
 
     @property
     def captured(self) -> bool:
@@ -51,12 +52,17 @@ class StepGraph:
         self.calls += 1
         leaves, spec = tree_flatten(inputs)
         if self.graph is None and self.calls <= self.warmup:
-            # On a side stream, as the capture will be: some libraries set up per-stream state on first use.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            # On a side stream, as the capture will be (PyTorch's recipe for whole-network capture).
+            main = torch.cuda.current_stream()
+            if self._side is None:
+                self._side = torch.cuda.Stream()
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
                 out = self.fn(**inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            main.wait_stream(self._side)
+            for t in tree_flatten(out)[0]:  # made on the side stream, used on the main one: not reused before
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(main)
             return out
         if self.graph is None:
             self._capture(leaves, spec)
