@@ -42,9 +42,9 @@ VARIANTS = {
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
     "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
                 "too (DiT.fused_training: DiTBlock.forward_fused with autograd; the backward in one Triton kernel too)",
-    "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the fused AdamW step) "
-               "captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's train.cuda_graph) "
-               "instead of cudagraph trees around the forward and the backward",
+    "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
+               "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
+               "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",

@@ -352,7 +352,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
     if t.cuda_graph:
         need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
-                "train.mixed_precision no or bf16 (fp16's grad scaler decides on the host)": t.mixed_precision != "fp16",
+                "train.mixed_precision no or bf16 (fp16's grad scaler decides on the host)":
+                    t.mixed_precision != "fp16",
                 "train.fused_adamw_ema=true (the optimizer kernel that reads its learning rate from the device)":
                     t.fused_adamw_ema,
                 "model.compile_mode default or max-autotune-no-cudagraphs (the others make CUDA graphs of their own)":

@@ -99,8 +99,10 @@ class AdamWEMA:
 
     ``optimizer`` is a ``torch.optim.AdamW``; ``ema_params`` (or None: no EMA) lists one fp32 tensor per optimizer
     parameter, in ``param_groups`` order, each the EMA copy of that parameter. Parameters without a gradient are not
-    updated (as in torch) but their EMA still moves towards them. ``force_triton=True`` runs the kernel wherever
-    Triton runs it (the CPU interpreter, ``TRITON_INTERPRET=1``, in tests).
+    updated (as in torch) but their EMA still moves towards them. ``step(w)`` is ``set_hyperparameters(w)`` (the
+    learning rate and EMA weight, uploaded to the device) then ``launch()`` (the kernel, capturable in a CUDA graph).
+    ``force_triton=True`` runs the kernel wherever Triton runs it (the CPU interpreter, ``TRITON_INTERPRET=1``, in
+    tests).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, ema_params: Sequence[torch.Tensor] | None = None, *,

@@ -742,7 +742,7 @@ def train(cfg: Config) -> dict:
                     bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
                     if fused_skip:
                         inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
-                        if adamw_ema is not None:  # the EMA update rides in the same kernel (weights set below)
+                        if adamw_ema is not None:  # the EMA update rides in the same kernel (its weights set before)
                             adamw_ema.launch()
                         else:
                             optimizer.step()
