@@ -45,6 +45,10 @@ VARIANTS = {
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
+    "fast-sgc": "as fast-sg, with Inductor's combo kernels (independent small kernels of the step horizontally fused "
+                "into one launch; model.compile_options={combo_kernels: true})",
+    "fast-sga": "as fast-sg, with Inductor's aggressive fusion (nodes fused even without shared reads; "
+                "model.compile_options={aggressive_fusion: true})",
     "fast-unfused-gelu": "as fast-cg, with the inference MLP's fc1 GEMM and GELU as two kernels (Mlp.fused_inference "
                          "= False), the ablation of the cuBLASLt GELU epilogue",
     "fast-mea": "as fast-cg, with only the memory-efficient (CUTLASS) SDPA backend allowed",
@@ -236,7 +240,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant fast-lnk: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
-    if variant == "fast-sg" and hasattr(model, "fused_training"):  # DiTs: as fast-lnk; UNets: as fast-cg
+    if variant.startswith("fast-sg") and hasattr(model, "fused_training"):  # DiTs: as fast-lnk; UNets: as fast-cg
         model.fused_training = True
     if variant == "fast-bf16r":
         if not hasattr(model, "set_low_precision_residual"):
@@ -278,8 +282,10 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
     ~45% of a DiT-S/2 step); ``fast-at`` is max-autotune (Triton GEMM templates with fused prologues/epilogues,
     benchmarked against cuBLAS per shape: minutes of compilation).
     """
-    if device.type != "cuda" or (training and variant in ("fast", "fast-sg")):  # fast-sg: one graph of its own
+    if device.type != "cuda" or (training and variant == "fast"):
         return {}
+    if training and variant in _STEP_GRAPH_OPTIONS:  # one CUDA graph of its own (StepGraph), no cudagraph trees
+        return {"options": _STEP_GRAPH_OPTIONS[variant]} if _STEP_GRAPH_OPTIONS[variant] else {}
     if variant == "fast-at":
         return {"mode": "max-autotune"}
     if variant == "fast-mk":
@@ -291,6 +297,7 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
 
 
 _SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash", "fast-mea": "efficient"}
+_STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgc": {"combo_kernels": True}, "fast-sga": {"aggressive_fusion": True}}
 
 
 @contextlib.contextmanager
@@ -388,7 +395,7 @@ def _bench_one(
     if do_train:
         model.train()
         fused = device.type == "cuda" and variant != "ref-tf32" and variant != "eager-bf16"
-        step_graph = variant == "fast-sg" and device.type == "cuda"
+        step_graph = variant in _STEP_GRAPH_OPTIONS and device.type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused,
                                 capturable=step_graph)
         x = torch.randn(train_batch, C, S, S, device=device, generator=gen).contiguous(memory_format=mf)

@@ -50,6 +50,9 @@ class ModelConfig:
     # templates per shape (minutes of compilation). Only with model.compile=true; CUDA graphs are measured with one
     # process (with several, the trainer warns and the network alone is compiled, inside DDP / FSDP).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Inductor options for torch.compile(options=...), e.g. {combo_kernels: true}; only with compile_mode default
+    # (torch.compile takes a mode or options, not both). Unknown names are refused by torch when compiling.
+    compile_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -350,6 +353,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
+    if cfg.model.compile_options and (not cfg.model.compile or cfg.model.compile_mode != "default"):
+        raise ConfigError(f"{source}: model.compile_options needs model.compile=true and model.compile_mode=default "
+                          f"(torch.compile takes a mode or options), got compile={cfg.model.compile}, "
+                          f"compile_mode={cfg.model.compile_mode!r}")
     if t.cuda_graph:
         need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
                 "train.mixed_precision no or bf16 (fp16's grad scaler decides on the host)":

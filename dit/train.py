@@ -528,7 +528,8 @@ def train(cfg: Config) -> dict:
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1
-    compile_kw = {} if cfg.model.compile_mode == "default" else {"mode": cfg.model.compile_mode}
+    compile_kw = ({"mode": cfg.model.compile_mode} if cfg.model.compile_mode != "default" else
+                  {"options": dict(cfg.model.compile_options)} if cfg.model.compile_options else {})
     if world > 1 and cfg.model.compile_mode in ("reduce-overhead", "max-autotune") and is_main:
         logger.warning("model.compile_mode=%s uses CUDA graphs, measured here with one process only; with DDP/FSDP "
                        "(%d processes) the collectives run between graphs: compare img/s with compile_mode=default",

@@ -546,8 +546,8 @@ def test_compiled_loss_matches_eager(tmp_path):
 
 
 def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
-    """model.compile_mode is passed to torch.compile (recorded by a stand-in that returns the function unchanged,
-    so this costs no compilation); it needs model.compile=true."""
+    """model.compile_mode and model.compile_options are passed to torch.compile (recorded by a stand-in that returns
+    the function unchanged, so this costs no compilation); they need model.compile=true (options: mode default)."""
     calls = []
 
     def fake_compile(fn, **kw):
@@ -560,9 +560,16 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     assert calls and calls[-1].get("mode") == "reduce-overhead" and calls[-1].get("dynamic") is False
     calls.clear()
     _train(tmp_path / "default", "train.max_steps=1", "train.ckpt_every=1", "model.compile=true")
-    assert calls and "mode" not in calls[-1]
+    assert calls and "mode" not in calls[-1] and "options" not in calls[-1]
+    calls.clear()
+    _train(tmp_path / "opts", "train.max_steps=1", "train.ckpt_every=1", "model.compile=true",
+           "model.compile_options={combo_kernels: true}")
+    assert calls and calls[-1].get("options") == {"combo_kernels": True} and "mode" not in calls[-1]
     with pytest.raises(ValueError, match="model.compile_mode='max-autotune' needs model.compile=true"):
         load_config(None, ["model.compile_mode=max-autotune"])
+    with pytest.raises(ValueError, match="model.compile_options needs model.compile=true and model.compile_mode="):
+        load_config(None, ["model.compile=true", "model.compile_mode=reduce-overhead",
+                           "model.compile_options={combo_kernels: true}"])
 
 
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
