@@ -710,3 +710,28 @@ def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monke
     resumed = _train(b, *extra, *graph, "train.resume=auto")
     assert [r["step"] for r in _log(b)] == [1, 2, 3, 4, 5, 6]
     same_runs(tmp_path / "graph", b, graphed, resumed)
+
+
+def test_step_graph_refuses_inputs_that_do_not_fit_the_captured_buffers():
+    """A replayed CUDA graph reads fixed buffers: StepGraph names an input whose shape, dtype, structure or non-tensor
+    value differs from the capture's, and copies fitting ones into the buffers (checked here without a GPU)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from dit.utils.cuda_graph import StepGraph
+
+    sg = StepGraph(lambda **kw: None)
+    captured = {"x0": torch.zeros(2, 3), "kw": {"y": torch.zeros(2, dtype=torch.long)}, "k": 1}
+    sg._static, sg._spec = tree_flatten(captured)
+    new = {"x0": torch.ones(2, 3), "kw": {"y": torch.ones(2, dtype=torch.long)}, "k": 1}
+    sg._load(*tree_flatten(new))
+    buffers = tree_unflatten(sg._static, sg._spec)
+    assert torch.equal(buffers["x0"], torch.ones(2, 3)) and torch.equal(buffers["kw"]["y"], torch.ones(2).long())
+    with pytest.raises(ValueError, match=r"is torch.float32 \(4, 3\), the graph was captured with torch.float32 "
+                                         r"\(2, 3\)"):
+        sg._load(*tree_flatten({**new, "x0": torch.ones(4, 3)}))
+    with pytest.raises(ValueError, match="changed structure"):
+        sg._load(*tree_flatten({**new, "extra": torch.ones(1)}))
+    with pytest.raises(ValueError, match="non-tensor input .* changed"):
+        sg._load(*tree_flatten({**new, "k": 2}))
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        StepGraph(lambda: None, warmup=0)
