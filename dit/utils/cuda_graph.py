@@ -44,10 +44,6 @@ class StepGraph:
         self._outputs: Any = None
         self._side: torch.cuda.Stream | None = None
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def __call__(self, **inputs: Any) -> Any:
         self.calls += 1
         leaves, spec = tree_flatten(inputs)
