@@ -314,9 +314,7 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_prog
     kernel[(n, nb)](x_new, o, dy, dx_new if dx_new is not None else x_new, gate, scale, dx, do, part,
                     t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
                     HAS_DXN=dx_new is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp, num_warps=num_warps)
-    # (N, D) each, as separate tensors: the op's outputs may not be views of one another (fp32 gates would be
-    # returned as they are)
-    dshift, dscale, dgate = (part[i].sum(1) for i in range(3))
+    dshift, dscale, dgate = part.sum(2)  # (N, D) each: views of one tensor (the op returns copies)
     return dx, do, dgate, dshift, dscale
 
 
@@ -343,8 +341,10 @@ def add_layernorm_modulate_backward(x_new: torch.Tensor, o: torch.Tensor, gate: 
         acc = dx.dtype
         do = dx * gate.to(acc).unsqueeze(1)  # (N, T, D)
         dgate = (dx * o.to(acc)).sum(1)  # (N, D)
-    return (dx.to(x_new.dtype).contiguous(), do.to(o.dtype).contiguous(), dgate.to(gate.dtype),
-            dshift.to(shift.dtype), dscale.to(scale.dtype))
+    # copy=True: the column sums may be views of one tensor, and a custom op's outputs must not alias each other
+    # (with fp32 gates a plain .to would return them as they are)
+    return (dx.to(x_new.dtype).contiguous(), do.to(o.dtype).contiguous(), dgate.to(gate.dtype, copy=True),
+            dshift.to(shift.dtype, copy=True), dscale.to(scale.dtype, copy=True))
 
 
 @add_layernorm_modulate_backward.register_fake
