@@ -523,6 +523,8 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.low_precision_residual: {cfg.model.name} has no low-precision residual stream "
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
+    if cfg.model.fp8_training != "off":
+        _use_float8_training(raw_model, cfg, device, fsdp)
     if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
         raw_model.fused_training = True  # measured (and so used) under torch.compile only
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
@@ -897,6 +899,20 @@ def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tens
     # 8.1 ms for sub + mul + add (docs/benchmarks.md). lerp(e, p, w) = e + w (p - e); w = 0 leaves e untouched.
     torch._foreach_lerp_(dst, src, [w] * len(dst))
     copy_buffers(ema.module, model)
+
+
+def _use_float8_training(model: nn.Module, cfg: Config, device: torch.device, fsdp: bool) -> None:
+    """``model.fp8_training``: the DiT blocks' GEMMs in FP8 (``dit.models.fp8``), in place, same parameters."""
+    from dit.models.fp8 import convert_to_float8
+
+    key = f"model.fp8_training={cfg.model.fp8_training}"
+    if fsdp:
+        raise ConfigError(f"{key}: not with train.fsdp=true (FP8 GEMMs on sharded parameters are not built)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"{key}: FP8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper), this one "
+                          f"is {'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
+    if convert_to_float8(model, recipe=cfg.model.fp8_training) == 0:
+        raise ConfigError(f"{key}: {cfg.model.name} has no DiT block linears to run in FP8 (DiT models only)")
 
 
 def _autocast(model: nn.Module, accelerator: Any) -> Any:

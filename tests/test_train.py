@@ -588,6 +588,32 @@ def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
         _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.low_precision_residual=true")
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_training_runs_the_blocks_in_fp8_and_the_loss_falls(tmp_path, monkeypatch, recipe):
+    """model.fp8_training: every DiT block GEMM goes through Float8Linear's FP8 path (CPU _scaled_mm), the tiny
+    overfit still fits (loss / 5 as test_loss_falls_on_tiny_data), the checkpoint keeps nn.Linear's keys."""
+    from dit.config import ConfigError
+    from dit.models import fp8
+
+    calls = []
+    fn = fp8._Float8MatmulRowwise if recipe == "rowwise" else fp8._Float8Matmul
+    real = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    _train(tmp_path, "model.overrides={hidden_size: 64, depth: 2, num_heads: 2}", "data.num_samples=8",
+           "data.flip=false", "train.max_steps=150", "train.lr=2e-3", "train.warmup_steps=10",
+           "train.ckpt_every=1000", "train.log_every=50", "model.class_dropout_prob=0.0",
+           f"model.fp8_training={recipe}")
+    assert len(calls) == 150 * 2 * 4  # steps x blocks x (qkv, proj, fc1, fc2), none fell back to F.linear
+    losses = [r["loss"] for r in _log(tmp_path)]
+    first, last = statistics.mean(losses[:10]), statistics.mean(losses[-20:])
+    assert first > 0.5 and last < first / 5, (first, last)
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(tmp_path / "checkpoints" / latest, map_location="cpu", weights_only=True)
+    assert "blocks.0.attn.qkv.weight" in state["model"]
+    with pytest.raises(ConfigError, match="model.fp8_training=rowwise: UNet-S has no DiT block linears"):
+        _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.fp8_training=rowwise")
+
+
 def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_path, monkeypatch):
     """model.fused_training (default true) switches a compiled DiT to DiTBlock.forward_fused; eager runs and UNets
     keep their forward. torch.compile is replaced by a stand-in that returns the function unchanged."""

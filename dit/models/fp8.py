@@ -7,6 +7,13 @@ each tensor scaled so that its absolute maximum maps to the format's largest fin
 the optimizer and everything outside these matmuls are unchanged. Under ``torch.compile`` the amax reductions and
 casts fuse into the neighbouring kernels.
 
+``recipe="rowwise"`` (training) scales each row of every FP8 operand on its own, along the GEMM's reduction
+dimension, and keeps E4M3 for the gradients too (per-row scales leave E5M2's extra range unneeded), as torchao's
+rowwise recipe does. Its weight-gradient GEMM stays in the compute dtype (bf16 under autocast): an FP8 weight
+gradient needs the activation and the gradient cast again in transposed copies (tokens contiguous), the traffic that
+made the tensorwise recipe slower than bf16 at DiT widths (docs/benchmarks.md, run 6). Per-row scales also fuse into
+the kernels that produce the operands: the amax is a reduction over the row those kernels already hold.
+
 For inference, ``calibrate_float8`` fixes each layer's activation scale from the largest input seen on calibration
 batches and casts the weights once ("static" scaling, as post-training quantisation does): the cast then needs no
 amax pass and fuses into the kernel that produces the activation.
@@ -43,13 +50,20 @@ def saturating_cast(x: torch.Tensor, scale: float | torch.Tensor, dtype: torch.d
     return (x * scale).clamp(-fmax, fmax).to(dtype)
 
 
-def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-tensor scaling: ``x`` -> (``x * s`` in ``dtype``, ``1 / s``) with ``s = fp8_max / amax(|x|)``.
+RECIPES = ("tensorwise", "rowwise")
 
-    The returned inverse scale (a 0-d float32 tensor) is what ``torch._scaled_mm`` multiplies the product by.
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic scaling: ``x`` -> (``x * s`` in ``dtype``, ``1 / s``) with ``s = fp8_max / amax(|x|)``.
+
+    ``dim=None``: one scale for the whole tensor (0-d). ``dim=d``: the amax over dimension ``d`` only, one scale per
+    slice (kept as a size-1 dimension): for an (R, C) matrix ``dim=-1`` gives (R, 1) row scales, ``dim=0`` (1, C)
+    column scales. The returned inverse scale (float32) is what ``torch._scaled_mm`` multiplies the product by.
     """
     fmax = torch.finfo(dtype).max
-    amax = x.detach().abs().amax().float().clamp_min(1e-12)  # all-zero tensors: any finite scale works
+    a = x.detach().abs()
+    amax = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
+    amax = amax.float().clamp_min(1e-12)  # all-zero rows: any finite scale works
     scale = fmax / amax
     x8 = saturating_cast(x.float(), scale, dtype)
     return x8, scale.reciprocal()
@@ -74,7 +88,8 @@ def _scaled_mm(a, b, sa, sb, out_dtype, bias=None, fast_accum: bool = False):
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """``x @ weight^T + bias`` with every GEMM in FP8: forward E4M3 x E4M3, backward E5M2 gradients x E4M3."""
+    """``x @ weight^T + bias`` with every GEMM in FP8, per-tensor scales: forward E4M3 x E4M3, backward E5M2
+    gradients x E4M3 (``recipe="tensorwise"``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
@@ -98,22 +113,64 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w.to(ctx.w_dtype), grad_b, None
 
 
+class _Float8MatmulRowwise(torch.autograd.Function):
+    """``x @ weight^T + bias`` with per-row scales (``recipe="rowwise"``): the forward and the input-gradient GEMMs in
+    E4M3 x E4M3, each operand scaled per row of its reduction dimension; the weight-gradient GEMM in ``x``'s
+    compute dtype, from the unquantised operands."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        """x: (M, K); weight: (N, K); bias: (N,) or None -> (M, N) in out_dtype."""
+        from .kernels import rowwise_fp8  # (here: kernels imports this module)
+
+        x8, sx = rowwise_fp8(x)  # (M, K), (M, 1): one scale per token
+        w8, sw = to_float8(weight, E4M3, dim=-1)  # (N, K), (N, 1): one scale per output feature
+        # Per-row scaled GEMMs produce bf16 on CUDA (CUTLASS rowwise kernel), whatever the caller computes in. The
+        # forward accumulates fast (no fp32 promotion of partial sums), as torchao's recipes do for the output GEMM.
+        b = None if bias is None else bias.to(torch.bfloat16)
+        out = _scaled_mm(x8, w8.t(), sx, sw.t(), torch.bfloat16, b, fast_accum=True)  # (M, N)
+        # Only a real cast: returning ``out.to(out.dtype)`` (the tensor itself) made torch.compile (torch 2.11, CUDA)
+        # drop the backward of the scaled_dot_product_attention that consumes the qkv output, so every gradient
+        # upstream of the attention came out zero (caught by tests/test_fp8.py's GPU test; cf. pytorch/pytorch#159299).
+        if out_dtype != out.dtype:
+            out = out.to(out_dtype)
+        ctx.save_for_backward(x.to(out_dtype), weight)  # the weight gradient's operand; the weight is re-cast
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_hp, weight = ctx.saved_tensors
+        from .kernels import rowwise_fp8
+
+        g8, sg = rowwise_fp8(grad.contiguous())  # (M, N), (M, 1)
+        wc8, swc = to_float8(weight, E4M3, dim=0)  # (N, K), (1, K): one scale per input feature, over N
+        grad_x = _scaled_mm(g8, _col_major(wc8), sg, swc, torch.bfloat16).to(ctx.x_dtype)  # (M, K)
+        grad_w = (grad.to(x_hp.dtype).t() @ x_hp).to(weight.dtype)  # (N, M) x (M, K) -> (N, K), high precision
+        grad_b = grad.float().sum(0) if ctx.has_bias else None  # (N,)
+        return grad_x, grad_w, grad_b, None
+
+
 class Float8Linear(nn.Linear):
     """``nn.Linear`` computed with FP8 GEMMs (``_Float8Matmul``); same parameters and state-dict keys.
 
     Falls back to the plain linear when a dimension is not a multiple of 16 (an FP8 tensor-core requirement). Under
-    autocast the output has the autocast dtype, as ``nn.Linear``'s would; otherwise the input's dtype.
+    autocast the output has the autocast dtype, as ``nn.Linear``'s would; otherwise the input's dtype. ``recipe``
+    picks the training scaling (``RECIPES``, module docstring); inference with static scales is the same for both.
     """
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Float8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe: str = "tensorwise") -> "Float8Linear":
         """A Float8Linear that shares ``linear``'s parameter tensors (no copy; an optimizer over them stays valid)."""
+        if recipe not in RECIPES:
+            raise ValueError(f"FP8 recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
+        new.recipe = recipe
         new.clear_static_scales()
         return new
 
@@ -137,8 +194,9 @@ class Float8Linear(nn.Linear):
         out_dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
         if self.input_scale is not None and not torch.is_grad_enabled():
             return self.forward_float8(self.quantize_input(x), out_dtype)
+        fn = _Float8MatmulRowwise if self.recipe == "rowwise" else _Float8Matmul
         with torch.autocast(dev, enabled=False):
-            y = _Float8Matmul.apply(x.reshape(-1, k), self.weight, self.bias, out_dtype)  # (M, N)
+            y = fn.apply(x.reshape(-1, k), self.weight, self.bias, out_dtype)  # (M, N)
         return y.view(*x.shape[:-1], n)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,15 +213,16 @@ class Float8Linear(nn.Linear):
         return y.view(*x8.shape[:-1], self.out_features)
 
 
-def convert_to_float8(model: nn.Module, names: tuple[str, ...] = DIT_BLOCK_LINEARS) -> int:
+def convert_to_float8(model: nn.Module, names: tuple[str, ...] = DIT_BLOCK_LINEARS, recipe: str = "tensorwise") -> int:
     """Replace every ``nn.Linear`` whose qualified name matches one of the fnmatch patterns ``names`` by a
-    ``Float8Linear`` sharing its parameters, in place. Returns how many were converted (0: none matched, a UNet)."""
+    ``Float8Linear`` (training ``recipe``) sharing its parameters, in place. Returns how many were converted (0: none
+    matched, a UNet)."""
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and any(fnmatch.fnmatchcase(name, pat) for pat in names)]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Float8Linear.from_linear(m))
+        setattr(parent, child, Float8Linear.from_linear(m, recipe))
     return len(targets)
 
 
