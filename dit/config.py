@@ -41,9 +41,10 @@ class ModelConfig:
     # in one Triton kernel, forward and backward (dit.models.kernels). Same results to fp32 rounding; +5.3% img/s
     # for DiT-XL/2, +6.7% for S/2 in the trainer (docs/benchmarks.md, run 8). Ignored without compile and by UNets.
     fused_training: bool = True
-    # DiTs only: train the blocks' qkv/proj/fc1/fc2 GEMMs in FP8 (dit.models.fp8, Hopper or newer; CPU emulates):
-    # "rowwise" (per-row scales, bf16 weight gradients) or "tensorwise" (per-tensor scales, all three GEMMs). Changes
-    # the numerics (E4M3 operands): an opt-in to validate on your own run (docs/benchmarks.md, run 10).
+    # DiTs only: train the blocks' qkv/proj/fc1/fc2 GEMMs in FP8 (dit.models.fp8, Ada/Hopper or newer; CPU emulates):
+    # "rowwise" (per-row scales, bf16 weight gradients; DiT-XL/2 1.045x img/s on an H100, DiT-S/2 0.93x) or
+    # "tensorwise" (per-tensor scales, all three GEMMs; slower than bf16 at DiT widths). E4M3 operands change the
+    # numerics: an opt-in to validate on your own run (docs/benchmarks.md, run 10).
     fp8_training: Literal["off", "rowwise", "tensorwise"] = "off"
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
