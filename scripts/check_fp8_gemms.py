@@ -67,7 +67,7 @@ def main() -> None:
             rows.append((name, label, ms, flops / ms / 1e9))
             total[label] = total.get(label, 0.0) + ms
     print(f"{a.model}, batch {a.batch} ({m} tokens), {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"| GEMM | variant | ms | TFLOP/s |\n|---|---|---:|---:|")
+    print("| GEMM | variant | ms | TFLOP/s |\n|---|---|---:|---:|")
     for name, label, ms, tf in rows:
         print(f"| {name} | {label} | {ms:.4f} | {tf:.0f} |")
     print("\nper block (4 GEMMs):")
