@@ -154,7 +154,8 @@ class _Float8MatmulRowwise(torch.autograd.Function):
 
 
 class Float8Linear(nn.Linear):
-    """``nn.Linear`` computed with FP8 GEMMs (``_Float8Matmul``); same parameters and state-dict keys.
+    """``nn.Linear`` computed with FP8 GEMMs (``_Float8Matmul`` / ``_Float8MatmulRowwise`` by ``recipe``); same
+    parameters and state-dict keys.
 
     Falls back to the plain linear when a dimension is not a multiple of 16 (an FP8 tensor-core requirement). Under
     autocast the output has the autocast dtype, as ``nn.Linear``'s would; otherwise the input's dtype. ``recipe``
