@@ -625,6 +625,24 @@ def test_fp8_training_runs_the_blocks_in_fp8_and_the_loss_falls(tmp_path, monkey
         _train(tmp_path / "unet", "model.name=UNet-S", "model.overrides={}", "model.fp8_training=rowwise")
 
 
+def test_fp8_training_refusals_are_one_line(monkeypatch):
+    """model.fp8_training names what it cannot run with: FSDP, a GPU without FP8 tensor cores, a model without DiT
+    blocks (the last also end to end above)."""
+    from dit.config import ConfigError
+    from dit.models import create_model
+    from dit.train import _use_float8_training
+
+    cfg = load_config(None, ["model.fp8_training=rowwise"])
+    dit = create_model("DiT-S/4", hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(ConfigError, match=r"^model.fp8_training=rowwise: not with train.fsdp=true"):
+        _use_float8_training(dit, cfg, torch.device("cpu"), fsdp=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ConfigError, match=r"compute capability 8.9 or newer \(Ada, Hopper\), this one is 8.0$"):
+        _use_float8_training(dit, cfg, torch.device("cuda"), fsdp=False)
+    _use_float8_training(dit, cfg, torch.device("cpu"), fsdp=False)  # CPU: emulated, allowed
+    assert sum(type(m).__name__ == "Float8Linear" for m in dit.modules()) == 4
+
+
 def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_path, monkeypatch):
     """model.fused_training (default true) switches a compiled DiT to DiTBlock.forward_fused; eager runs and UNets
     keep their forward. torch.compile is replaced by a stand-in that returns the function unchanged."""
