@@ -13,8 +13,7 @@ import torch
 
 from dit.benchmark import time_fn
 from dit.models.fp8 import E4M3, E5M2, _col_major, to_float8
-
-HIDDEN = {"DiT-S": 384, "DiT-B": 768, "DiT-L": 1024, "DiT-XL": 1152}
+from dit.models.registry import model_defaults
 
 
 def main() -> None:
@@ -23,10 +22,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50)
     a = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        ap.error("needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or newer)")
     dev = torch.device("cuda")
-    family, patch = a.model.split("/")
-    d = HIDDEN[family]
-    m = a.batch * (32 // int(patch)) ** 2  # tokens of 256 px images (32x32 latents)
+    arch = model_defaults(a.model)  # unknown names: one line listing the valid ones
+    d = arch["hidden_size"]
+    m = a.batch * (32 // arch["patch_size"]) ** 2  # tokens of 256 px images (32x32 latents)
     shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}  # (K, N)
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
