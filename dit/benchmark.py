@@ -56,8 +56,6 @@ VARIANTS = {
                 "E4M3 activations and weights, E5M2 gradients, dynamic per-tensor scales), forward and backward",
     "fast-fp8r": "as fast-lnk, with the DiT blocks' qkv/proj/fc1/fc2 GEMMs trained in FP8 with per-row scales "
                  "(Float8Linear recipe 'rowwise': E4M3 forward and input-gradient GEMMs, bf16 weight gradient)",
-    "fast-fp8t": "as fast-lnk, with the DiT blocks' GEMMs trained in FP8 with per-tensor scales (recipe 'tensorwise', "
-                 "fast-fp8's GEMMs on top of the fused LayerNorm kernels)",
     "fast-fp8s": "as fast-fp8, with static FP8 scales for inference (dit.models.fp8.calibrate_float8 on 8 timesteps "
                  "of random latents, weights cast once): forward and sampling; training scales dynamically",
     "fast-fp8s-unfused": "as fast-fp8s, with the DiT's plain block forward at inference (DiT.fused_inference = "
@@ -240,12 +238,12 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
             for m in model.modules():
                 if hasattr(m, "fast_accum"):
                     m.fast_accum = False
-    if variant in ("fast-fp8r", "fast-fp8t"):
+    if variant == "fast-fp8r":
         from dit.models.fp8 import convert_to_float8
 
-        if convert_to_float8(model, recipe="rowwise" if variant == "fast-fp8r" else "tensorwise") == 0:
+        if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-lnk", "fast-fp8r", "fast-fp8t"):
+    if variant in ("fast-lnk", "fast-fp8r"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True

@@ -145,7 +145,7 @@ class _Float8MatmulRowwise(torch.autograd.Function):
         x_hp, weight = ctx.saved_tensors
         from .kernels import rowwise_fp8
 
-        g8, sg = rowwise_fp8(grad.contiguous())  # (M, N), (M, 1)
+        g8, sg = rowwise_fp8(grad)  # (M, N), (M, 1)
         wc8, swc = to_float8(weight, E4M3, dim=0)  # (N, K), (1, K): one scale per input feature, over N
         grad_x = _scaled_mm(g8, _col_major(wc8), sg, swc, torch.bfloat16).to(ctx.x_dtype)  # (M, K)
         grad_w = (grad.to(x_hp.dtype).t() @ x_hp).to(weight.dtype)  # (N, M) x (M, K) -> (N, K), high precision
