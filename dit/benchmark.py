@@ -42,6 +42,9 @@ VARIANTS = {
                   "fp32: half the traffic of the memory-bound norm/elementwise kernels",
     "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
                 "too (DiT.fused_training: DiTBlock.forward_fused with autograd; the backward in one Triton kernel too)",
+    "fast-mlp": "as fast-lnk, with the MLP's GELU in cuBLASLt GEMM epilogues for training (DiT.set_mlp_epilogues: "
+                "GELU + pre-activation stored by fc1's GEMM, GELU derivative + fc1 bias gradient in fc2's "
+                "input-gradient GEMM)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -243,7 +246,15 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-lnk", "fast-fp8r"):
+    if variant == "fast-mlp":
+        from dit.models.cublaslt import gelu_epilogues_available
+
+        if not hasattr(model, "set_mlp_epilogues"):
+            raise ValueError(f"variant {variant}: {name} has no MLP epilogue option (DiTs only)")
+        if not gelu_epilogues_available(device):
+            raise ValueError(f"variant {variant}: cuBLASLt GELU epilogues unavailable on {device}")
+        model.set_mlp_epilogues(True)
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True

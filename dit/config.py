@@ -41,6 +41,11 @@ class ModelConfig:
     # in one Triton kernel, forward and backward (dit.models.kernels). Same results to fp32 rounding; +5.3% img/s
     # for DiT-XL/2, +6.7% for S/2 in the trainer (docs/benchmarks.md, run 8). Ignored without compile and by UNets.
     fused_training: bool = True
+    # DiTs on CUDA: train the blocks' MLPs with the GELU in cuBLASLt GEMM epilogues (DiT.set_mlp_epilogues,
+    # dit.models.cublaslt): fc1's GEMM applies the GELU and keeps the pre-activation, fc2's input-gradient GEMM
+    # applies the GELU's derivative. Same formulas (the GELU from the fp32 accumulator); +5.1% trainer img/s for
+    # DiT-S/2, +3% for XL/2 on an H100 (docs/benchmarks.md, run 11). Ignored on CPU and by UNets.
+    mlp_epilogues: bool = True
     # DiTs only: train the blocks' qkv/proj/fc1/fc2 GEMMs in FP8 (dit.models.fp8, Ada/Hopper or newer; CPU emulates):
     # "rowwise" (per-row scales, bf16 weight gradients; DiT-XL/2 1.045x img/s on an H100, DiT-S/2 0.93x) or
     # "tensorwise" (per-tensor scales, all three GEMMs; slower than bf16 at DiT widths). E4M3 operands change the

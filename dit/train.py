@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
+from dit.models import cublaslt
 from dit.optim import AdamWEMA
 from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, copy_buffers, ema_decay_at, shard_pairs
@@ -481,6 +482,8 @@ def train(cfg: Config) -> dict:
             # A copy: rows saved as views of one (world, S) tensor (checkpoints before this fix) load as views at an
             # offset, which set_rng_state does not handle (a segfault on ranks > 0).
             torch.set_rng_state(rng["torch_cpu"][rank].clone())
+        # the same GEMM algorithms as before the interruption (they round differently; dit.models.cublaslt)
+        cublaslt.set_algorithm_choices(state.get("cublaslt_algorithms", {}))
         logger.info("resumed from %s at step %d (%d images seen)", resumed_from, step, images_seen)
     elif tc.resume == "auto":
         logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpointing.checkpoint_dir(out_dir))
@@ -527,6 +530,11 @@ def train(cfg: Config) -> dict:
         _use_float8_training(raw_model, cfg, device, fsdp)
     if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
         raw_model.fused_training = True  # measured (and so used) under torch.compile only
+    if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
+        if cublaslt.gelu_epilogues_available(device):
+            raw_model.set_mlp_epilogues(True)
+        elif is_main:
+            logger.warning("model.mlp_epilogues: this cuBLASLt has no GELU epilogues; the MLP trains with plain ops")
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
     compile_loss = cfg.model.compile and world == 1
@@ -613,6 +621,7 @@ def train(cfg: Config) -> dict:
             "config": to_dict(cfg), "model_name": cfg.model.name, "model_kwargs": dict(model_kwargs),
             "autoencoder": data.autoencoder_info, "diffusion": diffusion_kwargs(cfg),
             "class_names": list(data.class_names), "text_encoder": cfg.text.encoder, "world_size": world,
+            "cublaslt_algorithms": cublaslt.algorithm_choices(),
         }
         if accelerator.scaler is not None:
             state_out["scaler"] = accelerator.scaler.state_dict()

@@ -212,7 +212,8 @@ def test_checkpoint_contents_and_outputs(tmp_path):
     summary = _train(tmp_path, "train.max_steps=2", "train.ckpt_every=2", "run.tensorboard=true")
     state = torch.load(summary["checkpoint"], weights_only=True)  # only safe types inside
     for key in ("model", "ema", "opt", "lr_scheduler", "step", "images_seen", "rng", "data_state", "config",
-                "model_name", "model_kwargs", "autoencoder", "diffusion", "class_names", "text_encoder"):
+                "model_name", "model_kwargs", "autoencoder", "diffusion", "class_names", "text_encoder",
+                "cublaslt_algorithms"):
         assert key in state, key
     assert state["step"] == 2 and state["images_seen"] == 16 and state["model_name"] == "DiT-S/4"
     assert state["autoencoder"] == {"spec": "identity", "scale": 1.0, "shift": None, "latent_channels": 3,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from .cublaslt import fused_mlp
 from .fp8 import E4M3
 from .kernels import gelu_tanh_fp8
 
@@ -205,6 +206,10 @@ class Mlp(nn.Module):
     Without autograd (sampling) ``fc1`` and the GELU are one op (``linear_gelu_tanh``; on CUDA one GEMM): 6.6%
     faster DiT-XL/2 forward passes at batch 512, same error against fp32 (docs/benchmarks.md). Setting
     ``fused_inference = False`` restores the two-kernel path (the benchmark's ablation).
+
+    With ``gemm_epilogues = True`` training runs through ``dit.models.cublaslt.fused_mlp``: the GELU in fc1's GEMM
+    (which also keeps the pre-activation) and its derivative plus fc1's bias gradient in fc2's input-gradient GEMM,
+    in the compute dtype (the trainer's ``model.mlp_epilogues``, CUDA only).
     """
 
     def __init__(self, in_features: int, hidden_features: int):
@@ -213,6 +218,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.fused_inference = True
+        self.gemm_epilogues = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D); an E4M3 ``x`` is already cast for a static-scale FP8 fc1 (DiT fused inference)."""
@@ -224,9 +230,16 @@ class Mlp(nn.Module):
             # the GELU and fc2's input cast in one kernel: the 4x-wide activation is read once, written in 1 byte
             return self.fc2.forward_float8(gelu_tanh_fp8(h, self.fc2.input_scale), dtype)  # (..., D)
         # (an FP8 fc1, dit.models.fp8.Float8Linear, keeps its own GEMM)
+        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+        dtype = compute_dtype(x.device, self.fc1.weight.dtype)  # autocast does not reach the custom ops
+        # on CUDA only in the dtypes cuBLASLt's epilogues take (fp32 training keeps the plain path)
+        epilogue_dtype = dtype in (torch.bfloat16, torch.float16) or not x.is_cuda
+        if self.gemm_epilogues and torch.is_grad_enabled() and plain and epilogue_dtype:
+            y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight.to(dtype), self.fc1.bias.to(dtype),
+                          self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))  # (M, D)
+            return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
         if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs
-            dtype = compute_dtype(x.device, self.fc1.weight.dtype)
             h = linear_gelu_tanh(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight.to(dtype),
                                  self.fc1.bias.to(dtype))  # (M, 4D)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))  # (..., D)
