@@ -45,6 +45,8 @@ VARIANTS = {
     "fast-mlp": "as fast-lnk, with the MLP's GELU in cuBLASLt GEMM epilogues for training (DiT.set_mlp_epilogues: "
                 "GELU + pre-activation stored by fc1's GEMM, GELU derivative + fc1 bias gradient in fc2's "
                 "input-gradient GEMM)",
+    "fast-mlpq": "as fast-mlp, with the qkv projection's gradient and bias gradient assembled from dq, dk, dv in one "
+                 "Triton pass (DiT.set_fused_qkv_backward)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -246,7 +248,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant == "fast-mlp":
+    if variant in ("fast-mlp", "fast-mlpq"):
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -254,7 +256,9 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         if not gelu_epilogues_available(device):
             raise ValueError(f"variant {variant}: cuBLASLt GELU epilogues unavailable on {device}")
         model.set_mlp_epilogues(True)
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp"):
+    if variant == "fast-mlpq":
+        model.set_fused_qkv_backward(True)
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True

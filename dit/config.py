@@ -41,6 +41,9 @@ class ModelConfig:
     # in one Triton kernel, forward and backward (dit.models.kernels). Same results to fp32 rounding; +5.3% img/s
     # for DiT-XL/2, +6.7% for S/2 in the trainer (docs/benchmarks.md, run 8). Ignored without compile and by UNets.
     fused_training: bool = True
+    # With model.fused_training: build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv
+    # in one Triton pass (DiT.set_fused_qkv_backward) instead of autograd's copy plus a second read; same values.
+    fused_qkv_backward: bool = True
     # DiTs on CUDA: train the blocks' MLPs with the GELU in cuBLASLt GEMM epilogues (DiT.set_mlp_epilogues,
     # dit.models.cublaslt): fc1's GEMM applies the GELU and keeps the pre-activation, fc2's input-gradient GEMM
     # applies the GELU's derivative. Same formulas (the GELU from the fp32 accumulator); +5.1% trainer img/s for

@@ -530,6 +530,7 @@ def train(cfg: Config) -> dict:
         _use_float8_training(raw_model, cfg, device, fsdp)
     if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
         raw_model.fused_training = True  # measured (and so used) under torch.compile only
+        raw_model.set_fused_qkv_backward(cfg.model.fused_qkv_backward)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

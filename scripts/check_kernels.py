@@ -4,7 +4,7 @@ shapes, and each kernel's time against what Inductor generates from the same cod
 sampling shape, 512 rows x 256 tokens).
 
     python scripts/check_kernels.py                    # CUDA only; about 2 minutes on an H100
-    python scripts/check_kernels.py --parts backward   # one part: ops, model, text, backward, time
+    python scripts/check_kernels.py --parts backward   # one part: ops, model, text, backward, qkv, time
 """
 
 from __future__ import annotations
@@ -181,9 +181,45 @@ def check_backward(dev: torch.device, g: torch.Generator) -> None:
                           f"({gb / ms:.2f} TB/s)", flush=True)
 
 
+def check_qkv_grad(dev: torch.device, g: torch.Generator) -> None:
+    """The qkv-gradient kernel (``kernels.qkv_grad``) on the attention backward's real outputs at DiT-S/2's and
+    DiT-XL/2's training shapes: exact copy, fp32 bias sums; time against Inductor's copy + column sum of the same
+    (what autograd and the qkv linear's backward compile to), over a sweep of its tile."""
+    from dit.models.kernels import _qkv_grad_triton
+
+    def inductor(dq, dk, dv):
+        n, h, t, dh = dq.shape
+        g3 = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(n * t, 3 * h * dh)
+        return g3, g3.sum(0)
+
+    compiled = torch.compile(inductor, dynamic=False)
+    for n, h, dh in [(256, 6, 64), (64, 16, 72)]:
+        t, c = 256, h * dh
+        qkv = torch.randn(n, t, 3, h, dh, device=dev, generator=g, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+        q, k, v = (z.detach().requires_grad_() for z in qkv)
+        out = F.scaled_dot_product_attention(q, k, v)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        want, want_b = compiled(dq, dk, dv)
+        got, got_b = K.qkv_grad(dq, dk, dv)
+        ref_b = want.double().sum(0)
+        print(f"[qkv] {n}x{t}x{c}: dq strides {tuple(dq.stride())}; copy exact: {torch.equal(got, want)}; bias error "
+              f"{rel(got_b, ref_b):.1e} (Inductor {rel(want_b, ref_b):.1e})", flush=True)
+        gb = 2 * want.numel() * 2 / 1e9
+        ms = _ms_per_call(lambda: compiled(dq, dk, dv), dev)
+        print(f"[qkv] {n}x{t}x{c} inductor: {ms:.3f} ms ({gb / ms:.2f} TB/s of copy)", flush=True)
+        for rows in (64, 128, 256, 512):
+            for block_m in (16, 32, 64):
+                for warps in (4, 8):
+                    if block_m > rows:
+                        continue
+                    ms = _ms_per_call(lambda: _qkv_grad_triton(dq, dk, dv, rows, block_m, warps), dev)
+                    print(f"[qkv] {n}x{t}x{c} triton, {rows} rows per program, {block_m} per step, {warps} warps: "
+                          f"{ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+
+
 def main() -> None:
     parts = {"ops": check_ops, "model": check_model, "text": check_text_model, "backward": check_backward,
-             "time": lambda dev, g: time_kernels(dev)}
+             "qkv": check_qkv_grad, "time": lambda dev, g: time_kernels(dev)}
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(parts), help=f"comma list of: {', '.join(parts)}")
     chosen = ap.parse_args().parts.split(",")

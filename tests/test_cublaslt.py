@@ -139,7 +139,8 @@ def test_cublaslt_epilogue_ops_on_the_gpu_match_fp32():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mlp_epilogue_training_gradients_on_the_gpu_match_fp32(dtype):
     """Every parameter gradient of a DiT trained through the epilogue GEMMs (bf16 or fp16 autocast, eager and
-    compiled, with the fused LayerNorm kernels) is as close to the fp32 gradient as the plain model's in that dtype."""
+    compiled, with the fused LayerNorm and qkv-gradient kernels) is as close to the fp32 gradient as the plain
+    model's in that dtype."""
     from dit.benchmark import _randomise_zero_init
 
     torch.manual_seed(0)
@@ -149,6 +150,7 @@ def test_mlp_epilogue_training_gradients_on_the_gpu_match_fp32(dtype):
     ref_model = ref_model.to(dev).eval()
     model = copy.deepcopy(ref_model)
     model.set_mlp_epilogues(True)
+    model.set_fused_qkv_backward(True)  # and the qkv gradient kernel (dit.models.kernels.qkv_grad)
     model.fused_training = True
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(32, 4, 32, 32, device=dev, generator=g)

@@ -15,6 +15,8 @@ torch's current stream (CUDA-graph safe: workspace from the caching allocator, h
 are ``torch.library`` custom ops (opaque to ``torch.compile``); ``fused_mlp`` combines them with plain torch GEMMs
 into the MLP's forward and backward. Elsewhere (CPU, or a CUDA build whose cuBLASLt lacks these epilogues) the ops
 compute the same formulas with torch, which is also the reference the GPU path is tested against.
+
+On an H100: +5.1% trainer img/s for DiT-S/2, +2.9% for DiT-XL/2 (docs/benchmarks.md, run 11).
 """
 
 from __future__ import annotations

@@ -325,6 +325,13 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.mlp.gemm_epilogues = enable
 
+    def set_fused_qkv_backward(self, enable: bool = True) -> None:
+        """In training, build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv in one
+        Triton pass (``Attention.fused_qkv_backward``, ``dit.models.kernels.qkv_grad``) instead of autograd's copy
+        plus a second read for the bias gradient. Same values (a copy and an fp32 column sum)."""
+        for block in self.blocks:
+            block.attn.fused_qkv_backward = enable
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p * p * C_out) -> (N, C_out, H, W), inverse of the row-major patchify."""
         c, p = self.out_channels, self.patch_size

@@ -11,6 +11,8 @@ memory-bound kernels (docs/benchmarks.md, runs 6 and 7):
 - ``rowwise_fp8``: dynamic per-row E4M3 quantisation, the operand cast of FP8 training's rowwise recipe: each row
   read once, its amax and cast in registers. Inductor fused these casts into the neighbouring kernels at 1.1 TB/s
   or less, and the GELU backward with them at a quarter of its bf16 speed (docs/benchmarks.md, run 10).
+- ``qkv_grad``: the attention's dq, dk, dv copied into the qkv GEMM's output gradient with the qkv bias gradient's
+  column sums in the same pass (training; autograd's copy and Inductor's separate sum read them twice; run 11).
 
 Inductor's kernels for the same code run at 2.1-2.3 TB/s on an H100 (E4M3 outputs). These kernels read each input
 once and write each output once, with two-pass row statistics held in registers and ``tanh`` through one ``exp``:
@@ -425,3 +427,83 @@ def _add_ln_mod_bwd(ctx, dx_new, dy):
 
 
 add_layernorm_modulate.register_autograd(_add_ln_mod_bwd, setup_context=_add_ln_mod_setup)
+
+
+# ---- the attention's qkv gradient (training with DiT.fused_training) -------------------------------------------
+# The attention backward returns dq, dk, dv as three (N, H, T, Dh) tensors, each dense in (N, T, H, Dh) order (the
+# layout of its inputs, which are views of the qkv GEMM's output). The qkv linear's backward needs them as one
+# (N*T, 3C) gradient: autograd copies them there and Inductor re-reads them for the bias gradient, two passes
+# (98 + 56 us per DiT-S/2 block, docs/benchmarks.md, run 11). ``qkv_grad`` writes the gradient and the bias
+# gradient's per-program column sums in one pass.
+
+
+@functools.cache
+def _triton_qkv():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def triton_dit_qkv_grad(src_ptr, out_ptr, part_ptr, M, C, out_col, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+        # src: (M, C) one of dq/dk/dv as tokens x features; out: (M, 3C) columns [out_col, out_col + C);
+        # part: (programs along M, 3C) fp32 column sums of this program's rows
+        pid_m = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,); BLOCK_C divides C
+        acc = tl.zeros((BLOCK_C,), tl.float32)
+        for r in range(0, ROWS, BLOCK_M):
+            rows = pid_m * ROWS + r + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+            m = (rows < M)[:, None]
+            rows64 = rows[:, None].to(tl.int64)
+            g = tl.load(src_ptr + rows64 * C + cols[None, :], mask=m, other=0.0)  # (BLOCK_M, BLOCK_C)
+            tl.store(out_ptr + rows64 * (3 * C) + out_col + cols[None, :], g, mask=m)
+            acc += tl.sum(g.to(tl.float32), axis=0)
+        tl.store(part_ptr + pid_m * (3 * C) + out_col + cols, acc)
+
+    return triton, triton_dit_qkv_grad
+
+
+def _qkv_block_c(c: int) -> int | None:
+    """Column tile of the qkv-gradient kernel: must divide the width (every DiT's: 384, 768, 1024, 1152)."""
+    return next((b for b in (128, 64, 32) if c % b == 0), None)
+
+
+def _qkv_grad_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_per_program: int | None = None,
+                     block_m: int = 64, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    triton, kernel = _triton_qkv()
+    n, h, t, dh = dq.shape
+    c, m = h * dh, n * t
+    block_c = _qkv_block_c(c)
+    if rows_per_program is None:
+        # the sweep's best (scripts/check_kernels.py --parts qkv; docs/benchmarks.md, run 11): 512 rows per program
+        # for DiT-S/2 (0.138 ms), 256 for XL/2 (0.108 ms), where 512 leaves too few programs (0.283 ms)
+        rows_per_program = 512 if triton.cdiv(m, 512) * (c // block_c) >= 384 else 256
+    out = torch.empty(m, 3 * c, dtype=dq.dtype, device=dq.device)
+    grid_m = triton.cdiv(m, rows_per_program)
+    part = torch.empty(grid_m, 3 * c, dtype=torch.float32, device=dq.device)
+    for i, g in enumerate((dq, dk, dv)):
+        src = g.transpose(1, 2)  # (N, T, H, Dh): free for the attention backward's outputs
+        if not src.is_contiguous():
+            src = src.contiguous()
+        kernel[(grid_m, c // block_c)](src, out, part, m, c, i * c, ROWS=rows_per_program, BLOCK_M=block_m,
+                                       BLOCK_C=block_c, num_warps=num_warps)
+    return out, part.sum(0).to(dq.dtype)
+
+
+@torch.library.custom_op("dit::qkv_grad", mutates_args=())
+def qkv_grad(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The qkv GEMM's output gradient and its bias gradient from the attention's q, k, v gradients.
+
+    dq, dk, dv: (N, H, T, Dh) -> (N*T, 3*H*Dh) in the qkv output's (N, T, 3, H, Dh) layout, and its column sums
+    (3*H*Dh,), both in dq's dtype (the sums accumulate in fp32). One Triton pass on CUDA.
+    """
+    n, h, t, dh = dq.shape
+    if _use_triton(dq) and _qkv_block_c(h * dh) is not None:
+        return _qkv_grad_triton(dq, dk, dv)
+    g = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(n * t, 3 * h * dh)  # (M, 3C)
+    return g.contiguous(), g.sum(0, dtype=_acc(g)).to(dq.dtype)
+
+
+@qkv_grad.register_fake
+def _(dq, dk, dv):
+    n, h, t, dh = dq.shape
+    return dq.new_empty(n * t, 3 * h * dh), dq.new_empty(3 * h * dh)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
-from .kernels import gelu_tanh_fp8
+from .kernels import gelu_tanh_fp8, qkv_grad
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,8 +118,30 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([emb_col, emb_row], dim=1)
 
 
+class _QKVProjection(torch.autograd.Function):
+    """``x @ W^T + b`` split into q, k, v (N, H, T, Dh) views. The backward builds the GEMM's output gradient and the
+    bias gradient from dq, dk, dv in one pass (``kernels.qkv_grad``) instead of autograd's copy and a second read."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n: int, heads: int):
+        """x: (N*T, D); weight: (3D, D); bias: (3D,) -> q, k, v, each (N, H, T, D / H)."""
+        qkv = torch.addmm(bias, x, weight.t())  # (N*T, 3D)
+        ctx.save_for_backward(x, weight)
+        return qkv.view(n, x.shape[0] // n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, weight = ctx.saved_tensors
+        dqkv, db = qkv_grad(dq, dk, dv)  # (N*T, 3D), (3D,)
+        return dqkv @ weight, dqkv.t() @ x, db, None, None
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection, through ``F.scaled_dot_product_attention``."""
+    """Multi-head self-attention with one fused QKV projection, through ``F.scaled_dot_product_attention``.
+
+    ``fused_qkv_backward = True`` (``DiT.fused_training``): in training, the qkv projection's backward assembles
+    its gradient and the bias gradient in one pass (``_QKVProjection``).
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -128,12 +150,20 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fused_qkv_backward = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
         n, t, d = x.shape
         if x.dtype == E4M3:  # already cast for a static-scale FP8 qkv by a fused LayerNorm kernel (DiT inference)
             qkv = self.qkv.forward_float8(x, compute_dtype(x.device, self.qkv.weight.dtype))  # (N, T, 3D)
+        elif (self.fused_qkv_backward and torch.is_grad_enabled() and type(self.qkv) is nn.Linear
+              and self.qkv.bias is not None):
+            dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom op
+            q, k, v = _QKVProjection.apply(x.reshape(n * t, d).to(dtype), self.qkv.weight.to(dtype),
+                                           self.qkv.bias.to(dtype), n, self.num_heads)  # (N, H, T, Dh) each
+            out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+            return self.proj(out.transpose(1, 2).reshape(n, t, d))
         else:
             qkv = self.qkv(x)  # (N, T, 3D)
         qkv = qkv.view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
