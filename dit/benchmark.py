@@ -43,8 +43,7 @@ VARIANTS = {
     "fast-lnk": "as fast-cg, with the DiT's residual update + LayerNorm + modulation in one Triton kernel for training "
                 "too (DiT.fused_training: DiTBlock.forward_fused with autograd; the backward in one Triton kernel too)",
     "fast-mlp": "as fast-lnk, with the MLP's GELU in cuBLASLt GEMM epilogues for training (DiT.set_mlp_epilogues: "
-                "GELU + pre-activation stored by fc1's GEMM, GELU derivative + fc1 bias gradient in fc2's "
-                "input-gradient GEMM)",
+                "GELU + pre-activation stored by fc1's GEMM, the GELU derivative in fc2's input-gradient GEMM)",
     "fast-mlpq": "as fast-mlp, with the qkv projection's gradient and bias gradient assembled from dq, dk, dv in one "
                  "Triton pass (DiT.set_fused_qkv_backward)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "

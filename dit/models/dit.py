@@ -319,8 +319,8 @@ class DiT(nn.Module):
     def set_mlp_epilogues(self, enable: bool = True) -> None:
         """Train every block's MLP with the GELU in cuBLASLt GEMM epilogues (``Mlp.gemm_epilogues``,
         ``dit.models.cublaslt``): fc1's GEMM applies the GELU and keeps the pre-activation, fc2's input-gradient GEMM
-        applies the GELU's derivative and sums fc1's bias gradient. Same formulas; the GELU is computed from the fp32
-        accumulator instead of the rounded pre-activation. Only with autograd; sampling keeps ``fused_inference``.
+        applies the GELU's derivative. Same formulas; the GELU is computed from the fp32 accumulator instead of the
+        rounded pre-activation. Only with autograd; sampling keeps ``fused_inference``.
         """
         for block in self.blocks:
             block.mlp.gemm_epilogues = enable

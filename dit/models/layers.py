@@ -139,8 +139,9 @@ class _QKVProjection(torch.autograd.Function):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection, through ``F.scaled_dot_product_attention``.
 
-    ``fused_qkv_backward = True`` (``DiT.fused_training``): in training, the qkv projection's backward assembles
-    its gradient and the bias gradient in one pass (``_QKVProjection``).
+    ``fused_qkv_backward = True`` (``DiT.set_fused_qkv_backward``; the trainer's ``model.fused_qkv_backward``): in
+    training, the qkv projection's backward assembles its gradient and the bias gradient in one pass
+    (``_QKVProjection``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -238,8 +239,8 @@ class Mlp(nn.Module):
     ``fused_inference = False`` restores the two-kernel path (the benchmark's ablation).
 
     With ``gemm_epilogues = True`` training runs through ``dit.models.cublaslt.fused_mlp``: the GELU in fc1's GEMM
-    (which also keeps the pre-activation) and its derivative plus fc1's bias gradient in fc2's input-gradient GEMM,
-    in the compute dtype (the trainer's ``model.mlp_epilogues``, CUDA only).
+    (which also keeps the pre-activation) and its derivative in fc2's input-gradient GEMM, in the compute dtype
+    (the trainer's ``model.mlp_epilogues``; on CUDA in bf16/fp16 only).
     """
 
     def __init__(self, in_features: int, hidden_features: int):
