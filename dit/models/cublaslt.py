@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from .kernels import _acc  # the reference path's accumulation dtype: fp32, or float64 for float64 inputs
+
 logger = logging.getLogger(__name__)
 
 # cublasLt.h (CUDA 12/13) enum values.
@@ -281,10 +283,6 @@ def _probe(index: int) -> bool:
         logger.warning("cuBLASLt GELU epilogues unavailable (%s): the fused MLP computes with plain torch ops", e)
         return False
     return True
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _use_cublaslt(*tensors: torch.Tensor) -> bool:
