@@ -43,13 +43,14 @@ def test_fused_mlp_equals_the_plain_mlp_in_float64_forward_and_backward():
 
 
 def test_epilogue_ops_reference_formulas_and_opcheck():
-    """The ops' torch path (CPU): (g, h) = (GELU(x W^T + b), x W^T + b); dh = (dy W) * GELU'(h); both pass torch.library's opcheck (fake tensors, schema, autograd registration)."""
+    """The ops' torch path (CPU): (g, h) = (GELU(x W^T + b), x W^T + b); dh = (dy W) * GELU'(h); both pass
+    torch.library's opcheck (fake tensors, schema, autograd registration)."""
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((10, 8), (24, 8), (24,)))
     g, h = gemm_gelu_aux(x, w, b)
     torch.testing.assert_close(h, x @ w.T + b)
     torch.testing.assert_close(g, 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3))))
-    dy, w2 = torch.randn(10, 8, generator=gen, dtype=torch.float64), torch.randn(8, 24, generator=gen, dtype=torch.float64)
+    dy, w2 = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((10, 8), (8, 24)))
     dh = gemm_dgelu(dy, w2, h)
     hh = h.clone().requires_grad_()
     (gelu_grad,) = torch.autograd.grad(F.gelu(hh, approximate="tanh"), hh, dy @ w2)

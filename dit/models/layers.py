@@ -156,19 +156,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
         n, t, d = x.shape
-        if x.dtype == E4M3:  # already cast for a static-scale FP8 qkv by a fused LayerNorm kernel (DiT inference)
-            qkv = self.qkv.forward_float8(x, compute_dtype(x.device, self.qkv.weight.dtype))  # (N, T, 3D)
-        elif (self.fused_qkv_backward and torch.is_grad_enabled() and type(self.qkv) is nn.Linear
-              and self.qkv.bias is not None):
+        if (self.fused_qkv_backward and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
+                and self.qkv.bias is not None):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom op
             q, k, v = _QKVProjection.apply(x.reshape(n * t, d).to(dtype), self.qkv.weight.to(dtype),
                                            self.qkv.bias.to(dtype), n, self.num_heads)  # (N, H, T, Dh) each
-            out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
-            return self.proj(out.transpose(1, 2).reshape(n, t, d))
         else:
-            qkv = self.qkv(x)  # (N, T, 3D)
-        qkv = qkv.view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, Dh)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, Dh)
+            if x.dtype == E4M3:  # already cast for a static-scale FP8 qkv by a fused LayerNorm kernel (inference)
+                qkv = self.qkv.forward_float8(x, compute_dtype(x.device, self.qkv.weight.dtype))  # (N, T, 3D)
+            else:
+                qkv = self.qkv(x)  # (N, T, 3D)
+            q, k, v = qkv.view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
