@@ -58,6 +58,12 @@ class ModelConfig:
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).
     compile: bool = False
+    # What model.compile compiles. "loss": as above (the fastest steps; compilation takes about half a minute for
+    # DiT-S/2 and minutes for DiT-XL/2 or a UNet on an H100). "blocks": regional compilation (DiT.compile_blocks,
+    # UNet.compile_blocks): each block type compiled once and shared by the blocks of equal shape, the rest eager;
+    # much shorter start-up, and with train.cuda_graph=true the eager ops cost no launches (docs/benchmarks.md,
+    # run 12). Not with train.fsdp (its per-block hooks would run inside the compiled region).
+    compile_scope: Literal["loss", "blocks"] = "loss"
     # torch.compile mode: "reduce-overhead" adds CUDA graphs (the compiled forward + backward replayed without
     # per-kernel launches; +2-3% for DiTs on an H100, docs/benchmarks.md), "max-autotune" also benchmarks Triton GEMM
     # templates per shape (minutes of compilation). Only with model.compile=true; CUDA graphs are measured with one
@@ -366,6 +372,11 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
+    if cfg.model.compile_scope != "loss" and not cfg.model.compile:
+        raise ConfigError(f"{source}: model.compile_scope={cfg.model.compile_scope!r} needs model.compile=true")
+    if cfg.model.compile_scope == "blocks" and t.fsdp:
+        raise ConfigError(f"{source}: model.compile_scope=blocks is not built for train.fsdp=true (use "
+                          "model.compile_scope=loss, which compiles the sharded network)")
     if cfg.model.compile_options and (not cfg.model.compile or cfg.model.compile_mode != "default"):
         raise ConfigError(f"{source}: model.compile_options needs model.compile=true and model.compile_mode=default "
                           f"(torch.compile takes a mode or options), got compile={cfg.model.compile}, "

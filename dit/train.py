@@ -528,8 +528,10 @@ def train(cfg: Config) -> dict:
         raw_model.set_low_precision_residual(True)
     if cfg.model.fp8_training != "off":
         _use_float8_training(raw_model, cfg, device, fsdp)
-    if cfg.model.fused_training and cfg.model.compile and hasattr(raw_model, "fused_training"):
-        raw_model.fused_training = True  # measured (and so used) under torch.compile only
+    # Measured (and so used) under torch.compile only. Not with FSDP: the fused path calls the blocks'
+    # forward_fused directly, past the per-block hooks that all-gather their weights.
+    if cfg.model.fused_training and cfg.model.compile and not fsdp and hasattr(raw_model, "fused_training"):
+        raw_model.fused_training = True
         raw_model.set_fused_qkv_backward(cfg.model.fused_qkv_backward)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
@@ -538,14 +540,22 @@ def train(cfg: Config) -> dict:
             logger.warning("model.mlp_epilogues: this cuBLASLt has no GELU epilogues; the MLP trains with plain ops")
     # Compiled after sharding, so the compiled module runs FSDP's hooks (all-gather, reshard, reduce-scatter). With
     # one process the whole loss is compiled instead (below), around the plain module.
-    compile_loss = cfg.model.compile and world == 1
+    compile_blocks = cfg.model.compile and cfg.model.compile_scope == "blocks"
+    compile_loss = cfg.model.compile and world == 1 and not compile_blocks
     compile_kw = ({"mode": cfg.model.compile_mode} if cfg.model.compile_mode != "default" else
                   {"options": dict(cfg.model.compile_options)} if cfg.model.compile_options else {})
+    if compile_blocks:  # regional compilation; the EMA copy (made above) stays eager for the sample grids
+        if not hasattr(raw_model, "compile_blocks"):
+            raise ConfigError(f"model.compile_scope=blocks: {cfg.model.name} has no compile_blocks (DiT and UNet do)")
+        n = raw_model.compile_blocks(dynamic=False, **compile_kw)
+        if is_main:
+            logger.info("model.compile_scope=blocks: %d blocks compiled regionally, the rest runs eagerly", n)
     if world > 1 and cfg.model.compile_mode in ("reduce-overhead", "max-autotune") and is_main:
         logger.warning("model.compile_mode=%s uses CUDA graphs, measured here with one process only; with DDP/FSDP "
                        "(%d processes) the collectives run between graphs: compare img/s with compile_mode=default",
                        cfg.model.compile_mode, world)
-    model: nn.Module = torch.compile(raw_model, **compile_kw) if cfg.model.compile and not compile_loss else raw_model
+    network_alone = cfg.model.compile and not compile_loss and not compile_blocks  # several processes
+    model: nn.Module = torch.compile(raw_model, **compile_kw) if network_alone else raw_model
     forward: Any  # what the loss calls
     if fsdp:
         # Not passed to prepare(): Accelerate would wrap it in DDP. prepare() would also have added autocast, which

@@ -1,5 +1,7 @@
 """The benchmark harness (tools/benchmark.py) on CPU: plumbing, report and the sampling-budget arithmetic."""
 
+import math
+
 import pytest
 import torch
 
@@ -185,6 +187,7 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert row["model"] == "DiT-S/2" and row["batch"] == 4 and row["steps_measured"] == 4  # steps 5..8
     assert row["img_s"] == pytest.approx(4 / (row["step_ms"] / 1e3)) and row["img_s"] > 0
     assert row["last_loss"] is not None
+    assert isinstance(row["startup_s"], float) and math.isfinite(row["startup_s"])  # steps 1..4 minus 4 medians
     assert {"date", "torch", "device"} <= set(row["env"])  # what the figure was measured on
     # Long run, short timeout: stopped, and whatever was logged after --skip is reported (or nothing, said so).
     out = subprocess.run(common + ["--steps", "100000", "--skip", "2", "--timeout", "25", "--json",

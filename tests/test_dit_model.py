@@ -331,3 +331,51 @@ def test_forward_flops_match_paper(name, paper_gflops):
         model = create_model(name)
     flops = forward_flops(model)  # 2 FLOPs per multiply-add
     assert math.isclose(flops / 2e9, paper_gflops, rel_tol=0.01)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compile_blocks_shares_one_graph_and_keeps_outputs(fused):
+    """Regional compilation: all blocks run one compiled function (two on the fused path, whose first block has no
+    pending residual update); outputs and every gradient equal the eager model's; hooks still run; state-dict keys
+    and copies are unaffected."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    ref = _tiny("DiT-S/2", depth=3, num_classes=10)
+    with torch.no_grad():  # adaLN-Zero would make every block the identity
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ref.fused_training = fused
+    # float64: compiled and eager sum gradients in different orders. eval(): no label dropout (random); the fused
+    # path still runs, it follows grad mode.
+    ref.double().eval()
+    model = copy.deepcopy(ref)
+    counter = CompileCounterWithBackend("aot_eager")
+    assert model.compile_blocks(backend=counter, dynamic=False) == 3
+    seen = []
+    model.blocks[1].register_forward_hook(lambda *a: seen.append(1))
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    out_ref, out = ref(x, t, y), model(x, t, y)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    assert counter.frame_count == (2 if fused else 1)  # not one per block
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+    g_ref, g = _grads(ref), _grads(model)
+    assert g.keys() == g_ref.keys() and len(g) == sum(p.requires_grad for p in ref.parameters())
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    assert seen == ([] if fused else [1])  # the fused path calls forward_fused, past __call__ (as before)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    clone = copy.deepcopy(model)  # the EMA's way of copying: methods stay bound to their own block
+    assert clone.blocks[2].forward.__self__ is clone.blocks[2]
+    torch.testing.assert_close(clone(x, t, y), out)
+    assert counter.frame_count == (2 if fused else 1)  # the copy reuses the graph too

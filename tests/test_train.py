@@ -584,6 +584,37 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
                            "model.compile_options={combo_kernels: true}"])
 
 
+def test_compile_scope_blocks_compiles_the_blocks_not_the_loss(tmp_path, monkeypatch):
+    """model.compile_scope=blocks: torch.compile gets the block functions (DiT: forward and forward_fused; UNet: its
+    block types), never the loss or the network; the run trains. The scope needs model.compile=true and is refused
+    with FSDP. torch.compile is a recording stand-in (no compilation)."""
+    from dit.models.dit import DiTBlock
+    from dit.models.unet import AttentionBlock, ResBlock
+
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        compiled.append((getattr(fn, "__qualname__", type(fn).__name__), kw))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = ("train.max_steps=2", "train.ckpt_every=2", "model.compile=true", "model.compile_scope=blocks")
+    _train(tmp_path / "dit", *common, "model.compile_mode=reduce-overhead")
+    assert sorted(q for q, _ in compiled) == sorted([DiTBlock.forward.__qualname__,
+                                                     DiTBlock.forward_fused.__qualname__])
+    assert all(kw == {"dynamic": False, "mode": "reduce-overhead"} for _, kw in compiled)
+    assert len(_log(tmp_path / "dit")) == 2
+    compiled.clear()
+    _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 32}")
+    names = {q for q, _ in compiled}
+    assert {ResBlock.forward.__qualname__, AttentionBlock.forward.__qualname__} <= names
+    assert all(q.endswith(".forward") and "UNet." not in q for q in names)
+    with pytest.raises(ValueError, match="model.compile_scope='blocks' needs model.compile=true"):
+        load_config(None, ["model.compile_scope=blocks"])
+    with pytest.raises(ValueError, match="model.compile_scope=blocks is not built for train.fsdp=true"):
+        load_config(None, ["model.compile=true", "model.compile_scope=blocks", "train.fsdp=true"])
+
+
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
     from dit.config import ConfigError
     from dit.models.dit import DiT

@@ -7,7 +7,8 @@ synthetic latents, to set beside ``tools/benchmark.py``'s isolated training step
 Each model trains in its own process (fresh compile caches and GPU memory) from the built-in default config with
 ``data.source=latents`` on random bf16 latents (``--latent-shape``, default 4x32x32 as sd-vae at 256 px, 1000
 classes), no sample grids and no checkpoint before the last step. Reported: the median host time per step over the
-log intervals after the first ``--skip`` steps (compilation), as img/s, and the peak GPU memory.
+log intervals after the first ``--skip`` steps (compilation), as img/s, the peak GPU memory, and the start-up: the time
+the first ``--skip`` steps took beyond as many steady-state steps (compilation, CUDA-graph capture).
 """
 
 from __future__ import annotations
@@ -84,13 +85,17 @@ def main() -> int:
                 continue
             summary = {} if timed_out else json.loads((out / "summary.json").read_text())
             step_s = statistics.median(times)
+            # Start-up: what the first --skip steps took beyond steady-state steps (compilation, CUDA-graph capture).
+            first = [r["step_time"] for r in log if r["step"] <= a.skip]
+            startup_s = sum(first) - len(first) * step_s
             row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
+                   "startup_s": startup_s,
                    "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
                    "overrides": a.overrides, "steps_measured": len(times),  # one log row per step
                    "env": env}  # device, versions, date of the measurement
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
-                  f"{row['peak_mem_gib'] or float('nan'):.1f} GiB", flush=True)
+                  f"{row['peak_mem_gib'] or float('nan'):.1f} GiB, start-up {startup_s:.0f} s", flush=True)
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1))

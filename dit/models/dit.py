@@ -27,6 +27,7 @@ from .layers import (
     Mlp,
     TimestepEmbedder,
     check_conditioning,
+    compile_regions,
     compute_dtype,
     get_2d_sincos_pos_embed,
     masked_mean,
@@ -304,6 +305,12 @@ class DiT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
         self.grad_checkpointing = enable
+
+    def compile_blocks(self, **compile_kw) -> int:
+        """Regional compilation (``layers.compile_regions``): every block's ``forward`` and ``forward_fused`` run one
+        compiled function shared by all blocks, so compilation costs one block's time instead of the network's; the
+        embedders and the final layer stay eager. ``compile_kw`` go to ``torch.compile``. Returns the block count."""
+        return compile_regions(self.blocks, ("forward", "forward_fused"), **compile_kw)
 
     def set_low_precision_residual(self, enable: bool = True) -> None:
         """Keep the residual stream (N, T, D) in the compute dtype of the patch embedding (bf16 under autocast).

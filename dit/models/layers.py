@@ -8,6 +8,9 @@ checkpoints load with strict keys: ``t_embedder.mlp.0``, ``y_embedder.embedding_
 from __future__ import annotations
 
 import math
+import types
+from collections import Counter
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,35 @@ from torch.utils.flop_counter import register_flop_formula
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
 from .kernels import gelu_tanh_fp8, qkv_grad
+
+
+def compile_regions(modules: Iterable[nn.Module], methods: tuple[str, ...] = ("forward",), **compile_kw) -> int:
+    """Regional compilation: ``torch.compile`` each repeated block instead of the whole network.
+
+    For every module type among ``modules``, each method in ``methods`` is compiled once, as the class's function, and
+    bound to every instance of that type. Dynamo caches compiled graphs per function and guards on input shapes, not
+    on the module's identity, so identical blocks (a DiT's 28) share one graph and compilation costs one block's time.
+    ``__call__`` is untouched: module hooks still run, outside the compiled region. ``compile_kw`` go to
+    ``torch.compile``. Returns the number of modules.
+
+    Each distinct input shape of a function is one cached graph (a UNet's blocks see several widths and resolutions),
+    so dynamo's per-function limit on cached graphs (``recompile_limit``, 8 by default; past it the function runs
+    eagerly) is raised to the number of instances of the most frequent type.
+    """
+    modules = list(modules)
+    compiled: dict[tuple[type, str], object] = {}
+    for module in modules:
+        for name in methods:
+            key = (type(module), name)
+            if key not in compiled:
+                compiled[key] = torch.compile(getattr(type(module), name), **compile_kw)
+            setattr(module, name, types.MethodType(compiled[key], module))
+    if modules:
+        config = torch._dynamo.config
+        attr = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        most = max(Counter(type(m) for m in modules).values())
+        setattr(config, attr, max(getattr(config, attr), most))
+    return len(modules)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

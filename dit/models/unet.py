@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder, check_conditioning, masked_mean
+from .layers import (
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    TimestepEmbedder,
+    check_conditioning,
+    compile_regions,
+    masked_mean,
+)
 from .registry import register_model
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "CrossAttentionBlock"]
@@ -349,6 +357,14 @@ class UNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in the backward pass (saves memory, costs one more forward)."""
         self.grad_checkpointing = enable
+
+    def compile_blocks(self, **compile_kw) -> int:
+        """Regional compilation (``layers.compile_regions``): the residual, attention and resampling blocks each run
+        the compiled function of their type (one graph per distinct input shape, shared by blocks of equal shape);
+        the input and output convolutions and the embedders stay eager. ``compile_kw`` go to ``torch.compile``.
+        Returns the number of compiled blocks."""
+        kinds = (ResBlock, AttentionBlock, CrossAttentionBlock, Downsample, Upsample)
+        return compile_regions((m for m in self.modules() if isinstance(m, kinds)), **compile_kw)
 
     def _check_inputs(
         self,
