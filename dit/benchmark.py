@@ -49,6 +49,8 @@ VARIANTS = {
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
+    "fast-sgcl": "as fast-sg, with the model and inputs in channels-last memory format (UNets: as fast-cl, in one "
+                 "graph of the whole step)",
     "fast-sgc": "as fast-sg, with Inductor's combo kernels (independent small kernels of the step horizontally fused "
                 "into one launch; model.compile_options={combo_kernels: true})",
     "fast-sga": "as fast-sg, with Inductor's aggressive fusion (nodes fused even without shared reads; "
@@ -221,7 +223,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)
-    if variant == "fast-cl":
+    if variant in _CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     if variant == "fast-unfused-gelu":
         for m in model.modules():
@@ -318,7 +320,9 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
 
 
 _SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash", "fast-mea": "efficient"}
-_STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgc": {"combo_kernels": True}, "fast-sga": {"aggressive_fusion": True}}
+_STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgcl": {}, "fast-sgc": {"combo_kernels": True},
+                       "fast-sga": {"aggressive_fusion": True}}
+_CHANNELS_LAST = ("fast-cl", "fast-sgcl")
 
 
 @contextlib.contextmanager
@@ -375,7 +379,7 @@ def _bench_one(
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
     C, S = model.in_channels, model.input_size
     # channels-last measured slower for the UNet in eager mode (docs/unet.md); fast-cl tries it compiled
-    mf = torch.channels_last if variant == "fast-cl" else torch.contiguous_format
+    mf = torch.channels_last if variant in _CHANNELS_LAST else torch.contiguous_format
 
     # Numerics: the variant's output against the fp32 eager model (same weights), relative L2 error. eval() so that
     # label dropout (random in train mode) does not differ between the two calls. Checked at the forward batch size,
