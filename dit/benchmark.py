@@ -51,6 +51,8 @@ VARIANTS = {
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
     "fast-sgcl": "as fast-sg, with the model and inputs in channels-last memory format (UNets: as fast-cl, in one "
                  "graph of the whole step)",
+    "fast-sgclbm": "as fast-sgcl, with cuDNN's convolution algorithms chosen by timing each shape "
+                   "(torch.backends.cudnn.benchmark)",
     "fast-sgc": "as fast-sg, with Inductor's combo kernels (independent small kernels of the step horizontally fused "
                 "into one launch; model.compile_options={combo_kernels: true})",
     "fast-sga": "as fast-sg, with Inductor's aggressive fusion (nodes fused even without shared reads; "
@@ -219,7 +221,7 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
     torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
-    torch.backends.cudnn.benchmark = variant == "fast-bm"
+    torch.backends.cudnn.benchmark = variant in ("fast-bm", "fast-sgclbm")
     model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)
@@ -320,9 +322,9 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
 
 
 _SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash", "fast-mea": "efficient"}
-_STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgcl": {}, "fast-sgc": {"combo_kernels": True},
+_STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgcl": {}, "fast-sgclbm": {}, "fast-sgc": {"combo_kernels": True},
                        "fast-sga": {"aggressive_fusion": True}}
-_CHANNELS_LAST = ("fast-cl", "fast-sgcl")
+_CHANNELS_LAST = ("fast-cl", "fast-sgcl", "fast-sgclbm")
 
 
 @contextlib.contextmanager

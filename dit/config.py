@@ -54,6 +54,10 @@ class ModelConfig:
     # "tensorwise" (per-tensor scales, all three GEMMs; slower than bf16 at DiT widths). E4M3 operands change the
     # numerics: an opt-in to validate on your own run (docs/benchmarks.md, run 10).
     fp8_training: Literal["off", "rowwise", "tensorwise"] = "off"
+    # UNets: carry the activations in channels-last memory format (UNet.set_channels_last): no NCHW <-> NHWC transposes
+    # around cuDNN's convolutions. With model.compile, train.cudnn_benchmark and train.cuda_graph: UNet-B 1.07x img/s
+    # on an H100 (docs/benchmarks.md, run 12). Refused for DiTs (their one convolution is the patch embedding).
+    channels_last: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).
@@ -154,6 +158,11 @@ class TrainConfig:
     # mixed_precision no or bf16, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
     cuda_graph: bool = False
     cuda_graph_warmup: int = 2
+    # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
+    # set for the run). UNets in channels-last: convolutions 2.4 ms faster per UNet-B step (docs/benchmarks.md,
+    # run 12); NCHW: no gain (run 7). The chosen algorithms can differ between runs, so a resumed run may not match
+    # an uninterrupted one bit for bit.
+    cudnn_benchmark: bool = False
     log_every: int = 100
     ckpt_every: int = 50_000
     sample_every: int = 0  # 0 = only at the end of the run

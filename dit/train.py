@@ -526,6 +526,12 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.low_precision_residual: {cfg.model.name} has no low-precision residual stream "
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
+    if cfg.model.channels_last:
+        if not hasattr(raw_model, "set_channels_last"):
+            raise ConfigError(f"model.channels_last: {cfg.model.name} has no channels-last option (UNet models only)")
+        raw_model.set_channels_last(True)
+    if tc.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # asked for: this process's convolutions pick their algorithm by timing
     if cfg.model.fp8_training != "off":
         _use_float8_training(raw_model, cfg, device, fsdp)
     # Measured (and so used) under torch.compile only. Not with FSDP: the fused path calls the blocks'

@@ -615,6 +615,26 @@ def test_compile_scope_blocks_compiles_the_blocks_not_the_loss(tmp_path, monkeyp
         load_config(None, ["model.compile=true", "model.compile_scope=blocks", "train.fsdp=true"])
 
 
+def test_channels_last_and_cudnn_benchmark_options(tmp_path, monkeypatch):
+    """model.channels_last reaches a UNet (refused for a DiT, one line naming the option); train.cudnn_benchmark
+    turns on cuDNN's algorithm timing for the run, and is left alone when not asked for."""
+    from dit.config import ConfigError
+    from dit.models.unet import UNet
+
+    seen = []
+    real = UNet.set_channels_last
+    monkeypatch.setattr(UNet, "set_channels_last", lambda self, enable=True: (seen.append(enable), real(self, enable)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    unet = ("model.name=UNet-S", "model.overrides={model_channels: 32}", "train.max_steps=1", "train.ckpt_every=1",
+            "sample.grid_size=0")
+    _train(tmp_path / "off", *unet)
+    assert seen == [] and torch.backends.cudnn.benchmark is False
+    _train(tmp_path / "on", *unet, "model.channels_last=true", "train.cudnn_benchmark=true")
+    assert seen == [True] and torch.backends.cudnn.benchmark is True
+    with pytest.raises(ConfigError, match="model.channels_last: DiT-S/4 has no channels-last option"):
+        _train(tmp_path / "dit", "model.channels_last=true")
+
+
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
     from dit.config import ConfigError
     from dit.models.dit import DiT

@@ -126,6 +126,29 @@ def test_channels_last_same_output():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_set_channels_last_runs_nhwc_activations_with_same_output():
+    """UNet.set_channels_last: the convolutions see NHWC activations (parameters keep their layout) and the output
+    equals the NCHW model's in float64; off again, the input's layout is left alone."""
+    torch.manual_seed(0)
+    m = perturb_(tiny("UNet-B-T")).double().eval()
+    x, t, kw = inputs(m)
+    x = x.double()
+    kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
+    ref = m(x, t, **kw)
+    seen = []
+    hook = m.input_blocks[1][0].in_conv.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    m.set_channels_last(True)
+    out = m(x, t, **kw)
+    assert seen == [True] and x.is_contiguous()  # NHWC inside, the caller's tensor untouched
+    assert all(p.is_contiguous() for p in m.parameters())
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    m.set_channels_last(False)
+    m(x, t, **kw)
+    hook.remove()
+    assert seen == [True, False]
+
+
 def test_text_variant_ignores_padding_tokens():
     torch.manual_seed(0)
     m = perturb_(tiny("UNet-S-T")).eval()
