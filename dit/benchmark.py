@@ -108,6 +108,7 @@ class Result:
     # --profile: GPU kernel time per training step by category (ms), the step's wall time, the top kernels
     train_kernels_ms: dict = dataclasses.field(default_factory=dict)
     train_top_kernels: list = dataclasses.field(default_factory=list)
+    train_gaps: dict = dataclasses.field(default_factory=dict)  # --profile: ``timeline_gaps`` of the training step
 
 
 def _sync(device: torch.device) -> None:
@@ -145,11 +146,12 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int = 3, top: int = 12
-                     ) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int = 3, top: int = 12,
+                     gaps: dict | None = None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
     """Profile ``iters`` calls of ``fn``: device kernel ms per call by ``KERNEL_CATEGORIES`` (plus ``wall`` = CUDA-event
     ms per call and ``idle`` = wall - sum of kernels, i.e. where the GPU waited), and the ``top`` kernels as
-    (name, ms per call, launches per call). Call after warm-up (compiled graphs built). GPU only."""
+    (name, ms per call, launches per call). ``gaps``: a dict to fill with ``timeline_gaps`` of the same profile (which
+    activities the idle time precedes). Call after warm-up (compiled graphs built). GPU only."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -171,11 +173,57 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
         cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
         kernels.append((e.key[:120], ms, round(e.count / iters)))
     wall = start.elapsed_time(end) / iters
+    if gaps is not None:
+        timeline = [(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                    if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and "#" not in e.name()
+                    and not e.name().startswith("ProfilerStep")]
+        gaps.update(timeline_gaps(timeline, iters=iters) if timeline else {})
     cats = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
     cats["idle"] = wall - sum(cats.values())
     cats["wall"] = wall
     kernels.sort(key=lambda k: -k[1])
     return cats, kernels[:top]
+
+
+GAP_BUCKETS_US = (2.0, 5.0, 20.0, 100.0)  # upper bounds of the gap-size buckets of ``timeline_gaps`` (last: open)
+
+
+def timeline_gaps(events: list[tuple[int, int, str]], iters: int = 1, top: int = 25) -> dict:
+    """Where the GPU sits idle between kernels. ``events``: (start_ns, end_ns, name) of every device activity (kernels,
+    memsets, copies) over ``iters`` steps. Overlapping activities are merged; each gap between busy intervals is
+    charged to the activity that ends it. Returns per-step figures: ``busy_ms``, ``gap_ms``, ``buckets`` {"<2us":
+    [count, ms], ..., ">=100us": [count, ms]}, ``before`` [(name, ms)] (the names that most often wait), and
+    ``largest`` [(us, previous name, next name)]."""
+    events = sorted(events)
+    labels = [f"<{GAP_BUCKETS_US[0]:g}us"] + [f"{a:g}-{b:g}us" for a, b in zip(GAP_BUCKETS_US, GAP_BUCKETS_US[1:])]
+    labels.append(f">={GAP_BUCKETS_US[-1]:g}us")
+    buckets = {k: [0, 0.0] for k in labels}
+    before: dict[str, float] = {}
+    gaps = []
+    busy = 0.0
+    end, last = None, ""
+    for start, stop, name in events:
+        if end is not None and start > end:
+            us = (start - end) / 1e3
+            k = labels[sum(us >= b for b in GAP_BUCKETS_US)]
+            buckets[k][0] += 1
+            buckets[k][1] += us / 1e3
+            before[name] = before.get(name, 0.0) + us / 1e3
+            gaps.append((us, last, name))
+        if end is None or start > end:
+            busy += (stop - start) / 1e6
+        elif stop > end:
+            busy += (stop - end) / 1e6
+        if end is None or stop > end:
+            end, last = stop, name
+    per = 1.0 / iters
+    return {
+        "busy_ms": busy * per,
+        "gap_ms": sum(g for g, *_ in gaps) / 1e3 * per,
+        "buckets": {k: [round(c * per, 2), ms * per] for k, (c, ms) in buckets.items()},
+        "before": sorted(((n, ms * per) for n, ms in before.items()), key=lambda kv: -kv[1])[:top],
+        "largest": sorted(gaps, reverse=True)[:top],
+    }
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
@@ -463,7 +511,8 @@ def _bench_one(
         if device.type == "cuda":
             res.train_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         if profile and device.type == "cuda":
-            res.train_kernels_ms, res.train_top_kernels = kernel_breakdown(train_step, device, top=profile_top)
+            res.train_kernels_ms, res.train_top_kernels = kernel_breakdown(train_step, device, top=profile_top,
+                                                                           gaps=res.train_gaps)
         del opt
     del model, fwd
     if device.type == "cuda":
@@ -663,6 +712,12 @@ def run_benchmarks(
                       + ", ".join(f"{k} {ms:.1f}" for k, ms in r.train_kernels_ms.items()), flush=True)
                 for kname, ms, count in r.train_top_kernels:
                     print(f"[bench]     {ms:7.2f} ms  x{count:<4d} {kname}", flush=True)
+            if r.train_gaps:
+                g = r.train_gaps
+                print(f"[bench] {name} {v} GPU gaps per step: {g['gap_ms']:.2f} ms; by size "
+                      + ", ".join(f"{k} {c:g} x = {ms:.2f} ms" for k, (c, ms) in g["buckets"].items())
+                      + "; most idle before: " + "; ".join(f"{n[:60]} {ms:.2f} ms" for n, ms in g["before"][:3]),
+                      flush=True)
             if json_out is not None:
                 json_out.write_text(json.dumps({"env": env, "results": [dataclasses.asdict(x) for x in results]},
                                                indent=1))

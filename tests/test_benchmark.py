@@ -195,3 +195,25 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert "stopped after --timeout 25 s" in out.stdout, out.stdout + out.stderr
     rows = json.loads((tmp_path / "b.json").read_text()) if out.returncode == 0 else []
     assert all(r["steps_measured"] >= 1 and r["img_s"] > 0 for r in rows)
+
+
+def test_timeline_gaps_merges_overlaps_and_charges_gaps_to_the_next_activity():
+    from dit.benchmark import timeline_gaps
+
+    us = 1000  # ns
+    events = [
+        (0, 10 * us, "a"),
+        (5 * us, 12 * us, "b"),  # overlaps a: busy 0-12 us, no gap
+        (13 * us, 20 * us, "c"),  # 1 us gap before c
+        (320 * us, 321 * us, "Memset"),  # 300 us gap before the memset
+        (324 * us, 330 * us, "c"),  # 3 us gap before c
+    ]
+    r = timeline_gaps(events, iters=1)
+    assert r["busy_ms"] == pytest.approx((12 + 7 + 1 + 6) / 1e3)
+    assert r["gap_ms"] == pytest.approx((1 + 300 + 3) / 1e3)
+    assert r["buckets"]["<2us"] == [1, pytest.approx(1e-3)] and r["buckets"]["2-5us"] == [1, pytest.approx(3e-3)]
+    assert r["buckets"][">=100us"] == [1, pytest.approx(0.3)] and r["buckets"]["5-20us"] == [0, 0.0]
+    assert r["before"][0] == ("Memset", pytest.approx(0.3)) and dict(r["before"])["c"] == pytest.approx(4e-3)
+    assert r["largest"][0] == (pytest.approx(300.0), "c", "Memset")
+    half = timeline_gaps(events * 1, iters=2)  # per-step figures over 2 steps
+    assert half["gap_ms"] == pytest.approx(r["gap_ms"] / 2)
