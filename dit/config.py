@@ -55,18 +55,21 @@ class ModelConfig:
     # numerics: an opt-in to validate on your own run (docs/benchmarks.md, run 10).
     fp8_training: Literal["off", "rowwise", "tensorwise"] = "off"
     # UNets: carry the activations in channels-last memory format (UNet.set_channels_last): no NCHW <-> NHWC transposes
-    # around cuDNN's convolutions. With model.compile, train.cudnn_benchmark and train.cuda_graph: UNet-B 1.07x img/s
-    # on an H100 (docs/benchmarks.md, run 12). Refused for DiTs (their one convolution is the patch embedding).
+    # around cuDNN's convolutions. With model.compile, train.cudnn_benchmark and train.cuda_graph: UNet-B 1.028x
+    # trainer img/s on an H100 (docs/benchmarks.md, run 12). Refused for DiTs (their one convolution is the patch
+    # embedding).
     channels_last: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).
     compile: bool = False
     # What model.compile compiles. "loss": as above (the fastest steps; compilation takes about half a minute for
-    # DiT-S/2 and minutes for DiT-XL/2 or a UNet on an H100). "blocks": regional compilation (DiT.compile_blocks,
-    # UNet.compile_blocks): each block type compiled once and shared by the blocks of equal shape, the rest eager;
-    # much shorter start-up, and with train.cuda_graph=true the eager ops cost no launches (docs/benchmarks.md,
-    # run 12). Not with train.fsdp (its per-block hooks would run inside the compiled region).
+    # DiT-S/2 and a minute or more for DiT-XL/2 or a UNet on an H100). "blocks": regional compilation
+    # (DiT.compile_blocks, UNet.compile_blocks): each block type compiled once and shared by the blocks of equal
+    # shape, the rest eager; with train.cuda_graph=true the eager ops cost no launches. DiT-XL/2 starts in 20 s
+    # instead of 58 s at 0.99x the img/s, DiT-S/2 17 s instead of 39 s at 0.97x; no shorter for UNets, whose blocks
+    # come in ~20 shapes (docs/benchmarks.md, run 12). Not with train.fsdp (its per-block hooks would run inside the
+    # compiled region).
     compile_scope: Literal["loss", "blocks"] = "loss"
     # torch.compile mode: "reduce-overhead" adds CUDA graphs (the compiled forward + backward replayed without
     # per-kernel launches; +2-3% for DiTs on an H100, docs/benchmarks.md), "max-autotune" also benchmarks Triton GEMM
