@@ -11,3 +11,20 @@ def load_tool(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def regional_twin(ref, *inputs):
+    """A copy of ``ref`` with ``compile_blocks`` (dynamo + AOTAutograd, no code generation, graphs counted); runs
+    forward and backward (sum of squares) of both on ``inputs``. Returns (twin, out_ref, out, compiled graphs,
+    compiled blocks)."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    twin = copy.deepcopy(ref)
+    counter = CompileCounterWithBackend("aot_eager")
+    n = twin.compile_blocks(backend=counter, dynamic=False)
+    out_ref, out = ref(*inputs), twin(*inputs)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    return twin, out_ref, out, counter, n

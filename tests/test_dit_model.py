@@ -344,7 +344,7 @@ def test_compile_blocks_shares_one_graph_and_keeps_outputs(fused):
     and copies are unaffected."""
     import copy
 
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from helpers import regional_twin
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
@@ -356,24 +356,19 @@ def test_compile_blocks_shares_one_graph_and_keeps_outputs(fused):
     # float64: compiled and eager sum gradients in different orders. eval(): no label dropout (random); the fused
     # path still runs, it follows grad mode.
     ref.double().eval()
-    model = copy.deepcopy(ref)
-    counter = CompileCounterWithBackend("aot_eager")
-    assert model.compile_blocks(backend=counter, dynamic=False) == 3
     seen = []
-    model.blocks[1].register_forward_hook(lambda *a: seen.append(1))
+    ref.blocks[1].register_forward_hook(lambda *a: seen.append(1))  # copied into the twin
     x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (2,), generator=gen)
     y = torch.randint(0, 10, (2,), generator=gen)
-    out_ref, out = ref(x, t, y), model(x, t, y)
-    out_ref.square().sum().backward()
-    out.square().sum().backward()
-    assert counter.frame_count == (2 if fused else 1)  # not one per block
+    model, out_ref, out, counter, n = regional_twin(ref, x, t, y)
+    assert n == 3 and counter.frame_count == (2 if fused else 1)  # not one per block
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
     g_ref, g = _grads(ref), _grads(model)
     assert g.keys() == g_ref.keys() and len(g) == sum(p.requires_grad for p in ref.parameters())
     for k in g:
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
-    assert seen == ([] if fused else [1])  # the fused path calls forward_fused, past __call__ (as before)
+    assert seen == ([] if fused else [1, 1])  # the fused path calls forward_fused, past __call__ (as before)
     assert model.state_dict().keys() == ref.state_dict().keys()
     clone = copy.deepcopy(model)  # the EMA's way of copying: methods stay bound to their own block
     assert clone.blocks[2].forward.__self__ is clone.blocks[2]

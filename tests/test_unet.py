@@ -286,9 +286,7 @@ def test_flops_match_dit(size):
 def test_compile_blocks_shares_graphs_between_equal_blocks():
     """UNet regional compilation: blocks of equal shape share a compiled graph (fewer graphs than blocks), the
     per-function graph limit is raised so none falls back to eager, and outputs and gradients equal eager."""
-    import copy
-
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from helpers import regional_twin
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
@@ -297,18 +295,13 @@ def test_compile_blocks_shares_graphs_between_equal_blocks():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     ref.double().eval()  # float64: compiled and eager sum gradients in different orders; no label dropout
-    model = copy.deepcopy(ref)
-    counter = CompileCounterWithBackend("aot_eager")
-    n = model.compile_blocks(backend=counter, dynamic=False)
-    res_blocks = sum(isinstance(m, ResBlock) for m in model.modules())
-    assert n == res_blocks + sum(isinstance(m, AttentionBlock) for m in model.modules()) and res_blocks > 8
-    assert torch._dynamo.config.recompile_limit >= res_blocks
     x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (2,), generator=gen)
     y = torch.randint(0, 1000, (2,), generator=gen)
-    out_ref, out = ref(x, t, y), model(x, t, y)
-    out_ref.square().sum().backward()
-    out.square().sum().backward()
+    model, out_ref, out, counter, n = regional_twin(ref, x, t, y)
+    res_blocks = sum(isinstance(m, ResBlock) for m in model.modules())
+    assert n == res_blocks + sum(isinstance(m, AttentionBlock) for m in model.modules()) and res_blocks > 8
+    assert torch._dynamo.config.recompile_limit >= res_blocks
     # Equal shapes share: 3 encoder blocks per level reuse one graph after the level's first.
     assert 0 < counter.frame_count < n
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
