@@ -367,7 +367,7 @@ def test_compile_blocks_shares_one_graph_and_keeps_outputs(fused):
     g_ref, g = _grads(ref), _grads(model)
     assert g.keys() == g_ref.keys() and len(g) == sum(p.requires_grad for p in ref.parameters())
     for k in g:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
     assert seen == ([] if fused else [1, 1])  # the fused path calls forward_fused, past __call__ (as before)
     assert model.state_dict().keys() == ref.state_dict().keys()
     clone = copy.deepcopy(model)  # the EMA's way of copying: methods stay bound to their own block

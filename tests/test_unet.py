@@ -306,4 +306,4 @@ def test_compile_blocks_shares_graphs_between_equal_blocks():
     assert 0 < counter.frame_count < n
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
     for (k, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import types
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
