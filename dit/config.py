@@ -55,9 +55,9 @@ class ModelConfig:
     # numerics: an opt-in to validate on your own run (docs/benchmarks.md, run 10).
     fp8_training: Literal["off", "rowwise", "tensorwise"] = "off"
     # UNets: carry the activations in channels-last memory format (UNet.set_channels_last): no NCHW <-> NHWC transposes
-    # around cuDNN's convolutions. With model.compile, train.cudnn_benchmark and train.cuda_graph: UNet-B 1.028x
-    # trainer img/s on an H100 (docs/benchmarks.md, run 12). Refused for DiTs (their one convolution is the patch
-    # embedding).
+    # around cuDNN's convolutions. Together with train.cudnn_benchmark and train.cuda_graph (model.compile): UNet-B
+    # 1.028x trainer img/s over compile_mode=reduce-overhead on an H100 (docs/benchmarks.md, run 12). Refused for
+    # DiTs (their one convolution is the patch embedding).
     channels_last: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
