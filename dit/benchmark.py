@@ -146,6 +146,12 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def _annotation(name: str) -> bool:
+    """GPU-side profiler annotations (e.g. "Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels counted
+    already: they are not activities of their own."""
+    return "#" in name or name.startswith("ProfilerStep")
+
+
 def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int = 3, top: int = 12,
                      gaps: dict | None = None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
     """Profile ``iters`` calls of ``fn``: device kernel ms per call by ``KERNEL_CATEGORIES`` (plus ``wall`` = CUDA-event
@@ -166,8 +172,7 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
     cats: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
-        # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels already counted: skip them.
-        if e.device_type != DeviceType.CUDA or "#" in e.key or e.key.startswith("ProfilerStep"):
+        if e.device_type != DeviceType.CUDA or _annotation(e.key):
             continue
         ms = e.self_device_time_total / 1e3 / iters  # us -> ms per call
         cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
@@ -175,8 +180,7 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
     wall = start.elapsed_time(end) / iters
     if gaps is not None:
         timeline = [(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-                    if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and "#" not in e.name()
-                    and not e.name().startswith("ProfilerStep")]
+                    if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and not _annotation(e.name())]
         gaps.update(timeline_gaps(timeline, iters=iters) if timeline else {})
     cats = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
     cats["idle"] = wall - sum(cats.values())
