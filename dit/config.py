@@ -59,6 +59,12 @@ class ModelConfig:
     # 1.028x trainer img/s over compile_mode=reduce-overhead on an H100 (docs/benchmarks.md, run 12). Refused for
     # DiTs (their one convolution is the patch embedding).
     channels_last: bool = False
+    # UNets with model.compile=true: compute every GroupNorm (with its AdaGN and SiLU) from per-channel moments
+    # (UNet.set_moment_norm, dit.models.layers.group_norm_moments): the same function, but a channels-last activation
+    # is never viewed as (N, G, -1), which Inductor implements as a copy to NCHW and back. UNet-B channels-last 1.21x
+    # img/s in the benchmark harness on an H100 (docs/benchmarks.md, run 13). Applied under compile only, where it was
+    # measured (eager, it is several small ops where torch's GroupNorm is one kernel); ignored by DiTs.
+    moment_norm: bool = True
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).

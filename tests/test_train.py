@@ -635,6 +635,25 @@ def test_channels_last_and_cudnn_benchmark_options(tmp_path, monkeypatch):
         _train(tmp_path / "dit", "model.channels_last=true")
 
 
+def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
+    """model.moment_norm (on by default) switches a UNet's GroupNorms to layers.group_norm_moments when the model is
+    compiled; not in eager runs, not when turned off. torch.compile is a stand-in that returns the function."""
+    from dit.models.unet import UNet
+
+    seen = []
+    real = UNet.set_moment_norm
+    monkeypatch.setattr(UNet, "set_moment_norm", lambda self, enable=True: (seen.append(enable), real(self, enable)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    unet = ("model.name=UNet-S", "model.overrides={model_channels: 32}", "train.max_steps=1", "train.ckpt_every=1",
+            "sample.grid_size=0")
+    _train(tmp_path / "eager", *unet)
+    assert seen == []
+    _train(tmp_path / "compiled", *unet, "model.compile=true")
+    assert seen == [True]
+    _train(tmp_path / "off", *unet, "model.compile=true", "model.moment_norm=false")
+    assert seen == [True]
+
+
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
     from dit.config import ConfigError
     from dit.models.dit import DiT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.models import create_model, list_models
-from dit.models.unet import AttentionBlock, ResBlock, UNet
+from dit.models.layers import group_norm_moments
+from dit.models.unet import AttentionBlock, ResBlock, UNet, upsample_nearest2x
 
 UNET_NAMES = [f"UNet-{s}{t}" for s in ("S", "B", "L", "XL") for t in ("", "-T")]
 # Tiny shapes for any registered name: 2 levels (8x8, 4x4), attention at 4x4, 8-channel heads, 8 groups.
@@ -147,6 +149,79 @@ def test_set_channels_last_runs_nhwc_activations_with_same_output():
     m(x, t, **kw)
     hook.remove()
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_moments_matches_group_norm_adagn_silu_float64(channels_last):
+    """layers.group_norm_moments = F.group_norm [* (1 + scale) + shift] [SiLU] in value and gradient (float64), in
+    the input's memory format; with a mean 1e4 times the spread (the parallel-variance combination of shifted channel
+    sums, where E[x^2] - E[x]^2 would cancel)."""
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(3, 12).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(12, generator=g, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(12, generator=g, dtype=torch.float64))
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    for offset in (0.0, 1e4):
+        x = (torch.randn(2, 12, 5, 3, generator=g, dtype=torch.float64) + offset).contiguous(memory_format=mf)
+        scale, shift = torch.randn(2, 2, 12, generator=g, dtype=torch.float64).unbind(0)
+        for kw in (dict(), dict(silu=True), dict(scale=scale, shift=shift, silu=True)):
+            xs = [x.clone().requires_grad_(True) for _ in range(2)]
+            ref = norm(xs[0].contiguous())  # torch's NCHW kernel: its channels-last one cancels at large means
+            if "scale" in kw:
+                ref = ref * (1 + kw["scale"][..., None, None]) + kw["shift"][..., None, None]
+            if kw.get("silu"):
+                ref = F.silu(ref)
+            out = group_norm_moments(xs[1], norm, **kw)
+            assert out.is_contiguous(memory_format=mf) and out.dtype == x.dtype
+            torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+            w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+            ref_grads = torch.autograd.grad((ref * w).sum(), [xs[0], norm.weight, norm.bias])
+            grads = torch.autograd.grad((out * w).sum(), [xs[1], norm.weight, norm.bias])
+            for a, b in zip(grads, ref_grads):
+                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7 * (1 + offset))
+    # bf16 activations: fp32 statistics, output in bf16 within its rounding of the fp32 result
+    xb = torch.randn(2, 12, 4, 4, generator=g).to(torch.bfloat16)
+    out = group_norm_moments(xb, norm.float(), silu=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.silu(norm.float()(xb.float())), rtol=8e-3, atol=8e-3)
+
+
+def test_upsample_nearest2x_equals_interpolate_in_both_layouts():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for mf in (torch.contiguous_format, torch.channels_last):
+        xi = x.contiguous(memory_format=mf).detach().requires_grad_(True)
+        y = upsample_nearest2x(xi)
+        ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        assert torch.equal(y, ref) and y.is_contiguous(memory_format=mf)
+        w = torch.randn(ref.shape, dtype=torch.float64)
+        (y * w).sum().backward()
+        torch.testing.assert_close(xi.grad, w.unflatten(3, (5, 2)).unflatten(2, (4, 2)).sum((3, 5)))
+
+
+def test_set_moment_norm_same_outputs_and_gradients_float64():
+    """UNet.set_moment_norm (with channels-last, as it is meant to run): every norm goes through group_norm_moments
+    and the outputs and all gradients equal the plain model's in float64; for the text variant too."""
+    for name in ("UNet-B", "UNet-S-T"):
+        torch.manual_seed(0)
+        ref = perturb_(tiny(name, use_scale_shift_norm=name == "UNet-B")).double()
+        model = copy.deepcopy(ref)
+        model.set_moment_norm(True)
+        model.set_channels_last(True)
+        blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+        assert blocks and all(m.moment_norm for m in blocks)
+        x, t, kw = inputs(ref)
+        x = x.double()
+        kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
+        torch.manual_seed(1)  # label dropout draws the same way in both
+        out_ref = ref(x, t, **kw)
+        torch.manual_seed(1)
+        out = model(x, t, **kw)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+        out_ref.square().sum().backward()
+        out.square().sum().backward()
+        for (k, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_text_variant_ignores_padding_tokens():

@@ -34,6 +34,7 @@ from .layers import (
     TimestepEmbedder,
     check_conditioning,
     compile_regions,
+    group_norm_moments,
     masked_mean,
 )
 from .registry import register_model
@@ -46,6 +47,36 @@ def _zero_(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling, (N, C, H, W) -> (N, C, 2H, 2W), equal to ``F.interpolate(x, scale_factor=2)``
+    and in the memory format of x. Written as a broadcast so that its gradient is a sum over each 2x2 window: under
+    ``torch.compile``, ``F.interpolate``'s gradient is an atomic scatter into a zeroed buffer."""
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)  # (N, H, 2, W, 2, C)
+        return y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # (N, C, 2H, 2W), NHWC strides
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def _group_norm(
+    x: torch.Tensor,
+    norm: nn.GroupNorm,
+    moments: bool,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """``norm(x)`` [AdaGN ``* (1 + scale) + shift``, scale/shift (N, C, 1, 1)] [SiLU]; ``moments``: the same through
+    ``layers.group_norm_moments`` (no NCHW copy of a channels-last x under torch.compile)."""
+    if moments:
+        flat = (lambda v: None if v is None else v.flatten(1))  # (N, C, 1, 1) -> (N, C)
+        return group_norm_moments(x, norm, flat(scale), flat(shift), silu=silu)
+    h = norm(x)
+    if scale is not None:
+        h = torch.addcmul(shift, h, 1 + scale)
+    return F.silu(h) if silu else h
 
 
 def _check_groups(channels: int, groups: int) -> None:
@@ -88,27 +119,28 @@ class ResBlock(nn.Module):
         # Zero-init so that every residual block starts as the identity (ADM, and DiT's adaLN-Zero idea).
         self.out_conv = _zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.moment_norm = False  # UNet.set_moment_norm
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample_nearest2x(x)
         if self.down:
             return F.avg_pool2d(x, kernel_size=2, stride=2)
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x: (N, C_in, H, W); emb: (N, E) -> (N, C_out, H', W')."""
-        h = F.silu(self.in_norm(x))  # (N, C_in, H, W)
+        h = _group_norm(x, self.in_norm, self.moment_norm, silu=True)  # (N, C_in, H, W)
         # BigGAN up/down: resample after the activation and before the conv, on both paths.
         h = self.in_conv(self._resample(h))  # (N, C_out, H', W')
         x = self._resample(x)  # (N, C_in, H', W')
         e = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # (N, 2*C_out or C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)  # (N, C_out, 1, 1) each
-            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # AdaGN: GN(h) * (1 + s) + b
+            h = _group_norm(h, self.out_norm, self.moment_norm, scale, shift, silu=True)  # AdaGN: GN(h)*(1+s)+b
         else:
-            h = self.out_norm(h + e)
-        h = self.out_conv(self.dropout(F.silu(h)))  # (N, C_out, H', W')
+            h = _group_norm(h + e, self.out_norm, self.moment_norm, silu=True)
+        h = self.out_conv(self.dropout(h))  # (N, C_out, H', W')
         return self.skip(x) + h
 
 
@@ -131,7 +163,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest2x(x))
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -154,10 +186,11 @@ class AttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.attn = Attention(channels, num_heads)  # fused qkv + proj, scaled_dot_product_attention
         _zero_(self.attn.proj)  # the block starts as the identity
+        self.moment_norm = False  # UNet.set_moment_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        out = self.attn(_to_tokens(self.norm(x)))  # (N, H*W, C)
+        out = self.attn(_to_tokens(_group_norm(x, self.norm, self.moment_norm)))  # (N, H*W, C)
         return x + _from_tokens(out, h, w)
 
 
@@ -170,11 +203,12 @@ class CrossAttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.attn = CrossAttention(channels, context_dim, num_heads)
         _zero_(self.attn.proj)
+        self.moment_norm = False  # UNet.set_moment_norm
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: (N, C, H, W); context: (N, L, context_dim); mask: (N, L) bool or None."""
         h, w = x.shape[-2:]
-        out = self.attn(_to_tokens(self.norm(x)), context, mask)  # (N, H*W, C)
+        out = self.attn(_to_tokens(_group_norm(x, self.norm, self.moment_norm)), context, mask)  # (N, H*W, C)
         return x + _from_tokens(out, h, w)
 
 
@@ -269,6 +303,7 @@ class UNet(nn.Module):
         self.attention_resolutions = attention_resolutions
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = False  # set_channels_last
+        self.moment_norm = False  # set_moment_norm
 
         def heads(ch: int) -> int:
             if num_head_channels is None:
@@ -367,6 +402,15 @@ class UNet(nn.Module):
         tensors). Meant for compiled runs (Inductor's norm kernels follow the layout; eager GroupNorm may not)."""
         self.channels_last = enable
 
+    def set_moment_norm(self, enable: bool = True) -> None:
+        """Compute every GroupNorm (with its AdaGN and SiLU) from per-channel moments (``layers.group_norm_moments``):
+        the same function, without the (N, G, -1) view that copies a channels-last activation to NCHW and back under
+        torch.compile. For channels-last compiled runs (docs/benchmarks.md run 13)."""
+        self.moment_norm = enable
+        for m in self.modules():
+            if isinstance(m, (ResBlock, AttentionBlock, CrossAttentionBlock)):
+                m.moment_norm = enable
+
     def compile_blocks(self, **compile_kw) -> int:
         """Regional compilation (``layers.compile_regions``): the residual, attention and resampling blocks each run
         the compiled function of their type (one graph per distinct input shape, shared by blocks of equal shape);
@@ -435,7 +479,7 @@ class UNet(nn.Module):
         h = run(self.middle_block, h)  # (N, C_max, H / f, W / f)
         for stage in self.output_blocks:
             h = run(stage, torch.cat([h, skips.pop()], dim=1))  # concat skip (ADM), (N, C_l, H_l, W_l)
-        return self.out_conv(F.silu(self.out_norm(h)))  # (N, out_channels, H, W)
+        return self.out_conv(_group_norm(h, self.out_norm, self.moment_norm, silu=True))  # (N, out_channels, H, W)
 
 
 # Registered sizes for 32x32x4 latents: ADM shapes (4 levels 32/16/8/4, channel_mult (1, 2, 2, 2), 64-channel heads),
