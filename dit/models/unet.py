@@ -71,8 +71,9 @@ def _group_norm(
     """``norm(x)`` [AdaGN ``* (1 + scale) + shift``, scale/shift (N, C, 1, 1)] [SiLU]; ``moments``: the same through
     ``layers.group_norm_moments`` (no NCHW copy of a channels-last x under torch.compile)."""
     if moments:
-        flat = (lambda v: None if v is None else v.flatten(1))  # (N, C, 1, 1) -> (N, C)
-        return group_norm_moments(x, norm, flat(scale), flat(shift), silu=silu)
+        if scale is not None:
+            scale, shift = scale.flatten(1), shift.flatten(1)  # (N, C, 1, 1) -> (N, C)
+        return group_norm_moments(x, norm, scale, shift, silu=silu)
     h = norm(x)
     if scale is not None:
         h = torch.addcmul(shift, h, 1 + scale)
