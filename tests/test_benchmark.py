@@ -83,6 +83,26 @@ def test_variants_fp8_and_multi_kernel():
         torch.backends.cudnn.benchmark = False
 
 
+def test_variants_moment_norm_and_channels_last_for_unets():
+    from dit.benchmark import _prepare
+    from dit.models.unet import ResBlock
+
+    tiny = {"model_channels": 32, "num_res_blocks": 1}
+    blocks = lambda m: [b for b in m.modules() if isinstance(b, ResBlock)]  # noqa: E731
+    try:
+        gn = _prepare("UNet-S", "fast-sgclgn", torch.device("cpu"), tiny)[0]
+        assert gn.moment_norm and all(b.moment_norm for b in blocks(gn)) and blocks(gn)
+        assert gn.out_conv.weight.is_contiguous(memory_format=torch.channels_last) and torch.backends.cudnn.benchmark
+        nchw = _prepare("UNet-S", "fast-sggn", torch.device("cpu"), tiny)[0]
+        assert nchw.moment_norm and nchw.out_conv.weight.is_contiguous()
+        assert not any(b.moment_norm for b in blocks(_prepare("UNet-S", "fast-sgclbm", torch.device("cpu"), tiny)[0]))
+        with pytest.raises(ValueError, match="fast-sgclgn: DiT-S/4 has no GroupNorm"):
+            _prepare("DiT-S/4", "fast-sgclgn", torch.device("cpu"), {"input_size": 8, "depth": 1, "hidden_size": 32,
+                                                                       "num_heads": 2})
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
 def test_step_ops_time_every_operation_on_cpu():
     from dit.benchmark import bench_step_ops
 
