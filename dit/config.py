@@ -55,10 +55,12 @@ class ModelConfig:
     # numerics: an opt-in to validate on your own run (docs/benchmarks.md, run 10).
     fp8_training: Literal["off", "rowwise", "tensorwise"] = "off"
     # UNets: carry the activations in channels-last memory format (UNet.set_channels_last): no NCHW <-> NHWC transposes
-    # around cuDNN's convolutions. Together with train.cudnn_benchmark and train.cuda_graph (model.compile): UNet-B
-    # 1.028x trainer img/s over compile_mode=reduce-overhead on an H100 (docs/benchmarks.md, run 12). Refused for
-    # DiTs (their one convolution is the patch embedding).
-    channels_last: bool = False
+    # around cuDNN's convolutions. With model.moment_norm, UNet-B's compiled step is 1.30x the NCHW one on an H100
+    # (docs/benchmarks.md, run 13; add train.cudnn_benchmark and train.cuda_graph for the fastest steps). None (the
+    # default): on for UNets compiled (model.compile) on CUDA, where it was measured, off otherwise (eager, cuDNN
+    # GroupNorm is slower in channels-last); true: always (refused for DiTs, whose one convolution is the patch
+    # embedding); false: never.
+    channels_last: bool | None = None
     # UNets with model.compile=true: compute every GroupNorm (with its AdaGN and SiLU) from per-channel moments
     # (UNet.set_moment_norm, dit.models.layers.group_norm_moments): the same function, but a channels-last activation
     # is never viewed as (N, G, -1), which Inductor implements as a copy to NCHW and back. UNet-B channels-last 1.21x

@@ -526,7 +526,7 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.low_precision_residual: {cfg.model.name} has no low-precision residual stream "
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
-    if cfg.model.channels_last:
+    if use_channels_last(cfg, raw_model, device):
         if not hasattr(raw_model, "set_channels_last"):
             raise ConfigError(f"model.channels_last: {cfg.model.name} has no channels-last option (UNet models only)")
         raw_model.set_channels_last(True)
@@ -927,6 +927,13 @@ def ema_update_unless(ema: EMA, model: nn.Module, decay: float, skip: torch.Tens
     # 8.1 ms for sub + mul + add (docs/benchmarks.md). lerp(e, p, w) = e + w (p - e); w = 0 leaves e untouched.
     torch._foreach_lerp_(dst, src, [w] * len(dst))
     copy_buffers(ema.module, model)
+
+
+def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bool:
+    """``model.channels_last``: as set, or when unset (None) for UNets compiled on CUDA (docs/benchmarks.md, run 13)."""
+    if cfg.model.channels_last is not None:
+        return cfg.model.channels_last
+    return cfg.model.compile and device.type == "cuda" and hasattr(model, "set_channels_last")
 
 
 def _use_float8_training(model: nn.Module, cfg: Config, device: torch.device, fsdp: bool) -> None:

@@ -635,6 +635,24 @@ def test_channels_last_and_cudnn_benchmark_options(tmp_path, monkeypatch):
         _train(tmp_path / "dit", "model.channels_last=true")
 
 
+def test_channels_last_default_is_on_for_unets_compiled_on_cuda():
+    """model.channels_last unset: on exactly for UNets under model.compile on CUDA; an explicit value wins."""
+    from dit.config import load_config
+    from dit.models import create_model
+    from dit.train import use_channels_last
+
+    unet = create_model("UNet-S", model_channels=32, num_res_blocks=1)
+    dit = create_model("DiT-S/4", input_size=8, depth=1)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+    compiled = load_config(None, ["model.compile=true"])
+    assert use_channels_last(compiled, unet, cuda)
+    assert not use_channels_last(compiled, unet, cpu)
+    assert not use_channels_last(load_config(None, []), unet, cuda)  # eager
+    assert not use_channels_last(compiled, dit, cuda)
+    assert not use_channels_last(load_config(None, ["model.compile=true", "model.channels_last=false"]), unet, cuda)
+    assert use_channels_last(load_config(None, ["model.channels_last=true"]), unet, cpu)
+
+
 def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
     """model.moment_norm (on by default) switches a UNet's GroupNorms to layers.group_norm_moments when the model is
     compiled; not in eager runs, not when turned off. torch.compile is a stand-in that returns the function."""
