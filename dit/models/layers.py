@@ -379,8 +379,7 @@ def group_norm_moments(
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics for bf16/fp16 (as F.group_norm), fp64 kept
     xf = x.to(acc)
     k = xf[(slice(None), slice(None)) + (0,) * len(dims)].detach()  # (N, C): a value of each channel, as the shift
-    kb = k.view(n, c, *(1,) * len(dims))
-    d = xf - kb
+    d = xf - k.view(n, c, *(1,) * len(dims))
     s1 = d.sum(dims)  # (N, C)
     s2 = (d * d).sum(dims)  # (N, C)
     mean_c = (k + s1 / count).view(n, g, c // g)  # (N, G, C/G)
