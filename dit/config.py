@@ -58,8 +58,8 @@ class ModelConfig:
     # around cuDNN's convolutions. With model.moment_norm, UNet-B's compiled step is ~1.30x the NCHW one on an H100
     # (docs/benchmarks.md, run 13; add train.cudnn_benchmark and train.cuda_graph for the fastest steps). None (the
     # default): on for UNets compiled (model.compile) on CUDA, where it was measured, off otherwise (eager, torch's
-    # GroupNorm is slower on channels-last input, docs/unet.md); true: always (refused for DiTs, whose one convolution is the patch
-    # embedding); false: never.
+    # GroupNorm is slower on channels-last input, docs/unet.md); true: always (refused for DiTs, whose one
+    # convolution is the patch embedding); false: never.
     channels_last: bool | None = None
     # UNets with model.compile=true: compute every GroupNorm (with its AdaGN and SiLU) from per-channel moments
     # (UNet.set_moment_norm, dit.models.layers.group_norm_moments): the same function, but a channels-last activation
