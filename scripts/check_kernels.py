@@ -170,15 +170,19 @@ def check_backward(dev: torch.device, g: torch.Generator) -> None:
         gb = x.numel() * (4 + 2 + 2 + 4 + 4 + 2) / 1e9  # x, o, dy, dx_new in; dx, do out
         ms = _ms_per_call(lambda: compiled(x, o, ga, sh, sc, dy, dxn), dev)
         print(f"[bwd] {n}x{t}x{d} inductor: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+        ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6), dev)
+        print(f"[bwd] {n}x{t}x{d} triton, default tile: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
         for sub in (1, 2, 4):
-            for rpp in (8, 16, 32, 64):
+            for rpp in (16, 32, 64):
                 for warps in (2, 4, 8):
-                    if sub * d > 2048 * 2 or rpp < sub:
-                        continue
-                    ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6, rows_per_program=rpp,
-                                                                     num_warps=warps, sub=sub), dev)
-                    print(f"[bwd] {n}x{t}x{d} triton, {sub} rows x {rpp} per program, {warps} warps: {ms:.3f} ms "
-                          f"({gb / ms:.2f} TB/s)", flush=True)
+                    for stages in (1, 3):
+                        if sub * d > 2048 * 2 or rpp < sub:
+                            continue
+                        ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6,
+                                                                         rows_per_program=rpp, num_warps=warps,
+                                                                         sub=sub, stages=stages), dev)
+                        print(f"[bwd] {n}x{t}x{d} triton, {sub} rows x {rpp} per program, {warps} warps, {stages} "
+                              f"stages: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
 
 
 def check_qkv_grad(dev: torch.device, g: torch.Generator) -> None:
@@ -210,11 +214,12 @@ def check_qkv_grad(dev: torch.device, g: torch.Generator) -> None:
         for rows in (64, 128, 256, 512):
             for block_m in (16, 32, 64):
                 for warps in (4, 8):
-                    if block_m > rows:
-                        continue
-                    ms = _ms_per_call(lambda: _qkv_grad_triton(dq, dk, dv, rows, block_m, warps), dev)
-                    print(f"[qkv] {n}x{t}x{c} triton, {rows} rows per program, {block_m} per step, {warps} warps: "
-                          f"{ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+                    for stages in (1, 3):
+                        if block_m > rows:
+                            continue
+                        ms = _ms_per_call(lambda: _qkv_grad_triton(dq, dk, dv, rows, block_m, warps, stages), dev)
+                        print(f"[qkv] {n}x{t}x{c} triton, {rows} rows per program, {block_m} per step, {warps} warps, "
+                              f"{stages} stages: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ LayerNorm kernels are as fast, so a bf16 model keeps its plain forward there.
 The LayerNorm ops are differentiable: a compiled DiT trains through them with ``DiT.fused_training`` (the trainer's
 ``model.fused_training``). ``add_layernorm_modulate_backward`` does its backward in one pass (dx, the gated output's
 gradient and the adaLN gradients' column sums); Inductor's kernels for the same formulas re-read the rows for the
-sums. Forward: 77 us per call at DiT-XL/2's training shape against Inductor's 140-180 us; backward: 0.224 ms
-against 0.392 at DiT-S/2's. Trainer img/s +5.3% (XL/2), +6.7% (S/2) (docs/benchmarks.md, run 8).
+sums. Forward: 77 us per call at DiT-XL/2's training shape against Inductor's 140-180 us; backward: 0.14 ms against
+0.22 at DiT-XL/2's, 0.18-0.19 ms against 0.39 at DiT-S/2's (all loads of a step first, software-pipelined). Trainer
+img/s +5.3% (XL/2), +6.7% (S/2) (docs/benchmarks.md, run 8), then +2.8% (XL/2), +1.3% (S/2) from the pipelined
+backward (run 14).
 
 Each is a ``torch.library.custom_op``: opaque to ``torch.compile`` (which compiles everything around it), safe in
 CUDA graphs, with a plain PyTorch implementation on other devices that is also the reference the CUDA kernels are
@@ -309,7 +311,7 @@ def _triton_bwd():
     def triton_dit_add_ln_modulate_bwd(x_ptr, o_ptr, dy_ptr, dxn_ptr, gate_ptr, scale_ptr, dx_ptr, do_ptr, part_ptr,
                                        T, D, NB, plane, gate_stride, scale_stride, eps,
                                        HAS_DXN: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
-                                       RPP: tl.constexpr):
+                                       RPP: tl.constexpr, STAGES: tl.constexpr):
         # One program: RPP consecutive tokens of image n, SUB rows at a time, whole rows in registers.
         n = tl.program_id(0)
         b = tl.program_id(1)
@@ -321,25 +323,27 @@ def _triton_bwd():
         acc_shift = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
         acc_scale = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
         acc_gate = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, RPP, SUB):
+        # Every load of a step comes first, and the loop is software-pipelined (STAGES): the next rows are in flight
+        # while this step's reductions run. With o loaded after dx's store, each step waited for memory twice:
+        # 1.6 TB/s at DiT-XL/2's shape against 2.4 (docs/benchmarks.md, run 14).
+        for r0 in tl.range(0, RPP, SUB, num_stages=STAGES):
             t = b * RPP + r0 + tl.arange(0, SUB)  # (SUB,) token indices
             m = (t < T)[:, None] & cmask[None, :]  # (SUB, BLOCK_D)
             offs = (n * T + t)[:, None].to(tl.int64) * D + cols[None, :]
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            o = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            dxn = tl.load(dxn_ptr + offs, mask=m & HAS_DXN, other=0.0).to(tl.float32)  # 0 without dx_new
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(m, x - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)  # (SUB,)
             xhat = xc * rstd[:, None]
-            dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
             acc_shift += dy
             acc_scale += dy * xhat
             gh = dy * sc1[None, :]  # d loss / d xhat; LayerNorm's backward: rstd (gh - mean(gh) - xhat mean(gh xhat))
             dx = rstd[:, None] * (gh - (tl.sum(gh, axis=1) / D)[:, None]
-                                  - xhat * (tl.sum(gh * xhat, axis=1) / D)[:, None])
-            if HAS_DXN:
-                dx += tl.load(dxn_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                                  - xhat * (tl.sum(gh * xhat, axis=1) / D)[:, None]) + dxn
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-            o = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
             acc_gate += dx * o
             tl.store(do_ptr + offs, (dx * g[None, :]).to(do_ptr.dtype.element_ty), mask=m)
         base = (n * NB + b).to(tl.int64) * D + cols  # partial sums: (3, N, NB, D); plane = N * NB * D
@@ -351,19 +355,22 @@ def _triton_bwd():
 
 
 def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_program: int | None = None,
-                           num_warps: int = 2, sub: int | None = None):
+                           num_warps: int | None = None, sub: int | None = None, stages: int = 3):
     """Triton backward of ``add_layernorm_modulate``: one pass over the rows, column sums as per-program partials.
     -> (dx, do, dgate, dshift, dscale); dgate/dshift/dscale fp32 (N, D).
 
-    Defaults from a sweep on an H100 (docs/benchmarks.md, run 8): DiT-XL's 1,152 channels one row at a time, 32
-    tokens per program (0.208 ms at batch 64 against 0.225 for Inductor); DiT-S's 384 channels four rows at a time,
-    64 tokens per program (0.224 ms at batch 256 against 0.392); two warps.
+    Defaults from a sweep on an H100 (docs/benchmarks.md, run 14; ``scripts/check_kernels.py --parts backward``):
+    DiT-XL's 1,152 channels one row per step, 32 tokens per program, 4 warps (0.140 ms at batch 64,
+    2.4 TB/s; run 8's kernel 0.204); DiT-S's 384 channels two rows per step, 64 tokens per program, 8 warps (0.179 ms
+    at batch 256; run 8's 0.216); three pipeline stages.
     """
     triton, kernel = _triton_bwd()
     n, t, d = x_new.shape
     block_d = triton.next_power_of_2(d)
     if sub is None:
-        sub = max(1, 2048 // block_d)  # rows per step: 1 for DiT-XL (2,048 lanes), 4 for DiT-S (512 lanes)
+        sub = max(1, 1024 // block_d)  # rows per step: 1 for DiT-XL (2,048 lanes), 2 for DiT-S (512 lanes)
+    if num_warps is None:
+        num_warps = 8 if block_d <= 512 else 4
     rpp = triton.cdiv(max(rows_per_program or (32 if block_d > 512 else 64), sub), sub) * sub  # whole steps
     nb = triton.cdiv(t, rpp)
     dx = torch.empty_like(x_new)
@@ -371,7 +378,8 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_prog
     part = torch.empty(3, n, nb, d, dtype=torch.float32, device=x_new.device)
     kernel[(n, nb)](x_new, o, dy, dx_new if dx_new is not None else x_new, gate, scale, dx, do, part,
                     t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
-                    HAS_DXN=dx_new is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp, num_warps=num_warps)
+                    HAS_DXN=dx_new is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp, STAGES=stages,
+                    num_warps=num_warps)
     dshift, dscale, dgate = part.sum(2)  # (N, D) each: views of one tensor (the op returns copies)
     return dx, do, dgate, dshift, dscale
 
@@ -444,13 +452,13 @@ def _triton_qkv():
 
     @triton.jit
     def triton_dit_qkv_grad(src_ptr, out_ptr, part_ptr, M, C, out_col, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
+                            BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         # src: (M, C) one of dq/dk/dv as tokens x features; out: (M, 3C) columns [out_col, out_col + C);
         # part: (programs along M, 3C) fp32 column sums of this program's rows
         pid_m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,); BLOCK_C divides C
         acc = tl.zeros((BLOCK_C,), tl.float32)
-        for r in range(0, ROWS, BLOCK_M):
+        for r in tl.range(0, ROWS, BLOCK_M, num_stages=STAGES):  # STAGES > 1: the next tile loads during this one
             rows = pid_m * ROWS + r + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
             m = (rows < M)[:, None]
             rows64 = rows[:, None].to(tl.int64)
@@ -468,7 +476,7 @@ def _qkv_block_c(c: int) -> int | None:
 
 
 def _qkv_grad_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_per_program: int | None = None,
-                     block_m: int = 64, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_m: int = 64, num_warps: int = 4, stages: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     triton, kernel = _triton_qkv()
     n, h, t, dh = dq.shape
     c, m = h * dh, n * t
@@ -485,7 +493,7 @@ def _qkv_grad_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_
         if not src.is_contiguous():
             src = src.contiguous()
         kernel[(grid_m, c // block_c)](src, out, part, m, c, i * c, ROWS=rows_per_program, BLOCK_M=block_m,
-                                       BLOCK_C=block_c, num_warps=num_warps)
+                                       BLOCK_C=block_c, STAGES=stages, num_warps=num_warps)
     return out, part.sum(0).to(dq.dtype)
 
 
