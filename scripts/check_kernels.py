@@ -214,12 +214,11 @@ def check_qkv_grad(dev: torch.device, g: torch.Generator) -> None:
         for rows in (64, 128, 256, 512):
             for block_m in (16, 32, 64):
                 for warps in (4, 8):
-                    for stages in (1, 3):
-                        if block_m > rows:
-                            continue
-                        ms = _ms_per_call(lambda: _qkv_grad_triton(dq, dk, dv, rows, block_m, warps, stages), dev)
-                        print(f"[qkv] {n}x{t}x{c} triton, {rows} rows per program, {block_m} per step, {warps} warps, "
-                              f"{stages} stages: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+                    if block_m > rows:
+                        continue
+                    ms = _ms_per_call(lambda: _qkv_grad_triton(dq, dk, dv, rows, block_m, warps), dev)
+                    print(f"[qkv] {n}x{t}x{c} triton, {rows} rows per program, {block_m} per step, {warps} warps: "
+                          f"{ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
 
 
 def main() -> None:

@@ -199,17 +199,19 @@ def test_upsample_nearest2x_equals_interpolate_in_both_layouts():
         torch.testing.assert_close(xi.grad, w.unflatten(3, (5, 2)).unflatten(2, (4, 2)).sum((3, 5)))
 
 
-def test_set_moment_norm_same_outputs_and_gradients_float64():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_set_moment_norm_same_outputs_and_gradients_float64(kernels):
     """UNet.set_moment_norm (with channels-last, as it is meant to run): every norm goes through group_norm_moments
-    and the outputs and all gradients equal the plain model's in float64; for the text variant too."""
+    (or the group_norm_act op of the Triton kernels, here its reference) and the outputs and all gradients equal the
+    plain model's in float64; for the text variant too."""
     for name in ("UNet-B", "UNet-S-T"):
         torch.manual_seed(0)
         ref = perturb_(tiny(name, use_scale_shift_norm=name == "UNet-B")).double()
         model = copy.deepcopy(ref)
-        model.set_moment_norm(True)
+        model.set_moment_norm(True, kernels=kernels)
         model.set_channels_last(True)
         blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
-        assert blocks and all(m.moment_norm for m in blocks)
+        assert blocks and all(m.moment_norm == ("kernels" if kernels else True) for m in blocks)
         x, t, kw = inputs(ref)
         x = x.double()
         kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}

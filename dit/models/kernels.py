@@ -452,13 +452,13 @@ def _triton_qkv():
 
     @triton.jit
     def triton_dit_qkv_grad(src_ptr, out_ptr, part_ptr, M, C, out_col, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+                            BLOCK_C: tl.constexpr):
         # src: (M, C) one of dq/dk/dv as tokens x features; out: (M, 3C) columns [out_col, out_col + C);
         # part: (programs along M, 3C) fp32 column sums of this program's rows
         pid_m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,); BLOCK_C divides C
         acc = tl.zeros((BLOCK_C,), tl.float32)
-        for r in tl.range(0, ROWS, BLOCK_M, num_stages=STAGES):  # STAGES > 1: the next tile loads during this one
+        for r in range(0, ROWS, BLOCK_M):
             rows = pid_m * ROWS + r + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
             m = (rows < M)[:, None]
             rows64 = rows[:, None].to(tl.int64)
@@ -476,7 +476,7 @@ def _qkv_block_c(c: int) -> int | None:
 
 
 def _qkv_grad_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_per_program: int | None = None,
-                     block_m: int = 64, num_warps: int = 4, stages: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_m: int = 64, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     triton, kernel = _triton_qkv()
     n, h, t, dh = dq.shape
     c, m = h * dh, n * t
@@ -493,7 +493,7 @@ def _qkv_grad_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows_
         if not src.is_contiguous():
             src = src.contiguous()
         kernel[(grid_m, c // block_c)](src, out, part, m, c, i * c, ROWS=rows_per_program, BLOCK_M=block_m,
-                                       BLOCK_C=block_c, STAGES=stages, num_warps=num_warps)
+                                       BLOCK_C=block_c, num_warps=num_warps)
     return out, part.sum(0).to(dq.dtype)
 
 

@@ -37,6 +37,7 @@ from .layers import (
     group_norm_moments,
     masked_mean,
 )
+from .norm_kernels import group_norm_kernels
 from .registry import register_model
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "CrossAttentionBlock"]
@@ -63,16 +64,19 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
 def _group_norm(
     x: torch.Tensor,
     norm: nn.GroupNorm,
-    moments: bool,
+    moments: bool | str,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     silu: bool = False,
 ) -> torch.Tensor:
     """``norm(x)`` [AdaGN ``* (1 + scale) + shift``, scale/shift (N, C, 1, 1)] [SiLU]; ``moments``: the same through
-    ``layers.group_norm_moments`` (no NCHW copy of a channels-last x under torch.compile)."""
+    ``layers.group_norm_moments`` (no NCHW copy of a channels-last x under torch.compile), or "kernels": through
+    ``norm_kernels.group_norm_kernels`` (Triton kernels on CUDA for a channels-last x, its reference elsewhere)."""
     if moments:
         if scale is not None:
             scale, shift = scale.flatten(1), shift.flatten(1)  # (N, C, 1, 1) -> (N, C)
+        if moments == "kernels":
+            return group_norm_kernels(x, norm, scale, shift, silu=silu)
         return group_norm_moments(x, norm, scale, shift, silu=silu)
     h = norm(x)
     if scale is not None:
@@ -403,14 +407,16 @@ class UNet(nn.Module):
         tensors). Meant for compiled runs (Inductor's norm kernels follow the layout; eager GroupNorm may not)."""
         self.channels_last = enable
 
-    def set_moment_norm(self, enable: bool = True) -> None:
+    def set_moment_norm(self, enable: bool = True, kernels: bool = False) -> None:
         """Compute every GroupNorm (with its AdaGN and SiLU) from per-channel moments (``layers.group_norm_moments``):
         the same function, without the (N, G, -1) view that copies a channels-last activation to NCHW and back under
-        torch.compile. For channels-last compiled runs (docs/benchmarks.md run 13)."""
-        self.moment_norm = enable
+        torch.compile. For channels-last compiled runs (docs/benchmarks.md run 13). ``kernels``: in the Triton
+        kernels of ``norm_kernels.group_norm_act`` instead of Inductor's (run 14)."""
+        mode = ("kernels" if kernels else True) if enable else False
+        self.moment_norm = mode
         for m in self.modules():
             if isinstance(m, (ResBlock, AttentionBlock, CrossAttentionBlock)):
-                m.moment_norm = enable
+                m.moment_norm = mode
 
     def compile_blocks(self, **compile_kw) -> int:
         """Regional compilation (``layers.compile_regions``): the residual, attention and resampling blocks each run

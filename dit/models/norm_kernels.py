@@ -1,0 +1,457 @@
+"""GroupNorm (+ AdaGN + SiLU) of channels-last activations in Triton kernels, forward and backward.
+
+``group_norm_act`` computes ``silu(GroupNorm(x) * (1 + scale) + shift)`` (ADM's AdaGN; each part optional) for a
+channels-last x, the same function as ``layers.group_norm_moments``. Under torch.compile, Inductor's kernels for
+that formula ran at 0.9-2.2 TB/s on an H100 (the per-(sample, channel) sums over the spatial dims are strided
+reductions in NHWC; docs/benchmarks.md, run 14). Here every pass walks whole NHWC rows, C channels wide:
+
+- forward: the per-(sample, channel) sums of (x - k) and (x - k)^2 (k: the channel's first value, so a mean far above
+  the spread does not cancel the variance), one row block per program; a per-sample kernel combines them per group
+  (parallel-variance formula) and folds the affine weight, AdaGN scale/shift and the group statistics into one
+  per-(sample, channel) map z = A x + B; a third pass writes y = silu(z).
+- backward: one pass for the per-(sample, channel) sums P = sum dz and Q = sum dz (x - k) (dz: the gradient at z),
+  a per-sample kernel for GroupNorm's backward coefficients and the parameter gradients, and one pass for
+  dx = A dz + C1 x + C0.
+
+So x is read twice forward and twice backward (with dy), the minimum for a normalisation whose statistics span the
+whole image. The per-sample kernels hold a sample's C channels as (groups, channels per group), which need not be a
+power of two (ADM widths: 96 channels in 32 groups).
+
+``group_norm_act`` is a ``torch.library.custom_op``: opaque to torch.compile, safe in CUDA graphs, differentiable
+through a second op (``group_norm_act_backward``). Its CPU implementation (and the CUDA one without Triton, or for an
+NCHW x) is the reference the kernels are tested against, in float64 against autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .kernels import _use_triton
+
+_ROWS_PER_PROGRAM = 128  # spatial positions per program of the row passes
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _gamma_beta(n, c, weight, bias, scale, shift, acc, device):
+    """Per-(sample, channel) multiplier and offset of the normalised x: GroupNorm's affine, then AdaGN."""
+    gamma = torch.ones(n, c, dtype=acc, device=device)
+    beta = torch.zeros(n, c, dtype=acc, device=device)
+    if weight is not None:
+        gamma = gamma * weight.to(acc)
+    if bias is not None:
+        beta = beta + bias.to(acc)
+    if scale is not None:
+        gamma = gamma * (1 + scale.to(acc))
+        beta = beta * (1 + scale.to(acc))
+    if shift is not None:
+        beta = beta + shift.to(acc)
+    return gamma, beta
+
+
+def _spatial(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(*v.shape, *(1,) * (like.ndim - 2))  # (N, C) -> (N, C, 1, ...)
+
+
+def _forward_ref(x, weight, bias, scale, shift, groups, eps, silu):
+    n, c = x.shape[:2]
+    acc = _acc(x)
+    xf = x.to(acc)
+    dims = tuple(range(2, x.ndim))
+    count = math.prod(x.shape[2:])
+    k = xf[(slice(None), slice(None)) + (0,) * len(dims)]  # (N, C)
+    d = xf - _spatial(k, x)
+    s1, s2 = d.sum(dims), (d * d).sum(dims)  # (N, C)
+    mean_c = (k + s1 / count).view(n, groups, -1)
+    m2_c = (s2 - s1 * s1 / count).view(n, groups, -1)
+    mean_g = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
+    m2_g = m2_c.sum(-1, keepdim=True) + count * (mean_c - mean_g).square().sum(-1, keepdim=True)
+    r = torch.rsqrt(m2_g.clamp_min(0) / (count * (c // groups)) + eps)  # (N, G, 1)
+    mu = mean_g.expand(n, groups, c // groups).reshape(n, c)
+    r = r.expand(n, groups, c // groups).reshape(n, c)
+    gamma, beta = _gamma_beta(n, c, weight, bias, scale, shift, acc, x.device)
+    a = r * gamma
+    b = beta - mu * a
+    z = xf * _spatial(a, x) + _spatial(b, x)
+    y = torch.empty_like(x)
+    y.copy_(z * torch.sigmoid(z) if silu else z)
+    return y, torch.stack([a, b, k, mu, r], 1)  # (N, 5, C)
+
+
+def _backward_ref(dy, x, st, weight, bias, scale, groups, silu):
+    n, c = x.shape[:2]
+    acc = st.dtype
+    a, b, k, mu, r = st.unbind(1)  # (N, C) each
+    xf = x.to(acc)
+    dims = tuple(range(2, x.ndim))
+    count = math.prod(x.shape[2:])
+    z = xf * _spatial(a, x) + _spatial(b, x)
+    dz = dy.to(acc)
+    if silu:
+        s = torch.sigmoid(z)
+        dz = dz * s * (1 + z * (1 - s))
+    p = dz.sum(dims)  # (N, C)
+    q = (dz * (xf - _spatial(k, x))).sum(dims)
+    c1c0, grads = _coefficients(p, q, st, weight, bias, scale, groups, count)
+    dx_full = torch.empty_like(x)
+    dx_full.copy_(_spatial(a, x) * dz + _spatial(c1c0[:, 0], x) * xf + _spatial(c1c0[:, 1], x))
+    return (dx_full,) + grads
+
+
+def _coefficients(p, q, st, weight, bias, scale, groups, count):
+    """GroupNorm's backward on (N, C) sums: p = sum dz, q = sum dz (x - k) -> ((N, 2, C) [C1, C0] with
+    dx = A dz + C1 x + C0, (dweight (C,), dbias (C,), dscale (N, C), dshift (N, C))). The Triton path does the same
+    in ``triton_dit_gn_bwd_coef``."""
+    n, c = p.shape
+    acc = p.dtype
+    a, _, k, mu, r = st.unbind(1)
+    gamma = a / r  # r > 0
+    dgamma = r * (q + (k - mu) * p)  # sum dz * xhat
+    dbeta = p
+    cg = c // groups
+    m1 = (gamma * p).view(n, groups, cg).sum(-1, keepdim=True) / (cg * count)  # mean of dxhat over the group
+    m2 = (gamma * dgamma).view(n, groups, cg).sum(-1, keepdim=True) / (cg * count)  # mean of dxhat * xhat
+    m1 = m1.expand(n, groups, cg).reshape(n, c)
+    m2 = m2.expand(n, groups, cg).reshape(n, c)
+    c1 = -r * r * m2
+    c0 = r * r * m2 * mu - r * m1
+    one_s = 1 + scale.to(acc) if scale is not None else torch.ones_like(p)
+    w = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=p.device)
+    bb = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=p.device)
+    grads = ((dgamma * one_s).sum(0), (dbeta * one_s).sum(0), dgamma * w + dbeta * bb, dbeta)
+    return torch.stack([c1, c0], 1), grads
+
+
+# ---- Triton kernels (CUDA) ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def triton_dit_gn_stats(x_ptr, part_ptr, L, C, S, plane, RPP: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        # program (n, s, cb): rows [s * RPP, (s + 1) * RPP) of image n, channels of block cb
+        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        cm = cols < C
+        base = n.to(tl.int64) * L * C
+        k = tl.load(x_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)  # each channel's first value
+        a1 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        a2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
+            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+            m = (rows < L)[:, None] & cm[None, :]
+            v = tl.load(x_ptr + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+            d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)
+            a1 += d
+            a2 += d * d
+        off = (n * S + s).to(tl.int64) * C + cols  # part: (2, N, S, C), plane = N * S * C
+        tl.store(part_ptr + off, tl.sum(a1, axis=0), mask=cm)
+        tl.store(part_ptr + plane + off, tl.sum(a2, axis=0), mask=cm)
+
+    @triton.jit
+    def triton_dit_gn_coef(part_ptr, x_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, st_ptr, L, C, S, plane, G, CG,
+                           sc_stride, sh_stride, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                           HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, BLOCK_G: tl.constexpr,
+                           BLOCK_J: tl.constexpr):
+        # program n: the sample's C channels as (groups, channels per group)
+        n = tl.program_id(0)
+        g = tl.arange(0, BLOCK_G)[:, None]
+        j = tl.arange(0, BLOCK_J)[None, :]
+        c = g * CG + j  # (BLOCK_G, BLOCK_J) channel index
+        m = (g < G) & (j < CG)
+        s1 = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        s2 = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        for s in range(0, S):
+            off = (n * S + s).to(tl.int64) * C + c
+            s1 += tl.load(part_ptr + off, mask=m, other=0.0)
+            s2 += tl.load(part_ptr + plane + off, mask=m, other=0.0)
+        k = tl.load(x_ptr + n.to(tl.int64) * L * C + c, mask=m, other=0.0).to(tl.float32)
+        mean_c = k + s1 / L
+        m2_c = s2 - s1 * s1 / L
+        mean_g = tl.sum(tl.where(m, mean_c, 0.0), axis=1) / CG  # (BLOCK_G,)
+        dev = tl.where(m, mean_c - mean_g[:, None], 0.0)
+        m2_g = tl.sum(tl.where(m, m2_c, 0.0), axis=1) + L * tl.sum(dev * dev, axis=1)
+        r = 1.0 / tl.sqrt(tl.maximum(m2_g, 0.0) / (L * CG) + eps)  # (BLOCK_G,)
+        gam = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
+        bet = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        if HAS_W:
+            gam = tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float32)
+        if HAS_B:
+            bet = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_SC:
+            one_s = 1.0 + tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
+            gam = gam * one_s
+            bet = bet * one_s
+        if HAS_SH:
+            bet += tl.load(sh_ptr + n * sh_stride + c, mask=m, other=0.0).to(tl.float32)
+        a = r[:, None] * gam
+        base = n.to(tl.int64) * 5 * C + c  # st: (N, 5, C) = A, B, k, mu, r
+        tl.store(st_ptr + base, a, mask=m)
+        tl.store(st_ptr + base + C, bet - mean_g[:, None] * a, mask=m)
+        tl.store(st_ptr + base + 2 * C, k, mask=m)
+        tl.store(st_ptr + base + 3 * C, mean_g[:, None] + 0.0 * a, mask=m)
+        tl.store(st_ptr + base + 4 * C, r[:, None] + 0.0 * a, mask=m)
+
+    @triton.jit
+    def triton_dit_gn_apply(x_ptr, st_ptr, y_ptr, L, C, RPP: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_C: tl.constexpr, SILU: tl.constexpr, STAGES: tl.constexpr):
+        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
+        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
+        base = n.to(tl.int64) * L * C
+        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
+            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
+            m = (rows < L)[:, None] & cm[None, :]
+            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+            z = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * a[None, :] + b[None, :]
+            if SILU:
+                z = z * tl.sigmoid(z)
+            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def triton_dit_gn_bwd_sums(x_ptr, dy_ptr, st_ptr, part_ptr, L, C, S, plane, RPP: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                               STAGES: tl.constexpr):
+        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
+        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
+        k = tl.load(st_ptr + n * 5 * C + 2 * C + cols, mask=cm, other=0.0)
+        base = n.to(tl.int64) * L * C
+        ap = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        aq = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
+            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
+            m = (rows < L)[:, None] & cm[None, :]
+            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+            v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            dz = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)  # 0 on masked lanes
+            if SILU:
+                z = v * a[None, :] + b[None, :]
+                sg = tl.sigmoid(z)
+                dz = dz * sg * (1.0 + z * (1.0 - sg))
+            ap += dz
+            aq += dz * (v - k[None, :])
+        off = (n * S + s).to(tl.int64) * C + cols
+        tl.store(part_ptr + off, tl.sum(ap, axis=0), mask=cm)
+        tl.store(part_ptr + plane + off, tl.sum(aq, axis=0), mask=cm)
+
+    @triton.jit
+    def triton_dit_gn_bwd_coef(part_ptr, st_ptr, w_ptr, b_ptr, sc_ptr, coef_ptr, grad_ptr, L, C, S, plane, G, CG,
+                               sc_stride, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
+                               BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+        n = tl.program_id(0)
+        g = tl.arange(0, BLOCK_G)[:, None]
+        j = tl.arange(0, BLOCK_J)[None, :]
+        c = g * CG + j
+        m = (g < G) & (j < CG)
+        p = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        q = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        for s in range(0, S):
+            off = (n * S + s).to(tl.int64) * C + c
+            p += tl.load(part_ptr + off, mask=m, other=0.0)
+            q += tl.load(part_ptr + plane + off, mask=m, other=0.0)
+        base = n.to(tl.int64) * 5 * C + c
+        a = tl.load(st_ptr + base, mask=m, other=0.0)
+        k = tl.load(st_ptr + base + 2 * C, mask=m, other=0.0)
+        mu = tl.load(st_ptr + base + 3 * C, mask=m, other=0.0)
+        r = tl.load(st_ptr + base + 4 * C, mask=m, other=1.0)
+        gam = a / r
+        dgam = r * (q + (k - mu) * p)  # sum dz * xhat
+        m1 = tl.sum(tl.where(m, gam * p, 0.0), axis=1) / (CG * L)  # (BLOCK_G,) group means of dxhat, dxhat * xhat
+        m2 = tl.sum(tl.where(m, gam * dgam, 0.0), axis=1) / (CG * L)
+        c1 = -r * r * m2[:, None]
+        c0 = r * r * m2[:, None] * mu - r * m1[:, None]
+        cbase = n.to(tl.int64) * 2 * C + c  # coef: (N, 2, C) = C1, C0
+        tl.store(coef_ptr + cbase, c1, mask=m)
+        tl.store(coef_ptr + cbase + C, c0, mask=m)
+        one_s = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
+        if HAS_SC:
+            one_s += tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
+        w = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
+        bb = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            bb = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+        gbase = n.to(tl.int64) * 4 * C + c  # grads: (N, 4, C) = dweight and dbias per sample, dscale, dshift
+        tl.store(grad_ptr + gbase, dgam * one_s, mask=m)
+        tl.store(grad_ptr + gbase + C, p * one_s, mask=m)
+        tl.store(grad_ptr + gbase + 2 * C, dgam * w + p * bb, mask=m)
+        tl.store(grad_ptr + gbase + 3 * C, p, mask=m)
+
+    @triton.jit
+    def triton_dit_gn_bwd_apply(x_ptr, dy_ptr, st_ptr, coef_ptr, dx_ptr, L, C, RPP: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                                STAGES: tl.constexpr):
+        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
+        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
+        c1 = tl.load(coef_ptr + n * 2 * C + cols, mask=cm, other=0.0)
+        c0 = tl.load(coef_ptr + n * 2 * C + C + cols, mask=cm, other=0.0)
+        base = n.to(tl.int64) * L * C
+        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
+            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
+            m = (rows < L)[:, None] & cm[None, :]
+            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+            v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            dz = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if SILU:
+                z = v * a[None, :] + b[None, :]
+                sg = tl.sigmoid(z)
+                dz = dz * sg * (1.0 + z * (1.0 - sg))
+            dx = a[None, :] * dz + c1[None, :] * v + c0[None, :]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+    return (triton, triton_dit_gn_stats, triton_dit_gn_coef, triton_dit_gn_apply, triton_dit_gn_bwd_sums,
+            triton_dit_gn_bwd_coef, triton_dit_gn_bwd_apply)
+
+
+def _tiles(triton, c: int, rows_per_program: int | None):
+    block_c = min(triton.next_power_of_2(c), 128)
+    block_r = max(1, 4096 // block_c)  # ~4k values per step
+    rpp = max(rows_per_program or _ROWS_PER_PROGRAM, block_r)
+    return block_c, block_r, rpp
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return _use_triton(x) and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _forward_triton(x, weight, bias, scale, shift, groups, eps, silu, rows_per_program=None, num_warps=4, stages=3):
+    triton, stats, coef, apply, *_ = _triton()
+    n, c, h, w = x.shape
+    length = h * w
+    block_c, block_r, rpp = _tiles(triton, c, rows_per_program)
+    s = triton.cdiv(length, rpp)
+    grid = (n, s, triton.cdiv(c, block_c))
+    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)
+    stats[grid](x, part, length, c, s, n * s * c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=stages,
+                num_warps=num_warps)
+    st = torch.empty(n, 5, c, dtype=torch.float32, device=x.device)
+    cg = c // groups
+    dummy = part
+    coef[(n,)](part, x, weight if weight is not None else dummy, bias if bias is not None else dummy,
+               scale if scale is not None else dummy, shift if shift is not None else dummy, st,
+               length, c, s, n * s * c, groups, cg, scale.stride(0) if scale is not None else 0,
+               shift.stride(0) if shift is not None else 0, eps,
+               HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
+               BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(cg), num_warps=4)
+    y = torch.empty_like(x)
+    apply[grid](x, st, y, length, c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, STAGES=stages,
+                num_warps=num_warps)
+    return y, st
+
+
+def _backward_triton(dy, x, st, weight, bias, scale, groups, silu, rows_per_program=None, num_warps=4, stages=3):
+    triton, _, _, _, sums, coef, apply = _triton()
+    n, c, h, w = x.shape
+    length = h * w
+    block_c, block_r, rpp = _tiles(triton, c, rows_per_program)
+    s = triton.cdiv(length, rpp)
+    grid = (n, s, triton.cdiv(c, block_c))
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)
+    sums[grid](x, dy, st, part, length, c, s, n * s * c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu,
+               STAGES=stages, num_warps=num_warps)
+    cg = c // groups
+    co = torch.empty(n, 2, c, dtype=torch.float32, device=x.device)
+    grads = torch.empty(n, 4, c, dtype=torch.float32, device=x.device)
+    dummy = part
+    coef[(n,)](part, st, weight if weight is not None else dummy, bias if bias is not None else dummy,
+               scale if scale is not None else dummy, co, grads, length, c, s, n * s * c, groups, cg,
+               scale.stride(0) if scale is not None else 0,
+               HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
+               BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(cg), num_warps=4)
+    dx = torch.empty_like(x)
+    apply[grid](x, dy, st, co, dx, length, c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, STAGES=stages,
+                num_warps=num_warps)
+    dw, db = grads[:, 0].sum(0), grads[:, 1].sum(0)  # (C,) each, summed over the batch
+    return dx, dw, db, grads[:, 2], grads[:, 3]
+
+
+def _check(x, scale, shift, groups):
+    if x.ndim < 3 or x.shape[1] % groups:
+        raise ValueError(f"group_norm_act: x must be (N, C, *spatial) with C divisible by groups={groups}, got shape "
+                         f"{tuple(x.shape)}")
+    for v, name in ((scale, "scale"), (shift, "shift")):
+        if v is not None and (v.shape != x.shape[:2] or v.stride(1) != 1):
+            raise ValueError(f"group_norm_act: {name} must be (N, C) = {tuple(x.shape[:2])} with unit column stride, "
+                             f"got shape {tuple(v.shape)}, strides {v.stride()}")
+
+
+@torch.library.custom_op("dit::group_norm_act", mutates_args=())
+def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   scale: torch.Tensor | None, shift: torch.Tensor | None, groups: int, eps: float,
+                   silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(GroupNorm(x; weight, bias) * (1 + scale) + shift)`` [each part optional] for x (N, C, *spatial);
+    scale, shift (N, C). -> (y like x, st (N, 5, C) fp32: the per-(sample, channel) map z = A x + B as A, B, and k,
+    mu, rstd, saved for the backward)."""
+    _check(x, scale, shift, groups)
+    if _use_kernels(x):
+        return _forward_triton(x, weight, bias, scale, shift, groups, eps, silu)
+    return _forward_ref(x, weight, bias, scale, shift, groups, eps, silu)
+
+
+@group_norm_act.register_fake
+def _(x, weight, bias, scale, shift, groups, eps, silu):
+    return torch.empty_like(x), x.new_empty((x.shape[0], 5, x.shape[1]), dtype=_acc(x))
+
+
+@torch.library.custom_op("dit::group_norm_act_backward", mutates_args=())
+def group_norm_act_backward(dy: torch.Tensor, x: torch.Tensor, st: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, scale: torch.Tensor | None, groups: int,
+                            silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    """Gradients of ``group_norm_act`` from dy (like x) -> (dx like x, dweight (C,), dbias (C,), dscale (N, C),
+    dshift (N, C)), the last four in st's dtype (computed whether or not the forward had them)."""
+    if _use_kernels(x):
+        return tuple(v.contiguous() if i else v for i, v in
+                     enumerate(_backward_triton(dy, x, st, weight, bias, scale, groups, silu)))
+    return tuple(v.contiguous() if i else v for i, v in
+                 enumerate(_backward_ref(dy, x, st, weight, bias, scale, groups, silu)))
+
+
+@group_norm_act_backward.register_fake
+def _(dy, x, st, weight, bias, scale, groups, silu):
+    n, c = x.shape[:2]
+    return (torch.empty_like(x), st.new_empty(c), st.new_empty(c), st.new_empty(n, c), st.new_empty(n, c))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, scale, shift, groups, eps, silu = inputs
+    ctx.save_for_backward(x, output[1], weight, bias, scale)
+    ctx.groups, ctx.silu = groups, silu
+    ctx.dtypes = tuple(None if v is None else v.dtype for v in (weight, bias, scale, shift))
+
+
+def _backward(ctx, dy, _dst):
+    x, st, weight, bias, scale = ctx.saved_tensors
+    grads = group_norm_act_backward(dy, x, st, weight, bias, scale, ctx.groups, ctx.silu)
+    dx, rest = grads[0], grads[1:]
+    rest = tuple(None if dt is None else g.to(dt) for g, dt in zip(rest, ctx.dtypes))
+    return (dx,) + rest + (None, None, None)
+
+
+group_norm_act.register_autograd(_backward, setup_context=_setup)
+
+
+def group_norm_kernels(x: torch.Tensor, norm: torch.nn.GroupNorm, scale: torch.Tensor | None = None,
+                       shift: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+    """``layers.group_norm_moments`` through ``group_norm_act``: x (N, C, H, W), scale/shift (N, C) -> like x."""
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    return group_norm_act(x, weight, bias, scale, shift, norm.num_groups, norm.eps, silu)[0]
