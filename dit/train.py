@@ -531,7 +531,8 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.channels_last: {cfg.model.name} has no channels-last option (UNet models only)")
         raw_model.set_channels_last(True)
     if cfg.model.moment_norm and cfg.model.compile and hasattr(raw_model, "set_moment_norm"):
-        raw_model.set_moment_norm(True)  # measured under torch.compile only (eager: several ops for one kernel)
+        # measured under torch.compile only (eager: several ops for one kernel)
+        raw_model.set_moment_norm(True, kernels=cfg.model.norm_kernels)
     if tc.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # asked for: this process's convolutions pick their algorithm by timing
     if cfg.model.fp8_training != "off":

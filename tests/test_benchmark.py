@@ -91,8 +91,11 @@ def test_variants_moment_norm_and_channels_last_for_unets():
     blocks = lambda m: [b for b in m.modules() if isinstance(b, ResBlock)]  # noqa: E731
     try:
         gn = _prepare("UNet-S", "fast-sgclgn", torch.device("cpu"), tiny)[0]
-        assert gn.moment_norm and all(b.moment_norm for b in blocks(gn)) and blocks(gn)
+        assert gn.moment_norm is True and all(b.moment_norm is True for b in blocks(gn)) and blocks(gn)
         assert gn.out_conv.weight.is_contiguous(memory_format=torch.channels_last) and torch.backends.cudnn.benchmark
+        gk = _prepare("UNet-S", "fast-sgclgk", torch.device("cpu"), tiny)[0]
+        assert all(b.moment_norm == "kernels" for b in blocks(gk)) and torch.backends.cudnn.benchmark
+        assert gk.out_conv.weight.is_contiguous(memory_format=torch.channels_last)
         nchw = _prepare("UNet-S", "fast-sggn", torch.device("cpu"), tiny)[0]
         assert nchw.moment_norm and nchw.out_conv.weight.is_contiguous()
         assert not any(b.moment_norm for b in blocks(_prepare("UNet-S", "fast-sgclbm", torch.device("cpu"), tiny)[0]))

@@ -655,21 +655,28 @@ def test_channels_last_default_is_on_for_unets_compiled_on_cuda():
 
 def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
     """model.moment_norm (on by default) switches a UNet's GroupNorms to layers.group_norm_moments when the model is
-    compiled; not in eager runs, not when turned off. torch.compile is a stand-in that returns the function."""
+    compiled; not in eager runs, not when turned off; model.norm_kernels to the Triton kernels' op. torch.compile is a
+    stand-in that returns the function."""
     from dit.models.unet import UNet
 
     seen = []
     real = UNet.set_moment_norm
-    monkeypatch.setattr(UNet, "set_moment_norm", lambda self, enable=True: (seen.append(enable), real(self, enable)))
+    monkeypatch.setattr(UNet, "set_moment_norm",
+                        lambda self, enable=True, kernels=False: (seen.append((enable, kernels)), real(self, enable,
+                                                                                                     kernels)))
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     unet = ("model.name=UNet-S", "model.overrides={model_channels: 32}", "train.max_steps=1", "train.ckpt_every=1",
             "sample.grid_size=0")
     _train(tmp_path / "eager", *unet)
     assert seen == []
     _train(tmp_path / "compiled", *unet, "model.compile=true")
-    assert seen == [True]
+    assert seen == [(True, False)]
     _train(tmp_path / "off", *unet, "model.compile=true", "model.moment_norm=false")
-    assert seen == [True]
+    assert seen == [(True, False)]
+    _train(tmp_path / "kernels", *unet, "model.compile=true", "model.norm_kernels=true")
+    assert seen == [(True, False), (True, True)]
+    with pytest.raises(ValueError, match="model.norm_kernels=true needs model.moment_norm=true"):
+        load_config(None, ["model.norm_kernels=true", "model.moment_norm=false"])
 
 
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):

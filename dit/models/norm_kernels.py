@@ -17,6 +17,11 @@ So x is read twice forward and twice backward (with dy), the minimum for a norma
 whole image. The per-sample kernels hold a sample's C channels as (groups, channels per group), which need not be a
 power of two (ADM widths: 96 channels in 32 groups).
 
+UNet-S's compiled training step on an H100: 5,385 -> 5,585 img/s (1.037x; Triton kernels 16.9 -> 15.0 ms per step;
+docs/benchmarks.md, run 14). A first version returned its parameter gradients as slices of one buffer, and the copies
+and casts around the op added as much idle GPU time as the kernels saved; now the per-sample sums and casts are left
+to the compiled graph, where Inductor fuses them. The trainer uses it with ``model.norm_kernels``.
+
 ``group_norm_act`` is a ``torch.library.custom_op``: opaque to torch.compile, safe in CUDA graphs, differentiable
 through a second op (``group_norm_act_backward``). Its CPU implementation (and the CUDA one without Triton, or for an
 NCHW x) is the reference the kernels are tested against, in float64 against autograd.
@@ -105,7 +110,7 @@ def _backward_ref(dy, x, st, weight, bias, scale, groups, silu):
 
 def _coefficients(p, q, st, weight, bias, scale, groups, count):
     """GroupNorm's backward on (N, C) sums: p = sum dz, q = sum dz (x - k) -> ((N, 2, C) [C1, C0] with
-    dx = A dz + C1 x + C0, (dweight (C,), dbias (C,), dscale (N, C), dshift (N, C))). The Triton path does the same
+    dx = A dz + C1 x + C0, (dweight and dbias per sample, dscale, dshift: (N, C) each)). The Triton path does the same
     in ``triton_dit_gn_bwd_coef``."""
     n, c = p.shape
     acc = p.dtype
@@ -123,7 +128,7 @@ def _coefficients(p, q, st, weight, bias, scale, groups, count):
     one_s = 1 + scale.to(acc) if scale is not None else torch.ones_like(p)
     w = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=p.device)
     bb = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=p.device)
-    grads = ((dgamma * one_s).sum(0), (dbeta * one_s).sum(0), dgamma * w + dbeta * bb, dbeta)
+    grads = (dgamma * one_s, dbeta * one_s, dgamma * w + dbeta * bb, dbeta)
     return torch.stack([c1, c0], 1), grads
 
 
@@ -249,7 +254,8 @@ def _triton():
         tl.store(part_ptr + plane + off, tl.sum(aq, axis=0), mask=cm)
 
     @triton.jit
-    def triton_dit_gn_bwd_coef(part_ptr, st_ptr, w_ptr, b_ptr, sc_ptr, coef_ptr, grad_ptr, L, C, S, plane, G, CG,
+    def triton_dit_gn_bwd_coef(part_ptr, st_ptr, w_ptr, b_ptr, sc_ptr, coef_ptr, dw_ptr, db_ptr, ds_ptr, dt_ptr,
+                               L, C, S, plane, G, CG,
                                sc_stride, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
         n = tl.program_id(0)
@@ -286,11 +292,11 @@ def _triton():
             w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
         if HAS_B:
             bb = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
-        gbase = n.to(tl.int64) * 4 * C + c  # grads: (N, 4, C) = dweight and dbias per sample, dscale, dshift
-        tl.store(grad_ptr + gbase, dgam * one_s, mask=m)
-        tl.store(grad_ptr + gbase + C, p * one_s, mask=m)
-        tl.store(grad_ptr + gbase + 2 * C, dgam * w + p * bb, mask=m)
-        tl.store(grad_ptr + gbase + 3 * C, p, mask=m)
+        gbase = n.to(tl.int64) * C + c  # (N, C) each: dweight and dbias per sample, dscale, dshift
+        tl.store(dw_ptr + gbase, dgam * one_s, mask=m)
+        tl.store(db_ptr + gbase, p * one_s, mask=m)
+        tl.store(ds_ptr + gbase, (dgam * w + p * bb).to(ds_ptr.dtype.element_ty), mask=m)
+        tl.store(dt_ptr + gbase, p.to(dt_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def triton_dit_gn_bwd_apply(x_ptr, dy_ptr, st_ptr, coef_ptr, dx_ptr, L, C, RPP: tl.constexpr,
@@ -370,18 +376,17 @@ def _backward_triton(dy, x, st, weight, bias, scale, groups, silu, rows_per_prog
                STAGES=stages, num_warps=num_warps)
     cg = c // groups
     co = torch.empty(n, 2, c, dtype=torch.float32, device=x.device)
-    grads = torch.empty(n, 4, c, dtype=torch.float32, device=x.device)
+    grads = [torch.empty(n, c, dtype=torch.float32, device=x.device) for _ in range(4)]
     dummy = part
     coef[(n,)](part, st, weight if weight is not None else dummy, bias if bias is not None else dummy,
-               scale if scale is not None else dummy, co, grads, length, c, s, n * s * c, groups, cg,
+               scale if scale is not None else dummy, co, *grads, length, c, s, n * s * c, groups, cg,
                scale.stride(0) if scale is not None else 0,
                HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
                BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(cg), num_warps=4)
     dx = torch.empty_like(x)
     apply[grid](x, dy, st, co, dx, length, c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, STAGES=stages,
                 num_warps=num_warps)
-    dw, db = grads[:, 0].sum(0), grads[:, 1].sum(0)  # (C,) each, summed over the batch
-    return dx, dw, db, grads[:, 2], grads[:, 3]
+    return (dx, *grads)
 
 
 def _check(x, scale, shift, groups):
@@ -417,19 +422,19 @@ def group_norm_act_backward(dy: torch.Tensor, x: torch.Tensor, st: torch.Tensor,
                             bias: torch.Tensor | None, scale: torch.Tensor | None, groups: int,
                             silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor]:
-    """Gradients of ``group_norm_act`` from dy (like x) -> (dx like x, dweight (C,), dbias (C,), dscale (N, C),
-    dshift (N, C)), the last four in st's dtype (computed whether or not the forward had them)."""
+    """Gradients of ``group_norm_act`` from dy (like x) -> (dx like x, and in st's dtype, (N, C) each: dweight and
+    dbias per sample (the caller sums them over the batch, where torch.compile fuses the sums), dscale, dshift),
+    computed whether or not the forward had them."""
     if _use_kernels(x):
-        return tuple(v.contiguous() if i else v for i, v in
-                     enumerate(_backward_triton(dy, x, st, weight, bias, scale, groups, silu)))
-    return tuple(v.contiguous() if i else v for i, v in
-                 enumerate(_backward_ref(dy, x, st, weight, bias, scale, groups, silu)))
+        return _backward_triton(dy, x, st, weight, bias, scale, groups, silu)
+    dx, *grads = _backward_ref(dy, x, st, weight, bias, scale, groups, silu)
+    return (dx, *(g.contiguous() for g in grads))
 
 
 @group_norm_act_backward.register_fake
 def _(dy, x, st, weight, bias, scale, groups, silu):
     n, c = x.shape[:2]
-    return (torch.empty_like(x), st.new_empty(c), st.new_empty(c), st.new_empty(n, c), st.new_empty(n, c))
+    return (torch.empty_like(x), *(st.new_empty(n, c) for _ in range(4)))
 
 
 def _setup(ctx, inputs, output):
@@ -442,8 +447,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _dst):
     x, st, weight, bias, scale = ctx.saved_tensors
     grads = group_norm_act_backward(dy, x, st, weight, bias, scale, ctx.groups, ctx.silu)
-    dx, rest = grads[0], grads[1:]
-    rest = tuple(None if dt is None else g.to(dt) for g, dt in zip(rest, ctx.dtypes))
+    dx, dw, db, ds, dt = grads
+    rest = (dw.sum(0), db.sum(0), ds, dt)  # per-sample affine gradients summed over the batch
+    rest = tuple(None if dtype is None else g.to(dtype) for g, dtype in zip(rest, ctx.dtypes))
     return (dx,) + rest + (None, None, None)
 
 
