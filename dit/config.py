@@ -67,10 +67,10 @@ class ModelConfig:
     # img/s in the benchmark harness on an H100 (docs/benchmarks.md, run 13). Applied under compile only, where it was
     # measured (eager, it is several small ops where torch's GroupNorm is one kernel); ignored by DiTs.
     moment_norm: bool = True
-    # UNets with model.moment_norm: each GroupNorm (+ AdaGN + SiLU) in Triton kernels on CUDA, forward and backward
-    # (dit.models.norm_kernels: whole NHWC rows per pass, x read twice each way) instead of Inductor's kernels for
-    # the same formula: UNet-S 1.037x img/s in the benchmark harness on an H100 (docs/benchmarks.md, run 14). Not yet
-    # measured at the other sizes, so off by default.
+    # UNets with model.moment_norm, compiled on CUDA in channels-last: each GroupNorm (+ AdaGN + SiLU) in Triton
+    # kernels, forward and backward (dit.models.norm_kernels: whole NHWC rows per pass, x read twice each way) instead
+    # of Inductor's kernels for the same formula: UNet-S 1.037x img/s in the benchmark harness on an H100
+    # (docs/benchmarks.md, run 14). Not yet measured at the other sizes, so off by default.
     norm_kernels: bool = False
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
@@ -397,9 +397,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
-    if cfg.model.norm_kernels and not cfg.model.moment_norm:
-        raise ConfigError(f"{source}: model.norm_kernels=true needs model.moment_norm=true (the kernels compute the "
-                          "moment form of the GroupNorm)")
+    if cfg.model.norm_kernels and (not cfg.model.moment_norm or cfg.model.channels_last is False):
+        raise ConfigError(f"{source}: model.norm_kernels=true needs model.moment_norm=true and channels-last "
+                          f"activations (model.channels_last unset or true), got moment_norm={cfg.model.moment_norm}, "
+                          f"channels_last={cfg.model.channels_last}")
     if cfg.model.compile_scope != "loss" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_scope={cfg.model.compile_scope!r} needs model.compile=true")
     if cfg.model.compile_scope == "blocks" and t.fsdp:

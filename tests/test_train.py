@@ -675,8 +675,9 @@ def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
     assert seen == [(True, False)]
     _train(tmp_path / "kernels", *unet, "model.compile=true", "model.norm_kernels=true")
     assert seen == [(True, False), (True, True)]
-    with pytest.raises(ValueError, match="model.norm_kernels=true needs model.moment_norm=true"):
-        load_config(None, ["model.norm_kernels=true", "model.moment_norm=false"])
+    for off in ("model.moment_norm=false", "model.channels_last=false"):
+        with pytest.raises(ValueError, match="model.norm_kernels=true needs model.moment_norm=true and channels-last"):
+            load_config(None, ["model.norm_kernels=true", off])
 
 
 def test_low_precision_residual_option_reaches_the_dit(tmp_path, monkeypatch):
