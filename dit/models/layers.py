@@ -352,6 +352,33 @@ def check_conditioning(
             raise ValueError(f"{owner}: pooled must be (N, {d}), got shape {tuple(pooled.shape)}")
 
 
+def group_norm_stats(x: torch.Tensor, groups: int, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm's statistics from per-(sample, channel) sums: x (N, C, *spatial) -> (x in the accumulation dtype,
+    then (N, C) each: k (each channel's first value, the shift of its sums), its group's mean and 1 / std).
+
+    fp32 statistics for bf16/fp16 x (as ``F.group_norm``), float64 kept. The sums over the spatial dims are taken
+    about k and combined per group with the parallel-variance formula (Chan et al. 1979), so a mean far above the
+    spread does not cancel the variance.
+    """
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.ndim))
+    count = math.prod(x.shape[2:])  # values per channel
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    k = xf[(slice(None), slice(None)) + (0,) * len(dims)].detach()  # (N, C): a value of each channel, as the shift
+    d = xf - k.view(n, c, *(1,) * len(dims))
+    s1 = d.sum(dims)  # (N, C)
+    s2 = (d * d).sum(dims)  # (N, C)
+    mean_c = (k + s1 / count).view(n, groups, c // groups)  # (N, G, C/G)
+    m2_c = (s2 - s1 * s1 / count).view(n, groups, c // groups)  # per-channel sum of squared deviations
+    mean_g = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
+    m2_g = m2_c.sum(-1, keepdim=True) + count * (mean_c - mean_g).square().sum(-1, keepdim=True)
+    rstd = torch.rsqrt(m2_g.clamp_min(0) / (count * (c // groups)) + eps)  # (N, G, 1)
+    mu = mean_g.expand(n, groups, c // groups).reshape(n, c)  # (N, C)
+    return xf, k, mu, rstd.expand(n, groups, c // groups).reshape(n, c)
+
+
 def group_norm_moments(
     x: torch.Tensor,
     norm: nn.GroupNorm,
@@ -373,22 +400,9 @@ def group_norm_moments(
     parallel-variance formula (Chan et al. 1979), so a large mean does not cancel the variance.
     """
     n, c = x.shape[:2]
-    g = norm.num_groups
     dims = tuple(range(2, x.ndim))
-    count = math.prod(x.shape[2:])  # values per channel
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics for bf16/fp16 (as F.group_norm), fp64 kept
-    xf = x.to(acc)
-    k = xf[(slice(None), slice(None)) + (0,) * len(dims)].detach()  # (N, C): a value of each channel, as the shift
-    d = xf - k.view(n, c, *(1,) * len(dims))
-    s1 = d.sum(dims)  # (N, C)
-    s2 = (d * d).sum(dims)  # (N, C)
-    mean_c = (k + s1 / count).view(n, g, c // g)  # (N, G, C/G)
-    m2_c = (s2 - s1 * s1 / count).view(n, g, c // g)  # per-channel sum of squared deviations
-    mean_g = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
-    m2_g = m2_c.sum(-1, keepdim=True) + count * (mean_c - mean_g).square().sum(-1, keepdim=True)
-    rstd = torch.rsqrt(m2_g.clamp_min(0) / (count * (c // g)) + norm.eps)  # (N, G, 1)
-    mu = mean_g.expand(n, g, c // g).reshape(n, c)  # (N, C)
-    a = rstd.expand(n, g, c // g).reshape(n, c)  # (N, C)
+    xf, _, mu, a = group_norm_stats(x, norm.num_groups, norm.eps)  # a: rstd, (N, C)
+    acc = xf.dtype
     b = torch.zeros_like(a)
     if norm.affine:
         a = a * norm.weight.to(acc)

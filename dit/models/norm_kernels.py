@@ -34,13 +34,10 @@ import math
 
 import torch
 
-from .kernels import _use_triton
+from .kernels import _acc, _use_triton
+from .layers import group_norm_stats
 
 _ROWS_PER_PROGRAM = 128  # spatial positions per program of the row passes
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _gamma_beta(n, c, weight, bias, scale, shift, acc, device):
@@ -65,20 +62,8 @@ def _spatial(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _forward_ref(x, weight, bias, scale, shift, groups, eps, silu):
     n, c = x.shape[:2]
-    acc = _acc(x)
-    xf = x.to(acc)
-    dims = tuple(range(2, x.ndim))
-    count = math.prod(x.shape[2:])
-    k = xf[(slice(None), slice(None)) + (0,) * len(dims)]  # (N, C)
-    d = xf - _spatial(k, x)
-    s1, s2 = d.sum(dims), (d * d).sum(dims)  # (N, C)
-    mean_c = (k + s1 / count).view(n, groups, -1)
-    m2_c = (s2 - s1 * s1 / count).view(n, groups, -1)
-    mean_g = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
-    m2_g = m2_c.sum(-1, keepdim=True) + count * (mean_c - mean_g).square().sum(-1, keepdim=True)
-    r = torch.rsqrt(m2_g.clamp_min(0) / (count * (c // groups)) + eps)  # (N, G, 1)
-    mu = mean_g.expand(n, groups, c // groups).reshape(n, c)
-    r = r.expand(n, groups, c // groups).reshape(n, c)
+    xf, k, mu, r = group_norm_stats(x, groups, eps)  # (N, C) each but xf
+    acc = xf.dtype
     gamma, beta = _gamma_beta(n, c, weight, bias, scale, shift, acc, x.device)
     a = r * gamma
     b = beta - mu * a
