@@ -24,7 +24,8 @@ to the compiled graph, where Inductor fuses them. The trainer uses it with ``mod
 
 ``group_norm_act`` is a ``torch.library.custom_op``: opaque to torch.compile, safe in CUDA graphs, differentiable
 through a second op (``group_norm_act_backward``). Its CPU implementation (and the CUDA one without Triton, or for an
-NCHW x) is the reference the kernels are tested against, in float64 against autograd.
+NCHW x) is the reference the kernels are tested against, in float64 against autograd. The kernels are in
+norm_triton.py, imported on first use.
 """
 
 from __future__ import annotations
@@ -122,194 +123,12 @@ def _coefficients(p, q, st, weight, bias, scale, groups, count):
 
 @functools.cache
 def _triton():
+    """Triton and the kernels' module, imported on first use (norm_triton.py needs Triton)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def triton_dit_gn_stats(x_ptr, part_ptr, L, C, S, plane, RPP: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-        # program (n, s, cb): rows [s * RPP, (s + 1) * RPP) of image n, channels of block cb
-        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-        cm = cols < C
-        base = n.to(tl.int64) * L * C
-        k = tl.load(x_ptr + base + cols, mask=cm, other=0.0).to(tl.float32)  # each channel's first value
-        a1 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        a2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
-            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-            m = (rows < L)[:, None] & cm[None, :]
-            v = tl.load(x_ptr + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
-            d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)
-            a1 += d
-            a2 += d * d
-        off = (n * S + s).to(tl.int64) * C + cols  # part: (2, N, S, C), plane = N * S * C
-        tl.store(part_ptr + off, tl.sum(a1, axis=0), mask=cm)
-        tl.store(part_ptr + plane + off, tl.sum(a2, axis=0), mask=cm)
+    from . import norm_triton
 
-    @triton.jit
-    def triton_dit_gn_coef(part_ptr, x_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, st_ptr, L, C, S, plane, G, CG,
-                           sc_stride, sh_stride, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                           HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, BLOCK_G: tl.constexpr,
-                           BLOCK_J: tl.constexpr):
-        # program n: the sample's C channels as (groups, channels per group)
-        n = tl.program_id(0)
-        g = tl.arange(0, BLOCK_G)[:, None]
-        j = tl.arange(0, BLOCK_J)[None, :]
-        c = g * CG + j  # (BLOCK_G, BLOCK_J) channel index
-        m = (g < G) & (j < CG)
-        s1 = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        s2 = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        for s in range(0, S):
-            off = (n * S + s).to(tl.int64) * C + c
-            s1 += tl.load(part_ptr + off, mask=m, other=0.0)
-            s2 += tl.load(part_ptr + plane + off, mask=m, other=0.0)
-        k = tl.load(x_ptr + n.to(tl.int64) * L * C + c, mask=m, other=0.0).to(tl.float32)
-        mean_c = k + s1 / L
-        m2_c = s2 - s1 * s1 / L
-        mean_g = tl.sum(tl.where(m, mean_c, 0.0), axis=1) / CG  # (BLOCK_G,)
-        dev = tl.where(m, mean_c - mean_g[:, None], 0.0)
-        m2_g = tl.sum(tl.where(m, m2_c, 0.0), axis=1) + L * tl.sum(dev * dev, axis=1)
-        r = 1.0 / tl.sqrt(tl.maximum(m2_g, 0.0) / (L * CG) + eps)  # (BLOCK_G,)
-        gam = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-        bet = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        if HAS_W:
-            gam = tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float32)
-        if HAS_B:
-            bet = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
-        if HAS_SC:
-            one_s = 1.0 + tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
-            gam = gam * one_s
-            bet = bet * one_s
-        if HAS_SH:
-            bet += tl.load(sh_ptr + n * sh_stride + c, mask=m, other=0.0).to(tl.float32)
-        a = r[:, None] * gam
-        base = n.to(tl.int64) * 5 * C + c  # st: (N, 5, C) = A, B, k, mu, r
-        tl.store(st_ptr + base, a, mask=m)
-        tl.store(st_ptr + base + C, bet - mean_g[:, None] * a, mask=m)
-        tl.store(st_ptr + base + 2 * C, k, mask=m)
-        tl.store(st_ptr + base + 3 * C, mean_g[:, None] + 0.0 * a, mask=m)
-        tl.store(st_ptr + base + 4 * C, r[:, None] + 0.0 * a, mask=m)
-
-    @triton.jit
-    def triton_dit_gn_apply(x_ptr, st_ptr, y_ptr, L, C, RPP: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_C: tl.constexpr, SILU: tl.constexpr, STAGES: tl.constexpr):
-        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = cols < C
-        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
-        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
-        base = n.to(tl.int64) * L * C
-        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
-            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
-            m = (rows < L)[:, None] & cm[None, :]
-            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-            z = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * a[None, :] + b[None, :]
-            if SILU:
-                z = z * tl.sigmoid(z)
-            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def triton_dit_gn_bwd_sums(x_ptr, dy_ptr, st_ptr, part_ptr, L, C, S, plane, RPP: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
-                               STAGES: tl.constexpr):
-        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = cols < C
-        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
-        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
-        k = tl.load(st_ptr + n * 5 * C + 2 * C + cols, mask=cm, other=0.0)
-        base = n.to(tl.int64) * L * C
-        ap = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        aq = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
-            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
-            m = (rows < L)[:, None] & cm[None, :]
-            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-            v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            dz = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)  # 0 on masked lanes
-            if SILU:
-                z = v * a[None, :] + b[None, :]
-                sg = tl.sigmoid(z)
-                dz = dz * sg * (1.0 + z * (1.0 - sg))
-            ap += dz
-            aq += dz * (v - k[None, :])
-        off = (n * S + s).to(tl.int64) * C + cols
-        tl.store(part_ptr + off, tl.sum(ap, axis=0), mask=cm)
-        tl.store(part_ptr + plane + off, tl.sum(aq, axis=0), mask=cm)
-
-    @triton.jit
-    def triton_dit_gn_bwd_coef(part_ptr, st_ptr, w_ptr, b_ptr, sc_ptr, coef_ptr, dw_ptr, db_ptr, ds_ptr, dt_ptr,
-                               L, C, S, plane, G, CG,
-                               sc_stride, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SC: tl.constexpr,
-                               BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
-        n = tl.program_id(0)
-        g = tl.arange(0, BLOCK_G)[:, None]
-        j = tl.arange(0, BLOCK_J)[None, :]
-        c = g * CG + j
-        m = (g < G) & (j < CG)
-        p = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        q = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        for s in range(0, S):
-            off = (n * S + s).to(tl.int64) * C + c
-            p += tl.load(part_ptr + off, mask=m, other=0.0)
-            q += tl.load(part_ptr + plane + off, mask=m, other=0.0)
-        base = n.to(tl.int64) * 5 * C + c
-        a = tl.load(st_ptr + base, mask=m, other=0.0)
-        k = tl.load(st_ptr + base + 2 * C, mask=m, other=0.0)
-        mu = tl.load(st_ptr + base + 3 * C, mask=m, other=0.0)
-        r = tl.load(st_ptr + base + 4 * C, mask=m, other=1.0)
-        gam = a / r
-        dgam = r * (q + (k - mu) * p)  # sum dz * xhat
-        m1 = tl.sum(tl.where(m, gam * p, 0.0), axis=1) / (CG * L)  # (BLOCK_G,) group means of dxhat, dxhat * xhat
-        m2 = tl.sum(tl.where(m, gam * dgam, 0.0), axis=1) / (CG * L)
-        c1 = -r * r * m2[:, None]
-        c0 = r * r * m2[:, None] * mu - r * m1[:, None]
-        cbase = n.to(tl.int64) * 2 * C + c  # coef: (N, 2, C) = C1, C0
-        tl.store(coef_ptr + cbase, c1, mask=m)
-        tl.store(coef_ptr + cbase + C, c0, mask=m)
-        one_s = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-        if HAS_SC:
-            one_s += tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
-        w = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-        bb = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-        if HAS_B:
-            bb = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
-        gbase = n.to(tl.int64) * C + c  # (N, C) each: dweight and dbias per sample, dscale, dshift
-        tl.store(dw_ptr + gbase, dgam * one_s, mask=m)
-        tl.store(db_ptr + gbase, p * one_s, mask=m)
-        tl.store(ds_ptr + gbase, (dgam * w + p * bb).to(ds_ptr.dtype.element_ty), mask=m)
-        tl.store(dt_ptr + gbase, p.to(dt_ptr.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def triton_dit_gn_bwd_apply(x_ptr, dy_ptr, st_ptr, coef_ptr, dx_ptr, L, C, RPP: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
-                                STAGES: tl.constexpr):
-        n, s, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = cols < C
-        a = tl.load(st_ptr + n * 5 * C + cols, mask=cm, other=0.0)
-        b = tl.load(st_ptr + n * 5 * C + C + cols, mask=cm, other=0.0)
-        c1 = tl.load(coef_ptr + n * 2 * C + cols, mask=cm, other=0.0)
-        c0 = tl.load(coef_ptr + n * 2 * C + C + cols, mask=cm, other=0.0)
-        base = n.to(tl.int64) * L * C
-        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
-            rows = s * RPP + r0 + tl.arange(0, BLOCK_R)
-            m = (rows < L)[:, None] & cm[None, :]
-            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-            v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            dz = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            if SILU:
-                z = v * a[None, :] + b[None, :]
-                sg = tl.sigmoid(z)
-                dz = dz * sg * (1.0 + z * (1.0 - sg))
-            dx = a[None, :] * dz + c1[None, :] * v + c0[None, :]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-
-    return (triton, triton_dit_gn_stats, triton_dit_gn_coef, triton_dit_gn_apply, triton_dit_gn_bwd_sums,
-            triton_dit_gn_bwd_coef, triton_dit_gn_bwd_apply)
+    return triton, norm_triton
 
 
 def _tiles(triton, c: int, rows_per_program: int | None):
@@ -323,54 +142,55 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return _use_triton(x) and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _forward_triton(x, weight, bias, scale, shift, groups, eps, silu, rows_per_program=None, num_warps=4, stages=3):
-    triton, stats, coef, apply, *_ = _triton()
+def _row_grid(triton, x, rows_per_program):
+    """Tiles and grid of the row passes for x (N, C, H, W) channels-last: (L, S, tiles, grid)."""
     n, c, h, w = x.shape
-    length = h * w
     block_c, block_r, rpp = _tiles(triton, c, rows_per_program)
-    s = triton.cdiv(length, rpp)
-    grid = (n, s, triton.cdiv(c, block_c))
-    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)
-    stats[grid](x, part, length, c, s, n * s * c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=stages,
-                num_warps=num_warps)
+    s = triton.cdiv(h * w, rpp)
+    return h * w, s, dict(RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c), (n, s, triton.cdiv(c, block_c))
+
+
+def _group_tiles(triton, c, groups):
+    """Tiles of the per-sample kernels: the C channels as (groups, channels per group)."""
+    return dict(BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(c // groups))
+
+
+def _forward_triton(x, weight, bias, scale, shift, groups, eps, silu, rows_per_program=None, num_warps=4, stages=3):
+    triton, k = _triton()
+    n, c = x.shape[:2]
+    length, s, tiles, grid = _row_grid(triton, x, rows_per_program)
+    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)  # per-program sums of (x - k), (x - k)^2
+    k.triton_dit_gn_stats[grid](x, part, length, c, s, n * s * c, **tiles, STAGES=stages, num_warps=num_warps)
     st = torch.empty(n, 5, c, dtype=torch.float32, device=x.device)
-    cg = c // groups
-    dummy = part
-    coef[(n,)](part, x, weight if weight is not None else dummy, bias if bias is not None else dummy,
-               scale if scale is not None else dummy, shift if shift is not None else dummy, st,
-               length, c, s, n * s * c, groups, cg, scale.stride(0) if scale is not None else 0,
-               shift.stride(0) if shift is not None else 0, eps,
-               HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
-               BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(cg), num_warps=4)
+    # absent operands: any tensor stands in for the pointer, the HAS_* flags keep it unread
+    k.triton_dit_gn_coef[(n,)](
+        part, x, *(v if v is not None else part for v in (weight, bias, scale, shift)), st,
+        length, c, s, n * s * c, groups, c // groups, *(v.stride(0) if v is not None else 0 for v in (scale, shift)),
+        eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
+        **_group_tiles(triton, c, groups), num_warps=4)
     y = torch.empty_like(x)
-    apply[grid](x, st, y, length, c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, STAGES=stages,
-                num_warps=num_warps)
+    k.triton_dit_gn_apply[grid](x, st, y, length, c, **tiles, SILU=silu, STAGES=stages, num_warps=num_warps)
     return y, st
 
 
 def _backward_triton(dy, x, st, weight, bias, scale, groups, silu, rows_per_program=None, num_warps=4, stages=3):
-    triton, _, _, _, sums, coef, apply = _triton()
-    n, c, h, w = x.shape
-    length = h * w
-    block_c, block_r, rpp = _tiles(triton, c, rows_per_program)
-    s = triton.cdiv(length, rpp)
-    grid = (n, s, triton.cdiv(c, block_c))
+    triton, k = _triton()
+    n, c = x.shape[:2]
+    length, s, tiles, grid = _row_grid(triton, x, rows_per_program)
     dy = dy.contiguous(memory_format=torch.channels_last)
-    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)
-    sums[grid](x, dy, st, part, length, c, s, n * s * c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu,
-               STAGES=stages, num_warps=num_warps)
-    cg = c // groups
+    part = torch.empty(2, n, s, c, dtype=torch.float32, device=x.device)  # per-program P, Q
+    k.triton_dit_gn_bwd_sums[grid](x, dy, st, part, length, c, s, n * s * c, **tiles, SILU=silu, STAGES=stages,
+                                   num_warps=num_warps)
     co = torch.empty(n, 2, c, dtype=torch.float32, device=x.device)
     grads = [torch.empty(n, c, dtype=torch.float32, device=x.device) for _ in range(4)]
-    dummy = part
-    coef[(n,)](part, st, weight if weight is not None else dummy, bias if bias is not None else dummy,
-               scale if scale is not None else dummy, co, *grads, length, c, s, n * s * c, groups, cg,
-               scale.stride(0) if scale is not None else 0,
-               HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
-               BLOCK_G=triton.next_power_of_2(groups), BLOCK_J=triton.next_power_of_2(cg), num_warps=4)
+    k.triton_dit_gn_bwd_coef[(n,)](
+        part, st, *(v if v is not None else part for v in (weight, bias, scale)), co, *grads,
+        length, c, s, n * s * c, groups, c // groups, scale.stride(0) if scale is not None else 0,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SC=scale is not None,
+        **_group_tiles(triton, c, groups), num_warps=4)
     dx = torch.empty_like(x)
-    apply[grid](x, dy, st, co, dx, length, c, RPP=rpp, BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, STAGES=stages,
-                num_warps=num_warps)
+    k.triton_dit_gn_bwd_apply[grid](x, dy, st, co, dx, length, c, **tiles, SILU=silu, STAGES=stages,
+                                    num_warps=num_warps)
     return (dx, *grads)
 
 
