@@ -69,9 +69,11 @@ class ModelConfig:
     moment_norm: bool = True
     # UNets with model.moment_norm, compiled on CUDA in channels-last: each GroupNorm (+ AdaGN + SiLU) in Triton
     # kernels, forward and backward (dit.models.norm_kernels: whole NHWC rows per pass, x read twice each way) instead
-    # of Inductor's kernels for the same formula: UNet-S 1.037x img/s in the benchmark harness on an H100
-    # (docs/benchmarks.md, run 14). Not yet measured at the other sizes, so off by default.
-    norm_kernels: bool = False
+    # of Inductor's kernels for the same formula: UNet-S 1.037x, UNet-B 1.026x img/s in the benchmark harness on an
+    # H100 (docs/benchmarks.md, runs 14-15). None (the default): on wherever the UNet runs in channels-last with
+    # model.moment_norm (see model.channels_last), off otherwise; true: the same, but an error where it cannot apply;
+    # false: Inductor's kernels.
+    norm_kernels: bool | None = None
     # torch.compile. One process: the whole loss (network + diffusion terms) as one graph, which also removes the
     # host cost of the ~100 small eager ops around the network; several processes: the network only (inside DDP /
     # FSDP, whose hooks must stay outside the compiled region).

@@ -526,13 +526,15 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"model.low_precision_residual: {cfg.model.name} has no low-precision residual stream "
                               "option (DiT models only)")
         raw_model.set_low_precision_residual(True)
-    if use_channels_last(cfg, raw_model, device):
+    channels_last = use_channels_last(cfg, raw_model, device)
+    if channels_last:
         if not hasattr(raw_model, "set_channels_last"):
             raise ConfigError(f"model.channels_last: {cfg.model.name} has no channels-last option (UNet models only)")
         raw_model.set_channels_last(True)
     if cfg.model.moment_norm and cfg.model.compile and hasattr(raw_model, "set_moment_norm"):
-        # measured under torch.compile only (eager: several ops for one kernel)
-        raw_model.set_moment_norm(True, kernels=cfg.model.norm_kernels)
+        # measured under torch.compile only (eager: several ops for one kernel); the Triton kernels need channels-last
+        kernels = cfg.model.norm_kernels if cfg.model.norm_kernels is not None else channels_last
+        raw_model.set_moment_norm(True, kernels=kernels)
     if tc.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # asked for: this process's convolutions pick their algorithm by timing
     if cfg.model.fp8_training != "off":

@@ -655,8 +655,8 @@ def test_channels_last_default_is_on_for_unets_compiled_on_cuda():
 
 def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
     """model.moment_norm (on by default) switches a UNet's GroupNorms to layers.group_norm_moments when the model is
-    compiled; not in eager runs, not when turned off; model.norm_kernels to the Triton kernels' op. torch.compile is a
-    stand-in that returns the function."""
+    compiled; not in eager runs, not when turned off; to the Triton kernels' op (model.norm_kernels) by default where
+    the UNet runs in channels-last, or when asked. torch.compile is a stand-in that returns the function."""
     from dit.models.unet import UNet
 
     seen = []
@@ -669,12 +669,16 @@ def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
             "sample.grid_size=0")
     _train(tmp_path / "eager", *unet)
     assert seen == []
-    _train(tmp_path / "compiled", *unet, "model.compile=true")
+    _train(tmp_path / "compiled", *unet, "model.compile=true")  # CPU: not channels-last, so not the kernels
     assert seen == [(True, False)]
     _train(tmp_path / "off", *unet, "model.compile=true", "model.moment_norm=false")
     assert seen == [(True, False)]
     _train(tmp_path / "kernels", *unet, "model.compile=true", "model.norm_kernels=true")
     assert seen == [(True, False), (True, True)]
+    _train(tmp_path / "cl", *unet, "model.compile=true", "model.channels_last=true")  # the default where channels-last
+    assert seen[-1] == (True, True)
+    _train(tmp_path / "no-kernels", *unet, "model.compile=true", "model.channels_last=true", "model.norm_kernels=false")
+    assert seen[-1] == (True, False)
     for off in ("model.moment_norm=false", "model.channels_last=false"):
         with pytest.raises(ValueError, match="model.norm_kernels=true needs model.moment_norm=true and channels-last"):
             load_config(None, ["model.norm_kernels=true", off])
