@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from dit.models import create_model
-from dit.models.cublaslt import fused_mlp, gelu_epilogues_available, gemm_dgelu, gemm_gelu_aux, gemm_wgrad
+from dit.models.cublaslt import fused_mlp, gelu_epilogues_available, gemm_dgelu, gemm_gelu_aux
 
 _NEED_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuBLASLt)")
 
@@ -43,8 +43,8 @@ def test_fused_mlp_equals_the_plain_mlp_in_float64_forward_and_backward():
 
 
 def test_epilogue_ops_reference_formulas_and_opcheck():
-    """The ops' torch path (CPU): (g, h) = (GELU(x W^T + b), x W^T + b); dh = (dy W) * GELU'(h); dW = dy^T x; all
-    pass torch.library's opcheck (fake tensors, schema, autograd registration)."""
+    """The ops' torch path (CPU): (g, h) = (GELU(x W^T + b), x W^T + b); dh = (dy W) * GELU'(h); both pass
+    torch.library's opcheck (fake tensors, schema, autograd registration)."""
     gen = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((10, 8), (24, 8), (24,)))
     g, h = gemm_gelu_aux(x, w, b)
@@ -58,8 +58,6 @@ def test_epilogue_ops_reference_formulas_and_opcheck():
     bf = [t.to(torch.bfloat16) for t in (x, w, b)]
     opcheck(gemm_gelu_aux, tuple(bf))
     opcheck(gemm_dgelu, (dy.to(torch.bfloat16), w2.to(torch.bfloat16), h.to(torch.bfloat16)))
-    torch.testing.assert_close(gemm_wgrad(dy, x), dy.T @ x)  # (8, 8): the weight gradient dy^T x
-    opcheck(gemm_wgrad, (dy.to(torch.bfloat16), x.to(torch.bfloat16)))
 
 
 def test_dit_with_mlp_epilogues_has_the_plain_models_gradients(monkeypatch):
@@ -116,8 +114,8 @@ def test_epilogues_are_unavailable_off_cuda_and_count_their_flops():
 
 @_NEED_GPU
 def test_cublaslt_epilogue_ops_on_the_gpu_match_fp32():
-    """The cuBLASLt GEMMs (bf16, DiT-S and DiT-XL MLP widths, a row count that is not a tile multiple; the weight
-    gradients too) against the fp32 formulas: within bf16 rounding (2^-8 relative) of the operands and outputs."""
+    """The cuBLASLt GEMMs (bf16, DiT-S and DiT-XL MLP widths, a row count that is not a tile multiple) against the
+    fp32 formulas: within bf16 rounding (2^-8 relative) of the operands and outputs."""
     assert gelu_epilogues_available("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for m, c, f in [(1000, 384, 1536), (512, 1152, 4608)]:
@@ -136,11 +134,6 @@ def test_cublaslt_epilogue_ops_on_the_gpu_match_fp32():
         assert ((dh.float() - dh_ref).norm() / dh_ref.norm()).item() < 4e-3
         # the algorithm is chosen once per shape (timed on the first call) and kept: the same result again
         torch.testing.assert_close(gemm_dgelu(dy, w2, h), dh, rtol=0, atol=0)
-        for grad, inp in ((dy, h), (dh, x)):  # fc2's and fc1's weight gradients
-            dw = gemm_wgrad(grad, inp)
-            dw_ref = grad.float().T @ inp.float()
-            assert dw.dtype == grad.dtype and ((dw.float() - dw_ref).norm() / dw_ref.norm()).item() < 4e-3
-            torch.testing.assert_close(gemm_wgrad(grad, inp), dw, rtol=0, atol=0)
 
 
 @_NEED_GPU

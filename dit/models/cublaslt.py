@@ -347,33 +347,6 @@ def _(grad, weight, pre):
     return grad.new_empty(grad.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("dit::gemm_wgrad", mutates_args=())
-def gemm_wgrad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight gradient ``grad^T @ x`` in grad's dtype: grad (M, N), x (M, K) -> (N, K).
-
-    On CUDA one cuBLASLt GEMM whose algorithm is timed among the heuristic's candidates once per shape
-    (``fastest_plan``): for DiT-XL/2's fc1 weight gradient (16,384 x 4,608 x 1,152) torch's choice ran at 582 TFLOP/s
-    on an H100 and another candidate at 722; at the other MLP shapes torch's choice was the fastest, and is kept
-    (docs/benchmarks.md, run 15).
-    """
-    m, n = grad.shape
-    k = x.shape[1]
-    if _use_cublaslt(grad, x) and _shapes_ok(m, n, k):
-        lt = _cublaslt()
-        d = grad.new_empty(n, k)
-        # row-major (N, K) = column-major (K, N): D = x^T (x: stored column-major K x M) @ grad (stored column-major
-        # N x M, transposed)
-        key = (grad.device, EPILOGUE_DEFAULT, _DTYPES[grad.dtype], k, n, m, _OP_N, _OP_T, k, n)
-        lt.matmul(lt.fastest_plan(key, lambda p: lt.matmul(p, x, grad, d)), x, grad, d)
-        return d
-    return grad.t() @ x  # (N, K)
-
-
-@gemm_wgrad.register_fake
-def _(grad, x):
-    return grad.new_empty(grad.shape[1], x.shape[1])
-
-
 @register_flop_formula(torch.ops.dit.gemm_gelu_aux)
 def _gemm_gelu_aux_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # (M, K) x (K, N); the epilogue is not counted
@@ -384,14 +357,9 @@ def _gemm_dgelu_flops(g_shape, w_shape, *args, **kwargs) -> int:
     return 2 * g_shape[0] * g_shape[1] * w_shape[1]  # (M, K) x (K, N)
 
 
-@register_flop_formula(torch.ops.dit.gemm_wgrad)
-def _gemm_wgrad_flops(g_shape, x_shape, *args, **kwargs) -> int:
-    return 2 * g_shape[0] * g_shape[1] * x_shape[1]  # (N, M) x (M, K)
-
-
 class _FusedMlp(torch.autograd.Function):
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU in fc1's GEMM (forward) and its derivative in fc2's input-gradient
-    GEMM (backward); the weight gradients through ``gemm_wgrad`` (tuned algorithms), the other two GEMMs torch's."""
+    GEMM (backward); the other four GEMMs are torch's."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
@@ -404,11 +372,11 @@ class _FusedMlp(torch.autograd.Function):
     def backward(ctx, dy):
         x, w1, w2, g, h = ctx.saved_tensors
         dy = dy.contiguous()  # (M, C)
-        dw2 = gemm_wgrad(dy, g)  # (C, F)
+        dw2 = dy.t() @ g  # (C, F)
         db2 = dy.sum(0, dtype=_acc(dy)).to(dy.dtype)  # (C,)
         dh = gemm_dgelu(dy, w2, h)  # (M, F)
         db1 = dh.sum(0, dtype=_acc(dh)).to(dh.dtype)  # (F,)
-        dw1 = gemm_wgrad(dh, x)  # (F, C)
+        dw1 = dh.t() @ x  # (F, C)
         dx = dh @ w1  # (M, C)
         return dx, dw1, db1, dw2, db2
 
