@@ -55,6 +55,22 @@ def _sample_sums(part_ptr, n, C, S, plane, G, CG, BLOCK_G: tl.constexpr, BLOCK_J
 
 
 @triton.jit
+def _affine(w_ptr, b_ptr, sc_ptr, n, sc_stride, c, m, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+            HAS_SC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    """At channels c of sample n: GroupNorm's affine weight and bias (1 and 0 without them) and AdaGN's 1 + scale."""
+    w = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
+    b = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
+    one_s = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_SC:
+        one_s += tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
+    return w, b, one_s
+
+
+@triton.jit
 def _store_partials(part_ptr, a1, a2, C, S, plane, cols, cm):
     """Column sums of this program's two (BLOCK_R, BLOCK_C) accumulators into the (2, N, S, C) partials."""
     off = (tl.program_id(0) * S + tl.program_id(1)).to(tl.int64) * C + cols
@@ -91,16 +107,9 @@ def triton_dit_gn_coef(part_ptr, x_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, st_ptr, L,
     dev = tl.where(m, mean_c - mean_g[:, None], 0.0)
     m2_g = tl.sum(tl.where(m, m2_c, 0.0), axis=1) + L * tl.sum(dev * dev, axis=1)  # parallel-variance formula
     r = 1.0 / tl.sqrt(tl.maximum(m2_g, 0.0) / (L * CG) + eps)  # (BLOCK_G,)
-    gam = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-    bet = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-    if HAS_W:
-        gam = tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float32)
-    if HAS_B:
-        bet = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
-    if HAS_SC:
-        one_s = 1.0 + tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
-        gam = gam * one_s
-        bet = bet * one_s
+    w, bb, one_s = _affine(w_ptr, b_ptr, sc_ptr, n, sc_stride, c, m, HAS_W, HAS_B, HAS_SC, BLOCK_G, BLOCK_J)
+    gam = w * one_s  # z = gam * xhat + bet
+    bet = bb * one_s
     if HAS_SH:
         bet += tl.load(sh_ptr + n * sh_stride + c, mask=m, other=0.0).to(tl.float32)
     a = r[:, None] * gam
@@ -169,15 +178,7 @@ def triton_dit_gn_bwd_coef(part_ptr, st_ptr, w_ptr, b_ptr, sc_ptr, coef_ptr, dw_
     cbase = n.to(tl.int64) * 2 * C + c  # coef: (N, 2, C) = C1, C0
     tl.store(coef_ptr + cbase, c1, mask=m)
     tl.store(coef_ptr + cbase + C, c0, mask=m)
-    one_s = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-    if HAS_SC:
-        one_s += tl.load(sc_ptr + n * sc_stride + c, mask=m, other=0.0).to(tl.float32)
-    w = tl.full((BLOCK_G, BLOCK_J), 1.0, tl.float32)
-    bb = tl.zeros((BLOCK_G, BLOCK_J), tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-    if HAS_B:
-        bb = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+    w, bb, one_s = _affine(w_ptr, b_ptr, sc_ptr, n, sc_stride, c, m, HAS_W, HAS_B, HAS_SC, BLOCK_G, BLOCK_J)
     gbase = n.to(tl.int64) * C + c  # (N, C) each: dweight and dbias per sample, dscale, dshift
     tl.store(dw_ptr + gbase, dgam * one_s, mask=m)
     tl.store(db_ptr + gbase, p * one_s, mask=m)
