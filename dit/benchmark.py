@@ -46,6 +46,8 @@ VARIANTS = {
                 "GELU + pre-activation stored by fc1's GEMM, the GELU derivative in fc2's input-gradient GEMM)",
     "fast-mlpq": "as fast-mlp, with the qkv projection's gradient and bias gradient assembled from dq, dk, dv in one "
                  "Triton pass (DiT.set_fused_qkv_backward)",
+    "fast-fa": "as fast-mlp, with the self-attention on the packed qkv GEMM output: cuDNN's forward, a Triton "
+               "FlashAttention-2 backward writing the packed qkv gradient (DiT.set_fused_attention)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -313,7 +315,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-mlp", "fast-mlpq"):
+    if variant in ("fast-mlp", "fast-mlpq", "fast-fa"):
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -323,7 +325,9 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.set_mlp_epilogues(True)
     if variant == "fast-mlpq":
         model.set_fused_qkv_backward(True)
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq"):
+    if variant == "fast-fa":
+        model.set_fused_attention(True)
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True

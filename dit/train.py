@@ -544,6 +544,8 @@ def train(cfg: Config) -> dict:
     if cfg.model.fused_training and cfg.model.compile and not fsdp and hasattr(raw_model, "fused_training"):
         raw_model.fused_training = True
         raw_model.set_fused_qkv_backward(cfg.model.fused_qkv_backward)
+        fused_attention = cfg.model.fused_attention
+        raw_model.set_fused_attention(device.type == "cuda" if fused_attention is None else fused_attention)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

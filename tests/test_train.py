@@ -765,6 +765,29 @@ def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_pa
            "model.compile=true")
 
 
+def test_fused_attention_option_reaches_compiled_dits(tmp_path, monkeypatch):
+    """model.fused_attention: by default on with model.fused_training on CUDA only (here, on CPU: off), on when asked
+    (the tiny DiT's 64-wide heads then train through attention_kernels.qkv_attention), never without the compiled
+    fused path. torch.compile is a stand-in that returns the function."""
+    from dit.models import layers
+    from dit.models.dit import DiT
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    seen, calls = [], []
+    real = DiT.set_fused_attention
+    monkeypatch.setattr(DiT, "set_fused_attention", lambda self, enable=True: (seen.append(enable),
+                                                                               real(self, enable)))
+    real_op = layers.qkv_attention
+    monkeypatch.setattr(layers, "qkv_attention", lambda *a: (calls.append(1), real_op(*a))[1])
+    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0", "model.compile=true")
+    _train(tmp_path / "default", *common)
+    assert seen == [False] and not calls
+    _train(tmp_path / "on", *common, "model.fused_attention=true")
+    assert seen == [False, True] and calls
+    _train(tmp_path / "unfused", *common, "model.fused_attention=true", "model.fused_training=false")
+    assert seen == [False, True]
+
+
 def test_grid_guidance_interval(tmp_path, monkeypatch):
     """sample.guidance_interval reaches the training grids' guidance (as timesteps of the training schedule), and a
     range holding no timestep is refused before training starts (no checkpoint written)."""

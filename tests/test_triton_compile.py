@@ -89,6 +89,24 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
         _compile(adamw_ema, opt, dict(consts, FIELDS=optim._FIELDS, BLOCK=4096), target)
 
 
+@pytest.mark.parametrize("target", [_HOPPER, _AMPERE], ids=["sm90", "sm80"])
+def test_attention_backward_kernels_compile(target):
+    from dit.models import attention_kernels, attention_triton
+
+    types = dict(qkv_ptr="*bf16", o_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32",
+                 dqkv_ptr="*bf16", part_ptr="*fp32", scale="fp32", scale_log2="fp32")
+    tiles = attention_kernels._tiles(64)
+    for dh in attention_kernels.HEAD_DIMS:
+        block_d = max(16, dh)
+        dq, dkdv = tiles["dq"], tiles["dkdv"]
+        _compile(attention_triton.triton_dit_attn_bwd_dq, types,
+                 dict(BLOCK_M=attention_kernels.ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, STAGES=dq["STAGES"]),
+                 target, num_warps=dq["num_warps"])
+        _compile(attention_triton.triton_dit_attn_bwd_dkdv, types,
+                 dict(BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=attention_kernels.ROWS, BLOCK_D=block_d,
+                      STAGES=dkdv["STAGES"]), target, num_warps=dkdv["num_warps"])
+
+
 def test_fp8_kernels_compile_for_hopper():
     _, gelu_fp8, ln_modulate = kernels._triton()
     _, rowwise = kernels._triton_rowwise()

@@ -339,6 +339,15 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.attn.fused_qkv_backward = enable
 
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """In training, run each block's self-attention on the packed qkv GEMM output (``Attention.fused_attention``,
+        ``dit.models.attention_kernels.packed_attention``): cuDNN's forward, and a FlashAttention-2 backward in Triton
+        that reads q, k, v from the packed output and writes their gradients straight into the qkv GEMM's output
+        gradient (no dq/dk/dv copies, no separate rowsum(dO * O) or dQ conversion pass). Replaces
+        ``set_fused_qkv_backward``'s path where both are on. Same formulas, fp32 accumulation."""
+        for block in self.blocks:
+            block.attn.fused_attention = enable
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p * p * C_out) -> (N, C_out, H, W), inverse of the row-major patchify."""
         c, p = self.out_channels, self.patch_size

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from .attention_kernels import fused_attention_supported, qkv_attention
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
 from .kernels import gelu_tanh_fp8, qkv_grad
@@ -173,7 +174,10 @@ class Attention(nn.Module):
 
     ``fused_qkv_backward = True`` (``DiT.set_fused_qkv_backward``; the trainer's ``model.fused_qkv_backward``): in
     training, the qkv projection's backward assembles its gradient and the bias gradient in one pass
-    (``_QKVProjection``).
+    (``_QKVProjection``). ``fused_attention = True`` (``DiT.set_fused_attention``; the trainer's
+    ``model.fused_attention``): in training, the qkv projection and the attention run through
+    ``attention_kernels.qkv_attention`` (cuDNN's forward, a Triton backward that writes the packed qkv gradient and
+    the bias gradient's pieces), at the head dims it takes (``fused_attention_supported``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -184,10 +188,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.fused_qkv_backward = False
+        self.fused_attention = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
         n, t, d = x.shape
+        if (self.fused_attention and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
+                and self.qkv.bias is not None and fused_attention_supported(self.head_dim)):
+            dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
+            out = qkv_attention(x.to(dtype), self.qkv.weight.to(dtype), self.qkv.bias.to(dtype), self.num_heads)
+            return self.proj(out)  # (N, T, D)
         if (self.fused_qkv_backward and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
                 and self.qkv.bias is not None):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom op

@@ -1,0 +1,243 @@
+"""Self-attention over the packed qkv GEMM output for training, its backward in Triton kernels.
+
+In a DiT's compiled training step on an H100, ``F.scaled_dot_product_attention`` (cuDNN) spent more time around its
+backward kernel than in it (docs/benchmarks.md, run 14, per DiT-S/2 block at batch 256): 271 us in the flash backward
+kernel, then 75 us for cuDNN's rowsum(dO * O) pass, 58 us converting dQ from fp32, and 115-136 us assembling dq, dk, dv
+into the qkv GEMM's (N * T, 3C) output gradient and its bias gradient (``kernels.qkv_grad``). ``packed_attention``
+keeps cuDNN's forward (which also returns the log-sum-exp of every softmax row) and does the backward in two
+FlashAttention-2 kernels (attention_triton.py) that read q, k, v straight from the packed GEMM output, compute
+rowsum(dO * O) on the way, and write dq, dk, dv straight into the packed gradient, with its column sums per block.
+``qkv_attention`` adds the qkv projection, whose bias gradient is then the sum of those partials: DiT-S/2's compiled
+training step 35.6 -> 33.9 ms (7,139 -> 7,487 img/s, 1.049x; run 16). Head dims 16, 32, 64 (DiT-S/B/L); DiT-XL's
+72, padded to 128 lanes, ran at half cuDNN's speed and keeps ``F.scaled_dot_product_attention``.
+
+Both are ``torch.library.custom_op``s (opaque to torch.compile, CUDA-graph safe) with autograd. Their CPU
+implementation, and the CUDA one outside bf16/fp16, is the reference: the same formulas in the accumulation dtype
+(float64 for float64 inputs), against which the kernels are tested.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import _acc, _use_triton
+
+_LOG2E = 1.4426950408889634
+
+
+def _split(qkv: torch.Tensor, heads: int):
+    """(N, T, 3C) -> q, k, v (N, H, T, Dh): views of the packed tensor."""
+    n, t, c3 = qkv.shape
+    return qkv.view(n, t, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _forward_ref(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(Dh)) v in the accumulation dtype -> (o (N, T, C) in qkv's dtype, lse (N, H, T))."""
+    n, t, c3 = qkv.shape
+    q, k, v = (z.to(_acc(qkv)) for z in _split(qkv, heads))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, T, T)
+    lse = torch.logsumexp(s, dim=-1)  # (N, H, T)
+    o = torch.exp(s - lse[..., None]) @ v  # (N, H, T, Dh)
+    return o.transpose(1, 2).reshape(n, t, c3 // 3).to(qkv.dtype), lse
+
+
+def _backward_ref(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                  heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2's backward formulas (attention_triton.py) in the accumulation dtype -> (dqkv like qkv, the
+    per-block column sums of dqkv (N, cdiv(T, ROWS), 3C) in the accumulation dtype)."""
+    n, t, c3 = qkv.shape
+    acc = _acc(qkv)
+    q, k, v = (z.to(acc) for z in _split(qkv, heads))
+    dh = q.shape[-1]
+    o4, do4 = (z.to(acc).view(n, t, heads, dh).transpose(1, 2) for z in (o, do))  # (N, H, T, Dh)
+    scale = 1.0 / math.sqrt(dh)
+    p = torch.exp(q @ k.transpose(-1, -2) * scale - lse.to(acc)[..., None])  # (N, H, T, T)
+    dv = p.transpose(-1, -2) @ do4
+    dp = do4 @ v.transpose(-1, -2)
+    ds = p * (dp - (do4 * o4).sum(-1, keepdim=True))
+    dq, dk = ds @ k * scale, ds.transpose(-1, -2) @ q * scale
+    dqkv = torch.stack((dq, dk, dv), dim=2).transpose(1, 3).reshape(n, t, c3)  # (N, T, 3, H, Dh) -> (N, T, 3C)
+    nb = -(-t // ROWS)
+    part = F.pad(dqkv, (0, 0, 0, nb * ROWS - t)).view(n, nb, ROWS, c3).sum(2)  # (N, nb, 3C)
+    return dqkv.to(qkv.dtype), part
+
+
+HEAD_DIMS = (16, 32, 64)  # head dims the Triton backward takes (measured at 64; 72 and 128 ran slower than cuDNN)
+ROWS = 64  # query rows of a dq program, key rows of a dkdv program: the bias gradient's partials come per block
+
+
+def fused_attention_supported(head_dim: int) -> bool:
+    """Whether ``qkv_attention`` takes heads of this size (with bf16/fp16 on CUDA: the Triton backward; elsewhere
+    the reference formulas, which materialise the (T, T) attention matrices)."""
+    return head_dim in HEAD_DIMS
+
+
+def _use_kernels(qkv: torch.Tensor, heads: int) -> bool:
+    # cuDNN and the kernels take bf16/fp16; an fp32 model takes the reference
+    return (_use_triton(qkv) and qkv.dtype in (torch.bfloat16, torch.float16)
+            and qkv.shape[-1] // (3 * heads) in HEAD_DIMS)
+
+
+# ---- CUDA: cuDNN's forward, Triton's backward ---------------------------------------------------------------------
+
+_CUDNN_FAILED: set[tuple] = set()  # (device, dtype, head dim) where cuDNN's attention refused: efficient attention
+
+
+def _forward_cuda(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, t, c3 = qkv.shape
+    q, k, v = _split(qkv, heads)
+    key = (qkv.device, qkv.dtype, q.shape[-1])
+    out = None
+    if key not in _CUDNN_FAILED and torch.cuda.get_device_capability(qkv.device) >= (9, 0):
+        try:
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+        except RuntimeError:  # this cuDNN does not take these shapes: the memory-efficient kernel from now on
+            _CUDNN_FAILED.add(key)
+    if out is None:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    o, lse = out[0], out[1]  # (N, H, T, Dh); (N, H, T) or (N, H, T, 1), padded along T by some backends
+    lse = lse.reshape(n, heads, -1)[..., :t].float().contiguous()
+    return o.transpose(1, 2).reshape(n, t, c3 // 3).contiguous(), lse
+
+
+@functools.cache
+def _kernels():
+    """Triton and the kernels' module, imported on first use (attention_triton.py needs Triton)."""
+    import triton
+
+    from . import attention_triton
+
+    return triton, attention_triton
+
+
+def _tiles(dh: int) -> dict:
+    """Launch parameters of both kernels at head dim ``dh`` (their outer block is ROWS): the inner block (keys per
+    step of dq, queries per step of dkdv), warps and pipeline stages. The fastest of 9 each at DiT-S/2's and DiT-B/2's
+    shapes on an H100 (scripts/probe_attention.py; docs/benchmarks.md, run 16); 8 warps were 1.2-1.8x slower."""
+    return dict(dq=dict(BLOCK_N=64, num_warps=4, STAGES=3), dkdv=dict(BLOCK_M=32, num_warps=4, STAGES=3))
+
+
+def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    triton, k = _kernels()
+    n, t, c3 = qkv.shape
+    dh = c3 // (3 * heads)
+    tiles = tiles or _tiles(dh)
+    block_d = max(16, triton.next_power_of_2(dh))
+    scale = 1.0 / math.sqrt(dh)
+    grid = (triton.cdiv(t, ROWS), n * heads)
+    dqkv = torch.empty_like(qkv)
+    part = torch.empty(n, grid[0], c3, dtype=torch.float32, device=qkv.device)  # every entry written
+    delta = torch.empty(n, heads, t, dtype=torch.float32, device=qkv.device)  # rowsum(dO * O), from dq for dkdv
+    dq, dkdv = tiles["dq"], tiles["dkdv"]
+    k.triton_dit_attn_bwd_dq[grid](qkv, o, do, lse, delta, dqkv, part, t, heads, dh, scale, scale * _LOG2E,
+                                   BLOCK_M=ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, STAGES=dq["STAGES"],
+                                   num_warps=dq["num_warps"])
+    k.triton_dit_attn_bwd_dkdv[grid](qkv, do, lse, delta, dqkv, part, t, heads, dh, scale, scale * _LOG2E,
+                                     BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=ROWS, BLOCK_D=block_d, STAGES=dkdv["STAGES"],
+                                     num_warps=dkdv["num_warps"])
+    return dqkv, part
+
+
+# ---- the ops ------------------------------------------------------------------------------------------------------
+
+
+def _check(qkv: torch.Tensor, heads: int) -> None:
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"packed_attention: qkv must be (N, T, 3C) with C divisible by heads={heads}, got shape "
+                         f"{tuple(qkv.shape)}")
+
+
+@torch.library.custom_op("dit::packed_attention_fwd", mutates_args=())
+def packed_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention of the packed qkv (N, T, 3C) -> (o (N, T, C) in qkv's dtype, lse (N, H, T) fp32 (the
+    accumulation dtype): the log-sum-exp of each softmax row, kept for the backward)."""
+    _check(qkv, heads)
+    qkv = qkv.contiguous()
+    if _use_kernels(qkv, heads):
+        return _forward_cuda(qkv, heads)
+    return _forward_ref(qkv, heads)
+
+
+@packed_attention_fwd.register_fake
+def _(qkv, heads):
+    n, t, c3 = qkv.shape
+    return qkv.new_empty(n, t, c3 // 3), qkv.new_empty((n, heads, t), dtype=_acc(qkv))
+
+
+@torch.library.custom_op("dit::packed_attention_bwd", mutates_args=())
+def packed_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                         heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of ``packed_attention_fwd``'s o: qkv (N, T, 3C), o and do (N, T, C), lse (N, H, T) -> (dqkv like qkv
+    (the qkv GEMM's output gradient), its column sums per block of ROWS tokens (N, cdiv(T, ROWS), 3C) in lse's
+    dtype: summed over the first two dims, the qkv bias gradient)."""
+    qkv, o, do = qkv.contiguous(), o.contiguous(), do.contiguous().to(qkv.dtype)
+    if _use_kernels(qkv, heads):
+        return _backward_triton(qkv, o, lse.contiguous(), do, heads)
+    return _backward_ref(qkv, o, lse, do, heads)
+
+
+@packed_attention_bwd.register_fake
+def _(qkv, o, lse, do, heads):
+    n, t, c3 = qkv.shape
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            lse.new_empty(n, -(-t // ROWS), c3))
+
+
+def _setup(ctx, inputs, output):
+    qkv, heads = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.heads = heads
+
+
+def _backward(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return packed_attention_bwd(qkv, o, lse, do, ctx.heads)[0], None
+
+
+packed_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def packed_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of the q, k, v packed in the qkv GEMM's output, for training.
+
+    qkv: (N, T, 3C), the (3, H, Dh) layout of each row that ``Attention`` splits -> (N, T, C), heads concatenated.
+    Differentiable; the gradient comes back packed like qkv.
+    """
+    return packed_attention_fwd(qkv, heads)[0]
+
+
+class _QKVAttention(torch.autograd.Function):
+    """The qkv projection and the self-attention: the backward takes the qkv bias gradient from the attention
+    kernels' column sums instead of a pass over the (N * T, 3C) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, heads: int):
+        """x: (N, T, D); weight: (3C, D); bias: (3C,) -> (N, T, C)."""
+        n, t, d = x.shape
+        qkv = torch.addmm(bias, x.reshape(n * t, d), weight.t()).view(n, t, -1)  # (N, T, 3C)
+        o, lse = packed_attention_fwd(qkv, heads)  # (N, T, C), (N, H, T)
+        ctx.save_for_backward(x, weight, qkv, o, lse)
+        ctx.heads = heads
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        x, weight, qkv, o, lse = ctx.saved_tensors
+        dqkv, part = packed_attention_bwd(qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
+        n, t, d = x.shape
+        dqkv = dqkv.view(n * t, -1)
+        return ((dqkv @ weight).view(n, t, d), dqkv.t() @ x.reshape(n * t, d), part.sum((0, 1)).to(weight.dtype),
+                None)
+
+
+def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """The qkv projection ``x @ weight^T + bias`` and ``packed_attention`` of its output, for training.
+
+    x: (N, T, D); weight: (3C, D); bias: (3C,), one dtype (the compute dtype: autocast does not reach inside)
+    -> (N, T, C), heads concatenated. Differentiable.
+    """
+    return _QKVAttention.apply(x, weight, bias, heads)

@@ -1,0 +1,178 @@
+"""The packed self-attention for training (dit.models.attention_kernels): the reference formulas against autograd
+through ``F.scaled_dot_product_attention`` in float64, the Triton backward in Triton's CPU interpreter against them,
+a DiT trained through it against the plain one, and (on a GPU) bf16 against float64 next to cuDNN's backward."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit.models import attention_kernels as A
+from dit.models import create_model, layers
+
+_NEED_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _sdpa(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    n, t, c3 = qkv.shape
+    q, k, v = A._split(qkv, heads)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c3 // 3)
+
+
+@pytest.mark.parametrize("n,t,heads,dh", [(2, 37, 3, 8), (1, 70, 2, 64), (3, 5, 4, 16)])
+def test_packed_attention_is_sdpa_with_its_gradient(n, t, heads, dh):
+    """Forward and the packed gradient equal autograd through SDPA on the q/k/v views (float64); the log-sum-exp is
+    each softmax row's; the per-block column sums add up to the qkv bias gradient (T not a multiple of ROWS too)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(n, t, 3 * heads * dh, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    do = torch.randn(n, t, heads * dh, generator=g, dtype=torch.float64)
+    o, lse = A.packed_attention_fwd(qkv, heads)
+    want = _sdpa(qkv, heads)
+    torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+    q, k, _ = A._split(qkv, heads)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / dh**0.5, dim=-1), rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad(o, qkv, do)
+    (ref,) = torch.autograd.grad(want, qkv, do)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    dqkv, part = A.packed_attention_bwd(qkv.detach(), o.detach(), lse, do, heads)
+    assert part.shape == (n, -(-t // A.ROWS), 3 * heads * dh)
+    torch.testing.assert_close(part.sum((0, 1)), ref.sum((0, 1)), rtol=1e-10, atol=1e-12)
+
+
+def test_packed_attention_ops_pass_opcheck_and_reject_bad_shapes():
+    qkv = torch.randn(2, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(A.packed_attention_fwd, (qkv, 2))
+    o, lse = A.packed_attention_fwd(qkv.detach(), 2)
+    torch.library.opcheck(A.packed_attention_bwd, (qkv.detach(), o, lse, torch.randn_like(o), 2))
+    with pytest.raises(ValueError, match=r"packed_attention: qkv must be \(N, T, 3C\) with C divisible by heads=5"):
+        A.packed_attention(qkv, 5)
+
+
+def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
+    """A DiT with ``set_fused_attention`` (head dim 16, taken) gives the plain model's output and every parameter
+    gradient (float64, the reference path); a head dim the kernels do not take falls back to the plain path."""
+    torch.manual_seed(0)
+    model = create_model("DiT-S/4", input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10).double().eval()
+    for p in model.parameters():
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(model)
+    fused.set_fused_attention(True)
+    calls = []
+    monkeypatch.setattr(layers, "qkv_attention", lambda *a: (calls.append(1), A.qkv_attention(*a))[1])
+    x, t, y = torch.randn(4, 4, 8, 8).double(), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    out, ref = fused(x, t, y=y), model(x, t, y=y)
+    assert len(calls) == 2  # one per block
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    odd = create_model("DiT-S/4", input_size=8, hidden_size=72, depth=1, num_heads=1, num_classes=10).double()
+    odd.set_fused_attention(True)  # head dim 72: not taken
+    odd(x, t, y=y)
+    assert len(calls) == 2
+
+
+def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
+    """Both Triton kernels run by Triton's CPU interpreter (in a subprocess) against the float64 formulas: several key
+    and query blocks, a token count that is not a multiple of either block (masked rows, a partial last program), head
+    dims 16, 32, 64, fp32 and fp16 inputs (the interpreter's bf16 matmul is not bf16's), the column-sum partials.
+    """
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from dit.models import attention_kernels as A
+        g = torch.Generator().manual_seed(0)
+        tiles = dict(dq=dict(BLOCK_N=32, num_warps=4, STAGES=2), dkdv=dict(BLOCK_M=16, num_warps=4, STAGES=2))
+        for n, t, h, dh, dt, tol in [(2, 37, 3, 16, torch.float32, 1e-5), (1, 100, 2, 32, torch.float32, 1e-5),
+                                     (2, 64, 2, 64, torch.float16, 2e-3)]:
+            qkv = (torch.randn(n, t, 3 * h * dh, generator=g) * 1.5).to(dt)
+            o, lse = A._forward_ref(qkv, h)
+            do = torch.randn(n, t, h * dh, generator=g).to(dt)
+            got, part = A._backward_triton(qkv, o, lse.float(), do, h, tiles)
+            want, wpart = A._backward_ref(qkv.double(), o.double(), lse.double(), do.double(), h)
+            for i in range(3):
+                a, b = got.view(n, t, 3, -1)[:, :, i].double(), want.view(n, t, 3, -1)[:, :, i]
+                err = ((a - b).abs().max() / b.abs().max()).item()
+                assert err < tol, (n, t, h, dh, dt, "qkv"[i], err)
+            assert part.shape == wpart.shape
+            err = ((part.double() - wpart).abs().max() / wpart.abs().max()).item()
+            assert err < tol, (n, t, h, dh, dt, "partials", err)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@_NEED_GPU
+@pytest.mark.parametrize("n,t,heads,dh", [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32)])
+def test_gpu_backward_in_bf16_is_as_accurate_as_cudnns(n, t, heads, dh):
+    """On a GPU in bf16 (cuDNN's forward, the Triton backward): the gradient's error against float64 is cuDNN
+    backward's, within 10%; the log-sum-exp is the float64 one (cuDNN returns natural-log statistics)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = (torch.randn(n, t, 3 * heads * dh, device="cuda", generator=g) * 1.5).bfloat16().requires_grad_()
+    do = torch.randn(n, t, heads * dh, device="cuda", generator=g).bfloat16()
+    o, lse = A.packed_attention_fwd(qkv, heads)
+    (got,) = torch.autograd.grad(o, qkv, do)
+    _, part = A.packed_attention_bwd(qkv.detach(), o.detach(), lse, do, heads)
+    q64 = qkv.detach().double().requires_grad_()
+    o64, lse64 = A._forward_ref(q64, heads)
+    (want,) = torch.autograd.grad(o64, q64, do.double())
+    (cudnn,) = torch.autograd.grad(_sdpa(qkv, heads), qkv, do)
+    assert _rel(lse, lse64) < 1e-6
+    assert _rel(part.sum((0, 1)), want.sum((0, 1))) < 5e-3
+    for i in range(3):
+        ours, theirs, ref = (z.view(n, t, 3, -1)[:, :, i] for z in (got, cudnn, want))
+        assert _rel(ours, ref) < 1.1 * _rel(theirs, ref) + 1e-4, ("qkv"[i], _rel(ours, ref), _rel(theirs, ref))
+
+
+@_NEED_GPU
+def test_gpu_dit_gradients_through_fused_attention_match_fp32():
+    """Every parameter gradient of a DiT (head dim 64) trained in bf16 through qkv_attention, eager and compiled,
+    with the other fused training kernels, is as close to the fp32 gradient as the plain bf16 model's."""
+    from dit.benchmark import _randomise_zero_init
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    ref_model = create_model("DiT-S/2", input_size=32, hidden_size=256, depth=2, num_heads=4, num_classes=10)
+    _randomise_zero_init(ref_model)
+    ref_model = ref_model.to(dev).eval()
+    model = copy.deepcopy(ref_model)
+    model.set_fused_attention(True)
+    model.fused_training = True
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(32, 4, 32, 32, device=dev, generator=g)
+    t = torch.randint(0, 1000, (32,), device=dev, generator=g)
+    y = torch.randint(0, 10, (32,), device=dev, generator=g)
+
+    def grads(m, autocast, compiled):
+        m.zero_grad(set_to_none=True)
+        fn = torch.compile(m, dynamic=False) if compiled else m
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x, t, y=y)
+        out.float().square().mean().backward()
+        return {n: p.grad.detach().double().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads(ref_model, False, False)
+    low = grads(ref_model, True, False)
+    for compiled in (False, True):
+        got = grads(model, True, compiled)
+        assert got.keys() == ref.keys()
+        for name, r in ref.items():
+            err, low_err = _rel(got[name], r), _rel(low[name], r)
+            assert err < max(2 * low_err, 1e-2), (compiled, name, err, low_err)
