@@ -45,7 +45,7 @@ def check(lines: list[str]) -> None:
               "| dv cuDNN |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n, t, h, dh in [(8, 256, 6, 64), (4, 256, 16, 72), (3, 100, 4, 64), (2, 64, 8, 32), (2, 70, 2, 72)]:
+    for n, t, h, dh in [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32)]:
         qkv = (torch.randn(n, t, 3 * h * dh, device="cuda", generator=g) * 1.5).bfloat16().requires_grad_()
         do = torch.randn(n, t, h * dh, device="cuda", generator=g).bfloat16()
         o, lse = A.packed_attention_fwd(qkv, h)
