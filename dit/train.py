@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
 from dit.models import cublaslt
+from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
 from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, copy_buffers, ema_decay_at, shard_pairs
@@ -545,7 +546,9 @@ def train(cfg: Config) -> dict:
         raw_model.fused_training = True
         raw_model.set_fused_qkv_backward(cfg.model.fused_qkv_backward)
         fused_attention = cfg.model.fused_attention
-        raw_model.set_fused_attention(device.type == "cuda" if fused_attention is None else fused_attention)
+        if fused_attention is None:  # where the Triton backward runs: without Triton it would be the slow reference
+            fused_attention = device.type == "cuda" and has_triton()
+        raw_model.set_fused_attention(fused_attention)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

@@ -142,6 +142,34 @@ def test_gpu_backward_in_bf16_is_as_accurate_as_cudnns(n, t, heads, dh):
 
 
 @_NEED_GPU
+def test_gpu_forward_falls_back_to_memory_efficient_attention(monkeypatch):
+    """Where cuDNN's attention is not used (before Hopper, or when it refuses the shapes), the forward is the
+    memory-efficient kernel's, whose log-sum-exp (padded along T) must give the same backward: checked on this GPU by
+    making it look like an A100, and by making cuDNN refuse."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, t, heads, dh = 3, 100, 4, 64
+    qkv = (torch.randn(n, t, 3 * heads * dh, device="cuda", generator=g) * 1.5).bfloat16()
+    do = torch.randn(n, t, heads * dh, device="cuda", generator=g).bfloat16()
+    q64 = qkv.double().requires_grad_()
+    o64, lse64 = A._forward_ref(q64, heads)
+    (want,) = torch.autograd.grad(o64, q64, do.double())
+
+    def refuse(*a, **k):
+        raise RuntimeError("no cuDNN")
+
+    for patch in ((torch.cuda, "get_device_capability", lambda *a: (8, 0)),
+                  (torch.ops.aten, "_scaled_dot_product_cudnn_attention", refuse)):
+        with monkeypatch.context() as m:
+            m.setattr(A, "_CUDNN_FAILED", set())
+            m.setattr(*patch)
+            x = qkv.clone().requires_grad_()
+            o, lse = A.packed_attention_fwd(x, heads)
+            (got,) = torch.autograd.grad(o, x, do)
+        assert lse.shape == (n, heads, t) and _rel(lse, lse64) < 1e-6
+        assert _rel(o, o64) < 4e-3 and _rel(got, want) < 4e-3
+
+
+@_NEED_GPU
 def test_gpu_dit_gradients_through_fused_attention_match_fp32():
     """Every parameter gradient of a DiT (head dim 64) trained in bf16 through qkv_attention, eager and compiled,
     with the other fused training kernels, is as close to the fp32 gradient as the plain bf16 model's."""
