@@ -61,6 +61,8 @@ VARIANTS = {
                    "(UNet.set_moment_norm: no NCHW copy of the channels-last activations around each norm)",
     "fast-sgclgk": "as fast-sgclgn, with every GroupNorm (+ AdaGN + SiLU) in Triton kernels, forward and backward "
                    "(UNet.set_moment_norm(kernels=True): dit.models.norm_kernels.group_norm_act)",
+    "fast-sgclgkfa": "as fast-sgclgk, with the attention blocks' backward in Triton kernels on the packed qkv output "
+                     "(UNet.set_fused_attention, as the DiTs' fast-fa)",
     "fast-sgc": "as fast-sg, with Inductor's combo kernels (independent small kernels of the step horizontally fused "
                 "into one launch; model.compile_options={combo_kernels: true})",
     "fast-sga": "as fast-sg, with Inductor's aggressive fusion (nodes fused even without shared reads; "
@@ -281,16 +283,19 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
     torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
-    torch.backends.cudnn.benchmark = variant in ("fast-bm", "fast-sgclbm", "fast-sgclgn", "fast-sgclgk")
+    torch.backends.cudnn.benchmark = variant in ("fast-bm", "fast-sgclbm", "fast-sgclgn", "fast-sgclgk",
+                                                 "fast-sgclgkfa")
     model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)
     if variant in _CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
-    if variant in ("fast-sggn", "fast-sgclgn", "fast-sgclgk"):
+    if variant in ("fast-sggn", "fast-sgclgn", "fast-sgclgk", "fast-sgclgkfa"):
         if not hasattr(model, "set_moment_norm"):
             raise ValueError(f"variant {variant}: {name} has no GroupNorm to compute from moments (UNets only)")
-        model.set_moment_norm(True, kernels=variant == "fast-sgclgk")
+        model.set_moment_norm(True, kernels=variant in ("fast-sgclgk", "fast-sgclgkfa"))
+    if variant == "fast-sgclgkfa":
+        model.set_fused_attention(True)
     if variant == "fast-unfused-gelu":
         for m in model.modules():
             if isinstance(m, Mlp):
@@ -389,10 +394,10 @@ def compile_settings(variant: str, device: torch.device, *, training: bool) -> d
 
 _SDPA_ONLY = {"fast-cudnn": "cudnn", "fast-flash": "flash", "fast-mea": "efficient"}
 _STEP_GRAPH_OPTIONS = {"fast-sg": {}, "fast-sgcl": {}, "fast-sgclbm": {}, "fast-sggn": {}, "fast-sgclgn": {},
-                       "fast-sgclgk": {},
+                       "fast-sgclgk": {}, "fast-sgclgkfa": {},
                        "fast-sgc": {"combo_kernels": True},
                        "fast-sga": {"aggressive_fusion": True}}
-_CHANNELS_LAST = ("fast-cl", "fast-sgcl", "fast-sgclbm", "fast-sgclgn", "fast-sgclgk")
+_CHANNELS_LAST = ("fast-cl", "fast-sgcl", "fast-sgclbm", "fast-sgclgn", "fast-sgclgk", "fast-sgclgkfa")
 
 
 @contextlib.contextmanager

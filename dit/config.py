@@ -44,11 +44,12 @@ class ModelConfig:
     # With model.fused_training: build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv
     # in one Triton pass (DiT.set_fused_qkv_backward) instead of autograd's copy plus a second read; same values.
     fused_qkv_backward: bool = True
-    # With model.fused_training: each block's qkv projection + self-attention through
-    # dit.models.attention_kernels.qkv_attention (DiT.set_fused_attention): cuDNN's forward, and a FlashAttention-2
-    # backward in Triton that reads q, k, v from the packed qkv GEMM output and writes their gradients (and the bias
-    # gradient's pieces) straight into the packed gradient. Same formulas, fp32 accumulation. Head dims 16/32/64 (the
-    # DiT-S/B/L heads; DiT-XL's 72 keeps cuDNN's backward). None (the default): on where it applies, on CUDA.
+    # With model.compile (not FSDP): every self-attention's qkv projection + attention through
+    # dit.models.attention_kernels.qkv_attention (DiT/UNet.set_fused_attention): cuDNN's forward, and a
+    # FlashAttention-2 backward in Triton that reads q, k, v from the packed qkv GEMM output and writes their gradients
+    # (and the bias gradient's pieces) straight into the packed gradient. Same formulas, fp32 accumulation. Head dims
+    # 16/32/64 (DiT-S/B/L, the UNets; DiT-XL's 72 keeps cuDNN's backward): DiT-S/2 1.051x in the trainer on an H100
+    # (docs/benchmarks.md, run 16). None (the default): on where the Triton kernels run (CUDA).
     fused_attention: bool | None = None
     # DiTs on CUDA: train the blocks' MLPs with the GELU in cuBLASLt GEMM epilogues (DiT.set_mlp_epilogues,
     # dit.models.cublaslt): fc1's GEMM applies the GELU and keeps the pre-activation, fc2's input-gradient GEMM

@@ -545,6 +545,8 @@ def train(cfg: Config) -> dict:
     if cfg.model.fused_training and cfg.model.compile and not fsdp and hasattr(raw_model, "fused_training"):
         raw_model.fused_training = True
         raw_model.set_fused_qkv_backward(cfg.model.fused_qkv_backward)
+    # Measured under torch.compile; not with FSDP (as above: the weights are used inside the op).
+    if cfg.model.compile and not fsdp and hasattr(raw_model, "set_fused_attention"):
         fused_attention = cfg.model.fused_attention
         if fused_attention is None:  # where the Triton backward runs: without Triton it would be the slow reference
             fused_attention = device.type == "cuda" and has_triton()

@@ -83,6 +83,27 @@ def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
     assert len(calls) == 2
 
 
+def test_qkv_attention_trains_a_unet_like_the_plain_attention():
+    """The same for a UNet's attention blocks (ADM's 64-wide heads), through UNet.set_fused_attention."""
+    torch.manual_seed(0)
+    model = create_model("UNet-S", input_size=8, model_channels=64, num_res_blocks=1, num_classes=10,
+                         attention_resolutions=(2,)).double().eval()
+    for p in model.parameters():
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(model)
+    fused.set_fused_attention(True)
+    assert any(m.fused_attention for m in fused.modules() if isinstance(m, layers.Attention))
+    x, t, y = torch.randn(2, 4, 8, 8).double(), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,))
+    out, ref = fused(x, t, y=y), model(x, t, y=y)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
 def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
     """Both Triton kernels run by Triton's CPU interpreter (in a subprocess) against the float64 formulas: several key
     and query blocks, a token count that is not a multiple of either block (masked rows, a partial last program), head

@@ -765,27 +765,37 @@ def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_pa
            "model.compile=true")
 
 
-def test_fused_attention_option_reaches_compiled_dits(tmp_path, monkeypatch):
-    """model.fused_attention: by default on with model.fused_training on CUDA only (here, on CPU: off), on when asked
-    (the tiny DiT's 64-wide heads then train through attention_kernels.qkv_attention), never without the compiled
-    fused path. torch.compile is a stand-in that returns the function."""
+def test_fused_attention_option_reaches_compiled_models(tmp_path, monkeypatch):
+    """model.fused_attention: with model.compile, by default on CUDA only (here, on CPU: off), on when asked (the tiny
+    DiT's 64-wide heads then train through attention_kernels.qkv_attention), with or without the fused DiT block, and
+    for UNets; never in eager runs. torch.compile is a stand-in that returns the function."""
     from dit.models import layers
     from dit.models.dit import DiT
+    from dit.models.unet import UNet
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     seen, calls = [], []
-    real = DiT.set_fused_attention
-    monkeypatch.setattr(DiT, "set_fused_attention", lambda self, enable=True: (seen.append(enable),
-                                                                               real(self, enable)))
+    for cls in (DiT, UNet):
+        real = cls.set_fused_attention
+        monkeypatch.setattr(cls, "set_fused_attention", lambda self, enable=True, real=real: (
+            seen.append((type(self).__name__, enable)), real(self, enable)))
     real_op = layers.qkv_attention
     monkeypatch.setattr(layers, "qkv_attention", lambda *a: (calls.append(1), real_op(*a))[1])
-    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0", "model.compile=true")
-    _train(tmp_path / "default", *common)
-    assert seen == [False] and not calls
-    _train(tmp_path / "on", *common, "model.fused_attention=true")
-    assert seen == [False, True] and calls
-    _train(tmp_path / "unfused", *common, "model.fused_attention=true", "model.fused_training=false")
-    assert seen == [False, True]
+    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0")
+    _train(tmp_path / "default", *common, "model.compile=true")
+    assert seen == [("DiT", False)] and not calls
+    _train(tmp_path / "on", *common, "model.compile=true", "model.fused_attention=true")
+    assert seen[-1] == ("DiT", True) and calls
+    _train(tmp_path / "unfused", *common, "model.compile=true", "model.fused_attention=true",
+           "model.fused_training=false")
+    assert seen[-1] == ("DiT", True)
+    n = len(seen)
+    _train(tmp_path / "eager", *common, "model.fused_attention=true")
+    assert len(seen) == n
+    calls.clear()
+    _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 64}",
+           "model.compile=true", "model.fused_attention=true")
+    assert seen[-1] == ("UNet", True) and calls
 
 
 def test_grid_guidance_interval(tmp_path, monkeypatch):

@@ -418,6 +418,14 @@ class UNet(nn.Module):
             if isinstance(m, (ResBlock, AttentionBlock, CrossAttentionBlock)):
                 m.moment_norm = mode
 
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """In training, run every self-attention block's qkv projection and attention through
+        ``attention_kernels.qkv_attention`` (cuDNN's forward, a Triton backward on the packed qkv output; as
+        ``DiT.set_fused_attention``), at the head dims it takes (ADM's 64)."""
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.attn.fused_attention = enable
+
     def compile_blocks(self, **compile_kw) -> int:
         """Regional compilation (``layers.compile_regions``): the residual, attention and resampling blocks each run
         the compiled function of their type (one graph per distinct input shape, shared by blocks of equal shape);
