@@ -148,6 +148,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return times[len(times) // 2]
 
 
+def time_back_to_back(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
+    """Milliseconds per call of ``fn`` over ``iters`` back-to-back calls between two CUDA events, after ``warmup``
+    calls: a kernel's throughput when nothing waits between launches (the probes in scripts/). GPU only."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def kernel_category(name: str) -> str:
     low = name.lower()
     for cat, keys in KERNEL_CATEGORIES:
@@ -173,12 +187,7 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
 
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
+        wall = time_back_to_back(fn, iters, warmup=0)
     cats: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
@@ -187,7 +196,6 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int 
         ms = e.self_device_time_total / 1e3 / iters  # us -> ms per call
         cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
         kernels.append((e.key[:120], ms, round(e.count / iters)))
-    wall = start.elapsed_time(end) / iters
     if gaps is not None:
         timeline = [(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
                     if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and not _annotation(e.name())]

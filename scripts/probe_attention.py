@@ -16,23 +16,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit.benchmark import time_back_to_back as timed  # noqa: E402
 from dit.models import attention_kernels as A  # noqa: E402
 from dit.models.layers import _QKVProjection  # noqa: E402
 
 SHAPES = {"DiT-S/2": (256, 256, 6, 64), "DiT-B/2": (64, 256, 12, 64), "DiT-XL/2": (64, 256, 16, 72)}  # N, T, H, Dh
-
-
-def timed(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Milliseconds per call, CUDA events around ``iters`` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,19 +7,7 @@ candidate, each timed alone (bf16, CUDA). docs/benchmarks.md, run 15:
 import torch
 
 import dit.models.cublaslt as cl
-
-
-def bench(fn, it=20):
-    """Milliseconds per call of fn, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(it):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / it
+from dit.benchmark import time_back_to_back as bench
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dit.models import attention_kernels as A
 from dit.models import create_model, layers
+from helpers import assert_training_gradients_match_fp32
 
 _NEED_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,27 +57,39 @@ def test_packed_attention_ops_pass_opcheck_and_reject_bad_shapes():
         A.packed_attention(qkv, 5)
 
 
-def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
-    """A DiT with ``set_fused_attention`` (head dim 16, taken) gives the plain model's output and every parameter
-    gradient (float64, the reference path); a head dim the kernels do not take falls back to the plain path."""
-    torch.manual_seed(0)
-    model = create_model("DiT-S/4", input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10).double().eval()
+def _fused_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """Randomise ``model``'s zero-initialised layers (so that every gradient is non-trivial) and return a copy with
+    ``set_fused_attention``."""
     for p in model.parameters():
         if p.dim() > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
     fused = copy.deepcopy(model)
     fused.set_fused_attention(True)
-    calls = []
-    monkeypatch.setattr(layers, "qkv_attention", lambda *a: (calls.append(1), A.qkv_attention(*a))[1])
-    x, t, y = torch.randn(4, 4, 8, 8).double(), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
-    out, ref = fused(x, t, y=y), model(x, t, y=y)
-    assert len(calls) == 2  # one per block
+    return fused
+
+
+def _assert_trains_alike(fused, model, *inputs, **cond) -> None:
+    """Same output and every parameter gradient (float64)."""
+    out, ref = fused(*inputs, **cond), model(*inputs, **cond)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     out.square().mean().backward()
     ref.square().mean().backward()
     for (name, p), q in zip(fused.named_parameters(), model.parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
+    """A DiT with ``set_fused_attention`` (head dim 16, taken) gives the plain model's output and every parameter
+    gradient (float64, the reference path); a head dim the kernels do not take (72) falls back to the plain path."""
+    torch.manual_seed(0)
+    model = create_model("DiT-S/4", input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10).double().eval()
+    fused = _fused_twin(model)
+    calls = []
+    monkeypatch.setattr(layers, "qkv_attention", lambda *a: (calls.append(1), A.qkv_attention(*a))[1])
+    x, t, y = torch.randn(4, 4, 8, 8).double(), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    _assert_trains_alike(fused, model, x, t, y=y)
+    assert len(calls) == 2  # one per block
     odd = create_model("DiT-S/4", input_size=8, hidden_size=72, depth=1, num_heads=1, num_classes=10).double()
     odd.set_fused_attention(True)  # head dim 72: not taken
     odd(x, t, y=y)
@@ -88,20 +101,10 @@ def test_qkv_attention_trains_a_unet_like_the_plain_attention():
     torch.manual_seed(0)
     model = create_model("UNet-S", input_size=8, model_channels=64, num_res_blocks=1, num_classes=10,
                          attention_resolutions=(2,)).double().eval()
-    for p in model.parameters():
-        if p.dim() > 1 and not p.any():
-            torch.nn.init.normal_(p, std=0.05)
-    fused = copy.deepcopy(model)
-    fused.set_fused_attention(True)
+    fused = _fused_twin(model)
     assert any(m.fused_attention for m in fused.modules() if isinstance(m, layers.Attention))
     x, t, y = torch.randn(2, 4, 8, 8).double(), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,))
-    out, ref = fused(x, t, y=y), model(x, t, y=y)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    out.square().mean().backward()
-    ref.square().mean().backward()
-    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    _assert_trains_alike(fused, model, x, t, y=y)
 
 
 def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
@@ -194,34 +197,8 @@ def test_gpu_forward_falls_back_to_memory_efficient_attention(monkeypatch):
 def test_gpu_dit_gradients_through_fused_attention_match_fp32():
     """Every parameter gradient of a DiT (head dim 64) trained in bf16 through qkv_attention, eager and compiled,
     with the other fused training kernels, is as close to the fp32 gradient as the plain bf16 model's."""
-    from dit.benchmark import _randomise_zero_init
+    def configure(model):
+        model.set_fused_attention(True)
+        model.fused_training = True
 
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    ref_model = create_model("DiT-S/2", input_size=32, hidden_size=256, depth=2, num_heads=4, num_classes=10)
-    _randomise_zero_init(ref_model)
-    ref_model = ref_model.to(dev).eval()
-    model = copy.deepcopy(ref_model)
-    model.set_fused_attention(True)
-    model.fused_training = True
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(32, 4, 32, 32, device=dev, generator=g)
-    t = torch.randint(0, 1000, (32,), device=dev, generator=g)
-    y = torch.randint(0, 10, (32,), device=dev, generator=g)
-
-    def grads(m, autocast, compiled):
-        m.zero_grad(set_to_none=True)
-        fn = torch.compile(m, dynamic=False) if compiled else m
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(x, t, y=y)
-        out.float().square().mean().backward()
-        return {n: p.grad.detach().double().clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    ref = grads(ref_model, False, False)
-    low = grads(ref_model, True, False)
-    for compiled in (False, True):
-        got = grads(model, True, compiled)
-        assert got.keys() == ref.keys()
-        for name, r in ref.items():
-            err, low_err = _rel(got[name], r), _rel(low[name], r)
-            assert err < max(2 * low_err, 1e-2), (compiled, name, err, low_err)
+    assert_training_gradients_match_fp32(configure, torch.bfloat16)

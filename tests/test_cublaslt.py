@@ -10,6 +10,7 @@ from torch.library import opcheck
 
 from dit.models import create_model
 from dit.models.cublaslt import fused_mlp, gelu_epilogues_available, gemm_dgelu, gemm_gelu_aux
+from helpers import assert_training_gradients_match_fp32
 
 _NEED_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuBLASLt)")
 
@@ -142,39 +143,12 @@ def test_mlp_epilogue_training_gradients_on_the_gpu_match_fp32(dtype):
     """Every parameter gradient of a DiT trained through the epilogue GEMMs (bf16 or fp16 autocast, eager and
     compiled, with the fused LayerNorm and qkv-gradient kernels) is as close to the fp32 gradient as the plain
     model's in that dtype."""
-    from dit.benchmark import _randomise_zero_init
+    def configure(model):
+        model.set_mlp_epilogues(True)
+        model.set_fused_qkv_backward(True)  # and the qkv gradient kernel (dit.models.kernels.qkv_grad)
+        model.fused_training = True
 
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    ref_model = create_model("DiT-S/2", input_size=32, hidden_size=256, depth=2, num_heads=4, num_classes=10)
-    _randomise_zero_init(ref_model)
-    ref_model = ref_model.to(dev).eval()
-    model = copy.deepcopy(ref_model)
-    model.set_mlp_epilogues(True)
-    model.set_fused_qkv_backward(True)  # and the qkv gradient kernel (dit.models.kernels.qkv_grad)
-    model.fused_training = True
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(32, 4, 32, 32, device=dev, generator=g)
-    t = torch.randint(0, 1000, (32,), device=dev, generator=g)
-    y = torch.randint(0, 10, (32,), device=dev, generator=g)
-
-    def grads(m, autocast, compiled):
-        m.zero_grad(set_to_none=True)
-        fn = torch.compile(m, dynamic=False) if compiled else m
-        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
-            out = fn(x, t, y=y)
-        out.float().square().mean().backward()
-        return {n: p.grad.detach().double().clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    ref = grads(ref_model, False, False)
-    low = grads(ref_model, True, False)
-    for compiled in (False, True):
-        got = grads(model, True, compiled)
-        assert got.keys() == ref.keys()
-        for name, r in ref.items():
-            err = ((got[name] - r).norm() / r.norm()).item()
-            low_err = ((low[name] - r).norm() / r.norm()).item()
-            assert err < max(2 * low_err, 1e-2), (dtype, compiled, name, err, low_err)
+    assert_training_gradients_match_fp32(configure, dtype)
 
 
 def test_algorithm_choices_round_trip_through_a_checkpoint(monkeypatch):
