@@ -66,7 +66,9 @@ def _backward_ref(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: tor
     return dqkv.to(qkv.dtype), part
 
 
-HEAD_DIMS = (16, 32, 64)  # head dims the Triton backward takes (measured at 64; 72 and 128 ran slower than cuDNN)
+# Head dims the Triton backward takes: timed at 64 (DiT-S/B/L, the UNets), checked on the GPU at 32 too. DiT-XL's 72,
+# padded to 128 lanes or split into 64 + a 16-wide tail, ran slower than cuDNN (docs/benchmarks.md, run 16).
+HEAD_DIMS = (16, 32, 64)
 ROWS = 64  # query rows of a dq program, key rows of a dkdv program: the bias gradient's partials come per block
 
 
@@ -88,6 +90,8 @@ _CUDNN_FAILED: set[tuple] = set()  # (device, dtype, head dim) where cuDNN's att
 
 
 def _forward_cuda(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's attention on Hopper and newer, else the memory-efficient kernel (both return the log-sum-exp):
+    qkv (N, T, 3C) -> (o (N, T, C), lse (N, H, T) fp32)."""
     n, t, c3 = qkv.shape
     q, k, v = _split(qkv, heads)
     key = (qkv.device, qkv.dtype, q.shape[-1])
@@ -122,6 +126,8 @@ def _tiles(dh: int) -> dict:
 
 
 def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two kernels, ``dq`` first (it stores rowsum(dO * O) for ``dkdv``): qkv (N, T, 3C), o and do (N, T, C),
+    lse (N, H, T) -> (dqkv (N, T, 3C), per-block column sums (N, cdiv(T, ROWS), 3C) fp32). ``tiles``: as ``_tiles``."""
     triton, k = _kernels()
     n, t, c3 = qkv.shape
     dh = c3 // (3 * heads)
