@@ -340,11 +340,12 @@ class DiT(nn.Module):
             block.attn.fused_qkv_backward = enable
 
     def set_fused_attention(self, enable: bool = True) -> None:
-        """In training, run each block's self-attention on the packed qkv GEMM output (``Attention.fused_attention``,
-        ``dit.models.attention_kernels.packed_attention``): cuDNN's forward, and a FlashAttention-2 backward in Triton
-        that reads q, k, v from the packed output and writes their gradients straight into the qkv GEMM's output
-        gradient (no dq/dk/dv copies, no separate rowsum(dO * O) or dQ conversion pass). Replaces
-        ``set_fused_qkv_backward``'s path where both are on. Same formulas, fp32 accumulation."""
+        """In training, run each block's qkv projection and self-attention through
+        ``dit.models.attention_kernels.qkv_attention`` (``Attention.fused_attention``): cuDNN's forward, and a
+        FlashAttention-2 backward in Triton that reads q, k, v from the packed qkv GEMM output and writes their
+        gradients straight into the GEMM's output gradient (no dq/dk/dv copies, no separate rowsum(dO * O), dQ
+        conversion or bias-gradient pass). Heads of 16, 32 or 64 (others keep the plain path); where both are on, it
+        replaces ``set_fused_qkv_backward``'s path. Same formulas, fp32 accumulation."""
         for block in self.blocks:
             block.attn.fused_attention = enable
 
