@@ -162,6 +162,35 @@ def time_back_to_back(fn: Callable[[], object], iters: int = 20, warmup: int = 3
     return start.elapsed_time(end) / iters
 
 
+def attention_errors(n: int, t: int, heads: int, dh: int, seed: int = 0) -> dict[str, float]:
+    """GPU: relative Frobenius errors against float64 of ``attention_kernels.packed_attention`` in bf16 (cuDNN's
+    forward, the Triton backward) and of cuDNN's own backward through SDPA, on random qkv (N, T, 3 * H * Dh) and
+    output gradient. Keys: lse, o, bias (the partials' sum), dq/dk/dv (ours), dq/dk/dv_cudnn."""
+    from dit.models import attention_kernels as A
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = (torch.randn(n, t, 3 * heads * dh, device="cuda", generator=g) * 1.5).bfloat16().requires_grad_()
+    do = torch.randn(n, t, heads * dh, device="cuda", generator=g).bfloat16()
+    o, lse = A.packed_attention_fwd(qkv, heads)
+    (ours,) = torch.autograd.grad(o, qkv, do)
+    _, part = A.packed_attention_bwd(qkv.detach(), o.detach(), lse, do, heads)
+    q64 = qkv.detach().double().requires_grad_()
+    o64, lse64 = A._forward_ref(q64, heads)
+    (want,) = torch.autograd.grad(o64, q64, do.double())
+    q, k, v = A._split(qkv, heads)
+    (cudnn,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, -1), qkv, do)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    errs = {"lse": rel(lse, lse64), "o": rel(o, o64), "bias": rel(part.sum((0, 1)), want.sum((0, 1)))}
+    for i, name in enumerate(("dq", "dk", "dv")):
+        ref = want.view(n, t, 3, -1)[:, :, i]
+        errs[name] = rel(ours.view(n, t, 3, -1)[:, :, i], ref)
+        errs[name + "_cudnn"] = rel(cudnn.view(n, t, 3, -1)[:, :, i], ref)
+    return errs
+
+
 def kernel_category(name: str) -> str:
     low = name.lower()
     for cat, keys in KERNEL_CATEGORIES:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit.benchmark import attention_errors  # noqa: E402
 from dit.benchmark import time_back_to_back as timed  # noqa: E402
 from dit.models import attention_kernels as A  # noqa: E402
 from dit.models.layers import _QKVProjection  # noqa: E402
@@ -23,33 +24,15 @@ from dit.models.layers import _QKVProjection  # noqa: E402
 SHAPES = {"DiT-S/2": (256, 256, 6, 64), "DiT-B/2": (64, 256, 12, 64), "DiT-XL/2": (64, 256, 16, 72)}  # N, T, H, Dh
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
-
-
 def check(lines: list[str]) -> None:
     lines += ["## Numerics (bf16 inputs, relative Frobenius error against float64)", "",
               "| shape (N, T, H, Dh) | lse | o | bias grad | dq ours | dq cuDNN | dk ours | dk cuDNN | dv ours "
               "| dv cuDNN |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    g = torch.Generator(device="cuda").manual_seed(0)
     for n, t, h, dh in [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32)]:
-        qkv = (torch.randn(n, t, 3 * h * dh, device="cuda", generator=g) * 1.5).bfloat16().requires_grad_()
-        do = torch.randn(n, t, h * dh, device="cuda", generator=g).bfloat16()
-        o, lse = A.packed_attention_fwd(qkv, h)
-        (dqkv,) = torch.autograd.grad(o, qkv, do)
-        _, part = A.packed_attention_bwd(qkv.detach(), o.detach(), lse, do, h)
-        ref64 = qkv.detach().double().requires_grad_()
-        o64, lse64 = A._forward_ref(ref64, h)
-        (d64,) = torch.autograd.grad(o64, ref64, do.double())
-        q, k, v = A._split(qkv, h)
-        oc = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, h * dh)
-        (dc,) = torch.autograd.grad(oc, qkv, do)
-        parts = lambda z: z.view(n, t, 3, h * dh).unbind(2)  # noqa: E731
-        errs = [rel(lse, lse64), rel(o, o64), rel(part.sum((0, 1)), d64.sum((0, 1)))]
-        for a, c, r in zip(parts(dqkv), parts(dc), parts(d64)):
-            errs += [rel(a, r), rel(c, r)]
-        lines.append(f"| {n}, {t}, {h}, {dh} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+        e = attention_errors(n, t, h, dh)
+        errs = [e["lse"], e["o"], e["bias"]] + [e[k + sfx] for k in ("dq", "dk", "dv") for sfx in ("", "_cudnn")]
+        lines.append(f"| {n}, {t}, {h}, {dh} | " + " | ".join(f"{v:.2e}" for v in errs) + " |")
     lines.append("")
 
 
