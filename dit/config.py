@@ -48,8 +48,8 @@ class ModelConfig:
     # dit.models.attention_kernels.qkv_attention (DiT/UNet.set_fused_attention): cuDNN's forward, and a
     # FlashAttention-2 backward in Triton that reads q, k, v from the packed qkv GEMM output and writes their gradients
     # (and the bias gradient's pieces) straight into the packed gradient. Same formulas, fp32 accumulation. Head dims
-    # 16/32/64 (DiT-S/B/L, the UNets; DiT-XL's 72 keeps cuDNN's backward): DiT-S/2 1.051x in the trainer on an H100
-    # (docs/benchmarks.md, run 16). None (the default): on where the Triton kernels run (CUDA).
+    # 16/32/64/72 (DiT-S/B/L/XL, the UNets): in the trainer on an H100 DiT-S/2 1.051x, DiT-XL/2 1.018x
+    # (docs/benchmarks.md, runs 16-17). None (the default): on where the Triton kernels run (CUDA).
     fused_attention: bool | None = None
     # DiTs on CUDA: train the blocks' MLPs with the GELU in cuBLASLt GEMM epilogues (DiT.set_mlp_epilogues,
     # dit.models.cublaslt): fc1's GEMM applies the GELU and keeps the pre-activation, fc2's input-gradient GEMM

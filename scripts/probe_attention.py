@@ -1,6 +1,7 @@
 """Probe ``attention_kernels.packed_attention`` on a GPU: numerics against float64 next to cuDNN's, then the backward
 timed against cuDNN's (its backward plus the dq/dk/dv assembly into the qkv gradient, ``kernels.qkv_grad``), with the
-Triton kernels' tiles swept. Output: one Markdown report (docs/benchmarks.md, run 16).
+Triton kernels' tiles swept; at DiT-XL/2's head dim 72 also the split (64 + a 16-wide tail) against one block padded
+to 128 lanes. Output: one Markdown report (docs/benchmarks.md, runs 16-17).
 
     python scripts/probe_attention.py --out probe.md
 """
@@ -66,6 +67,10 @@ def sweep(lines: list[str], best: dict) -> None:
         best[dh] = tiles
         t_bwd = timed(lambda: A._backward_triton(qkv, o, lse, do, h, tiles), iters=50)
         t_bwd_default = timed(lambda: A._backward_triton(qkv, o, lse, do, h), iters=50)
+        padded = ""
+        if A._widths(dh)[1]:  # a tail block: the same tiles with one block padded to a power of two instead
+            t_pad = timed(lambda: A._backward_triton(qkv, o, lse, do, h, dict(tiles, split=False)), iters=50)
+            padded = f"; one block padded to {A._widths(dh, split=False)[0]} lanes instead of the tail {t_pad:.3f} ms"
 
         # the whole projection + attention, forward and backward: today's training path against qkv_attention
         def step_plain():
@@ -81,7 +86,7 @@ def sweep(lines: list[str], best: dict) -> None:
         flops = 2.5 * 4 * n * h * t * t * dh  # attention backward: 5 GEMMs of the forward's 2 each
         lines += [f"### {name}: N={n}, T={t}, H={h}, Dh={dh}", "",
                   f"- backward kernels, best tiles {tiles}: {t_bwd:.3f} ms ({flops / t_bwd / 1e9:.0f} TFLOP/s); "
-                  f"with the default tiles {t_bwd_default:.3f} ms",
+                  f"with the default tiles {t_bwd_default:.3f} ms{padded}",
                   f"- qkv projection + attention, forward + backward: trainer's path today (_QKVProjection, "
                   f"SDPA/cuDNN, qkv_grad) {t_plain:.3f} ms; qkv_attention {t_ours:.3f} ms: **{t_plain / t_ours:.3f}x**",
                   "", "| kernel | inner block, warps, stages | both kernels (ms) |", "|---|---|---:|"]

@@ -81,7 +81,7 @@ def _assert_trains_alike(fused, model, *inputs, **cond) -> None:
 
 def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
     """A DiT with ``set_fused_attention`` (head dim 16, taken) gives the plain model's output and every parameter
-    gradient (float64, the reference path); a head dim the kernels do not take (72) falls back to the plain path."""
+    gradient (float64, the reference path); a head dim the kernels do not take (48) falls back to the plain path."""
     torch.manual_seed(0)
     model = create_model("DiT-S/4", input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10).double().eval()
     fused = _fused_twin(model)
@@ -90,8 +90,8 @@ def test_qkv_attention_trains_a_dit_like_the_plain_attention(monkeypatch):
     x, t, y = torch.randn(4, 4, 8, 8).double(), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     _assert_trains_alike(fused, model, x, t, y=y)
     assert len(calls) == 2  # one per block
-    odd = create_model("DiT-S/4", input_size=8, hidden_size=72, depth=1, num_heads=1, num_classes=10).double()
-    odd.set_fused_attention(True)  # head dim 72: not taken
+    odd = create_model("DiT-S/4", input_size=8, hidden_size=48, depth=1, num_heads=1, num_classes=10).double()
+    odd.set_fused_attention(True)  # head dim 48: not taken
     odd(x, t, y=y)
     assert len(calls) == 2
 
@@ -107,10 +107,27 @@ def test_qkv_attention_trains_a_unet_like_the_plain_attention():
     _assert_trains_alike(fused, model, x, t, y=y)
 
 
+def test_head_dim_blocks_cover_the_head_with_power_of_two_tiles():
+    """The kernels' head-dim blocks: a power-of-two main block and a power-of-two tail (>= 16 lanes, tl.dot's least K)
+    that together cover the head without a second tail; DiT-XL's 72 is 64 + 16, not 128 lanes."""
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
+    for dh in range(8, 257, 8):
+        main, tail = A._widths(dh)
+        assert pow2(main) and main >= 16 and main <= max(16, dh), (dh, main)
+        assert (tail == 0) == (main >= dh), (dh, tail)
+        # the smallest such tail: no more lanes than the rest of the head needs
+        rest = dh - main
+        assert tail == 0 or (pow2(tail) and 16 <= tail <= main and rest <= tail and (tail == 16 or rest > tail // 2))
+        padded, none = A._widths(dh, split=False)
+        assert none == 0 and pow2(padded) and padded >= dh and (padded == 16 or dh > padded // 2), (dh, padded)
+    assert A._widths(72) == (64, 16) and A._widths(72, split=False) == (128, 0) and A._widths(64) == (64, 0)
+
+
 def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
     """Both Triton kernels run by Triton's CPU interpreter (in a subprocess) against the float64 formulas: several key
     and query blocks, a token count that is not a multiple of either block (masked rows, a partial last program), head
-    dims 16, 32, 64, fp32 and fp16 inputs (the interpreter's bf16 matmul is not bf16's), the column-sum partials.
+    dims 16, 32, 64, and 72 and 48 (a power-of-two block and a masked 16-wide tail; 72 also as one block padded to
+    128 lanes), fp32 and fp16 inputs (the interpreter's bf16 matmul is not bf16's), the column-sum partials.
     """
     pytest.importorskip("triton")
     code = textwrap.dedent("""
@@ -119,10 +136,13 @@ def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
         g = torch.Generator().manual_seed(0)
         tiles = dict(dq=dict(BLOCK_N=32, num_warps=4, STAGES=2), dkdv=dict(BLOCK_M=16, num_warps=4, STAGES=2))
         for n, t, h, dh, dt, tol in [(2, 37, 3, 16, torch.float32, 1e-5), (1, 100, 2, 32, torch.float32, 1e-5),
-                                     (2, 64, 2, 64, torch.float16, 2e-3)]:
+                                     (2, 64, 2, 64, torch.float16, 2e-3), (1, 40, 2, 72, torch.float32, 1e-5),
+                                     (2, 70, 2, 72, torch.float16, 2e-3), (1, 40, 2, 48, torch.float32, 1e-5)]:
             qkv = (torch.randn(n, t, 3 * h * dh, generator=g) * 1.5).to(dt)
             o, lse = A._forward_ref(qkv, h)
             do = torch.randn(n, t, h * dh, generator=g).to(dt)
+            # 72 and 48: a power-of-two block and a masked 16-wide tail (72 also as one block padded to 128)
+            tiles["split"] = dh != 72 or t != 40
             got, part = A._backward_triton(qkv, o, lse.float(), do, h, tiles)
             want, wpart = A._backward_ref(qkv.double(), o.double(), lse.double(), do.double(), h)
             for i in range(3):
@@ -144,7 +164,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @_NEED_GPU
-@pytest.mark.parametrize("n,t,heads,dh", [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32)])
+@pytest.mark.parametrize("n,t,heads,dh", [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32), (4, 256, 16, 72)])
 def test_gpu_backward_in_bf16_is_as_accurate_as_cudnns(n, t, heads, dh):
     """On a GPU in bf16 (cuDNN's forward, the Triton backward): the gradient's error against float64 is cuDNN
     backward's, within 10%; the log-sum-exp is the float64 one (cuDNN returns natural-log statistics)."""

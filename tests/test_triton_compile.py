@@ -95,15 +95,15 @@ def test_attention_backward_kernels_compile(target):
 
     types = dict(qkv_ptr="*bf16", o_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32",
                  dqkv_ptr="*bf16", part_ptr="*fp32", scale="fp32", scale_log2="fp32")
-    tiles = attention_kernels._tiles(64)
     for dh in attention_kernels.HEAD_DIMS:
-        block_d = max(16, dh)
+        tiles = attention_kernels._tiles(dh)
+        block_d, tail = attention_kernels._widths(dh, tiles.get("split", True))
         dq, dkdv = tiles["dq"], tiles["dkdv"]
         _compile(attention_triton.triton_dit_attn_bwd_dq, types,
-                 dict(BLOCK_M=attention_kernels.ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, STAGES=dq["STAGES"]),
-                 target, num_warps=dq["num_warps"])
+                 dict(DH=dh, BLOCK_M=attention_kernels.ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, TAIL=tail,
+                      STAGES=dq["STAGES"]), target, num_warps=dq["num_warps"])
         _compile(attention_triton.triton_dit_attn_bwd_dkdv, types,
-                 dict(BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=attention_kernels.ROWS, BLOCK_D=block_d,
+                 dict(DH=dh, BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=attention_kernels.ROWS, BLOCK_D=block_d, TAIL=tail,
                       STAGES=dkdv["STAGES"]), target, num_warps=dkdv["num_warps"])
 
 

@@ -8,8 +8,10 @@ keeps cuDNN's forward (which also returns the log-sum-exp of every softmax row) 
 FlashAttention-2 kernels (attention_triton.py) that read q, k, v straight from the packed GEMM output, compute
 rowsum(dO * O) on the way, and write dq, dk, dv straight into the packed gradient, with its column sums per block.
 ``qkv_attention`` adds the qkv projection, whose bias gradient is then the sum of those partials: DiT-S/2's compiled
-training step 35.6 -> 33.9 ms (7,139 -> 7,487 img/s, 1.049x; run 16). Head dims 16, 32, 64 (DiT-S/B/L); DiT-XL's
-72, padded to 128 lanes, ran at half cuDNN's speed and keeps ``F.scaled_dot_product_attention``.
+training step 35.6 -> 33.9 ms (7,139 -> 7,487 img/s, 1.049x; run 16). Head dims 16, 32, 64 (DiT-S/B/L, the UNets)
+and DiT-XL's 72, as a 64-wide block and a 16-wide masked tail: DiT-XL/2's trainer 559 -> 569 img/s (1.018x; run 17).
+The head dim is a compile-time constant of the kernels: as a run-time argument, 72 (not a multiple of 16) kept Triton
+from proving the heads' columns 16-byte aligned, the loads were not vectorised, and the kernels ran 2.9x slower.
 
 Both are ``torch.library.custom_op``s (opaque to torch.compile, CUDA-graph safe) with autograd. Their CPU
 implementation, and the CUDA one outside bf16/fp16, is the reference: the same formulas in the accumulation dtype
@@ -66,9 +68,9 @@ def _backward_ref(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: tor
     return dqkv.to(qkv.dtype), part
 
 
-# Head dims the Triton backward takes: timed at 64 (DiT-S/B/L, the UNets), checked on the GPU at 32 too. DiT-XL's 72,
-# padded to 128 lanes or split into 64 + a 16-wide tail, ran slower than cuDNN (docs/benchmarks.md, run 16).
-HEAD_DIMS = (16, 32, 64)
+# Head dims the Triton backward takes: timed at 64 (DiT-S/B/L, the UNets) and 72 (DiT-XL: a 64-wide block + a 16-wide
+# tail, 0.34 ms at DiT-XL/2's shape against 0.43-0.54 padded to 128 lanes), checked on the GPU at 32 too (runs 16-17).
+HEAD_DIMS = (16, 32, 64, 72)
 ROWS = 64  # query rows of a dq program, key rows of a dkdv program: the bias gradient's partials come per block
 
 
@@ -120,9 +122,24 @@ def _kernels():
 
 def _tiles(dh: int) -> dict:
     """Launch parameters of both kernels at head dim ``dh`` (their outer block is ROWS): the inner block (keys per
-    step of dq, queries per step of dkdv), warps and pipeline stages. The fastest of 9 each at DiT-S/2's and DiT-B/2's
-    shapes on an H100 (scripts/probe_attention.py; docs/benchmarks.md, run 16); 8 warps were 1.2-1.8x slower."""
+    step of dq, queries per step of dkdv), warps and pipeline stages. The fastest of 7-9 each at DiT-S/2's, DiT-B/2's
+    and DiT-XL/2's shapes on an H100 (scripts/probe_attention.py; docs/benchmarks.md, runs 16-17); 8 warps were
+    1.2-1.8x slower. Heads with a tail block (72 = 64 + 16) do better with 32 keys per step in dq and 64 queries
+    per step in dkdv: 0.341 ms for both kernels at DiT-XL/2's shape against 0.366 ms with the 64-wide heads' tiles."""
+    if _widths(dh)[1]:
+        return dict(dq=dict(BLOCK_N=32, num_warps=4, STAGES=3), dkdv=dict(BLOCK_M=64, num_warps=4, STAGES=3))
     return dict(dq=dict(BLOCK_N=64, num_warps=4, STAGES=3), dkdv=dict(BLOCK_M=32, num_warps=4, STAGES=3))
+
+
+def _widths(dh: int, split: bool = True) -> tuple[int, int]:
+    """The kernels' head-dim blocks (BLOCK_D, TAIL): the largest power of two <= dh (at least 16) and what is left,
+    padded to a power of two >= 16 (0 if nothing is): 72 -> (64, 16). ``split=False``: one block padded to the next
+    power of two (72 -> (128, 0))."""
+    main = max(16, 1 << (dh.bit_length() - 1))
+    if not split and main < dh:
+        main *= 2
+    rest = dh - main
+    return main, 0 if rest <= 0 else max(16, 1 << (rest - 1).bit_length())
 
 
 def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +149,7 @@ def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple
     n, t, c3 = qkv.shape
     dh = c3 // (3 * heads)
     tiles = tiles or _tiles(dh)
-    block_d = max(16, triton.next_power_of_2(dh))
+    block_d, tail = _widths(dh, tiles.get("split", True))
     scale = 1.0 / math.sqrt(dh)
     grid = (triton.cdiv(t, ROWS), n * heads)
     dqkv = torch.empty_like(qkv)
@@ -140,11 +157,11 @@ def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple
     delta = torch.empty(n, heads, t, dtype=torch.float32, device=qkv.device)  # rowsum(dO * O), from dq for dkdv
     dq, dkdv = tiles["dq"], tiles["dkdv"]
     k.triton_dit_attn_bwd_dq[grid](qkv, o, do, lse, delta, dqkv, part, t, heads, dh, scale, scale * _LOG2E,
-                                   BLOCK_M=ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, STAGES=dq["STAGES"],
-                                   num_warps=dq["num_warps"])
+                                   BLOCK_M=ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, TAIL=tail,
+                                   STAGES=dq["STAGES"], num_warps=dq["num_warps"])
     k.triton_dit_attn_bwd_dkdv[grid](qkv, do, lse, delta, dqkv, part, t, heads, dh, scale, scale * _LOG2E,
-                                     BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=ROWS, BLOCK_D=block_d, STAGES=dkdv["STAGES"],
-                                     num_warps=dkdv["num_warps"])
+                                     BLOCK_M=dkdv["BLOCK_M"], BLOCK_N=ROWS, BLOCK_D=block_d, TAIL=tail,
+                                     STAGES=dkdv["STAGES"], num_warps=dkdv["num_warps"])
     return dqkv, part
 
 

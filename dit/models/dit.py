@@ -344,8 +344,8 @@ class DiT(nn.Module):
         ``dit.models.attention_kernels.qkv_attention`` (``Attention.fused_attention``): cuDNN's forward, and a
         FlashAttention-2 backward in Triton that reads q, k, v from the packed qkv GEMM output and writes their
         gradients straight into the GEMM's output gradient (no dq/dk/dv copies, no separate rowsum(dO * O), dQ
-        conversion or bias-gradient pass). Heads of 16, 32 or 64 (others keep the plain path); where both are on, it
-        replaces ``set_fused_qkv_backward``'s path. Same formulas, fp32 accumulation."""
+        conversion or bias-gradient pass). Heads of 16, 32, 64 or 72 (others keep the plain path); where both are on,
+        it replaces ``set_fused_qkv_backward``'s path. Same formulas, fp32 accumulation."""
         for block in self.blocks:
             block.attn.fused_attention = enable
 
