@@ -97,7 +97,7 @@ def test_attention_backward_kernels_compile(target):
                  dqkv_ptr="*bf16", part_ptr="*fp32", scale="fp32", scale_log2="fp32")
     for dh in attention_kernels.HEAD_DIMS:
         tiles = attention_kernels._tiles(dh)
-        block_d, tail = attention_kernels._widths(dh, tiles.get("split", True))
+        block_d, tail = attention_kernels._widths(dh)
         dq, dkdv = tiles["dq"], tiles["dkdv"]
         _compile(attention_triton.triton_dit_attn_bwd_dq, types,
                  dict(DH=dh, BLOCK_M=attention_kernels.ROWS, BLOCK_N=dq["BLOCK_N"], BLOCK_D=block_d, TAIL=tail,

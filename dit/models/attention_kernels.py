@@ -144,7 +144,8 @@ def _widths(dh: int, split: bool = True) -> tuple[int, int]:
 
 def _backward_triton(qkv, o, lse, do, heads, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two kernels, ``dq`` first (it stores rowsum(dO * O) for ``dkdv``): qkv (N, T, 3C), o and do (N, T, C),
-    lse (N, H, T) -> (dqkv (N, T, 3C), per-block column sums (N, cdiv(T, ROWS), 3C) fp32). ``tiles``: as ``_tiles``."""
+    lse (N, H, T) -> (dqkv (N, T, 3C), per-block column sums (N, cdiv(T, ROWS), 3C) fp32). ``tiles``: as ``_tiles``,
+    and ``split=False`` to pad the head dim to one power-of-two block instead of a tail (``_widths``; the probe's)."""
     triton, k = _kernels()
     n, t, c3 = qkv.shape
     dh = c3 // (3 * heads)
