@@ -135,14 +135,15 @@ def test_backward_kernels_match_the_formulas_in_the_triton_interpreter():
         from dit.models import attention_kernels as A
         g = torch.Generator().manual_seed(0)
         tiles = dict(dq=dict(BLOCK_N=32, num_warps=4, STAGES=2), dkdv=dict(BLOCK_M=16, num_warps=4, STAGES=2))
-        for n, t, h, dh, dt, tol in [(2, 37, 3, 16, torch.float32, 1e-5), (1, 100, 2, 32, torch.float32, 1e-5),
-                                     (2, 64, 2, 64, torch.float16, 2e-3), (1, 40, 2, 72, torch.float32, 1e-5),
-                                     (2, 70, 2, 72, torch.float16, 2e-3), (1, 40, 2, 48, torch.float32, 1e-5)]:
+        # split=False: one block padded to a power of two; 72 and 48 otherwise take a masked 16-wide tail block
+        for n, t, h, dh, dt, tol, split in [
+                (2, 37, 3, 16, torch.float32, 1e-5, True), (1, 100, 2, 32, torch.float32, 1e-5, True),
+                (2, 64, 2, 64, torch.float16, 2e-3, True), (1, 40, 2, 72, torch.float32, 1e-5, False),
+                (2, 70, 2, 72, torch.float16, 2e-3, True), (1, 40, 2, 48, torch.float32, 1e-5, True)]:
             qkv = (torch.randn(n, t, 3 * h * dh, generator=g) * 1.5).to(dt)
             o, lse = A._forward_ref(qkv, h)
             do = torch.randn(n, t, h * dh, generator=g).to(dt)
-            # 72 and 48: a power-of-two block and a masked 16-wide tail (72 also as one block padded to 128)
-            tiles["split"] = dh != 72 or t != 40
+            tiles["split"] = split
             got, part = A._backward_triton(qkv, o, lse.float(), do, h, tiles)
             want, wpart = A._backward_ref(qkv.double(), o.double(), lse.double(), do.double(), h)
             for i in range(3):
