@@ -48,6 +48,10 @@ VARIANTS = {
                  "Triton pass (DiT.set_fused_qkv_backward)",
     "fast-fa": "as fast-mlp, with the self-attention on the packed qkv GEMM output: cuDNN's forward, a Triton "
                "FlashAttention-2 backward writing the packed qkv gradient (DiT.set_fused_attention)",
+    "fast-fao": "as fast-fa, with the trainer's optimizer kernel (dit.optim.AdamWEMA, here without an EMA) instead "
+                "of torch's fused AdamW",
+    "fast-cw": "as fast-fao, with the blocks' weights also kept in bf16 by that kernel and read by their GEMMs "
+               "instead of a cast per step (DiT.set_compute_weights, the trainer's model.compute_weights)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -357,7 +361,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-mlp", "fast-mlpq", "fast-fa"):
+    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw"):
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -367,9 +371,9 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.set_mlp_epilogues(True)
     if variant == "fast-mlpq":
         model.set_fused_qkv_backward(True)
-    if variant == "fast-fa":
+    if variant in ("fast-fa", "fast-fao", "fast-cw"):
         model.set_fused_attention(True)
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa"):
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
@@ -553,10 +557,21 @@ def _bench_one(
             # trees); the fused AdamW step stays outside the graph.
             loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
+        step_fn = opt.step
+        if variant in ("fast-fao", "fast-cw") and device.type == "cuda":  # the trainer's optimizer kernel
+            from dit.optim import AdamWEMA
+
+            kernel = AdamWEMA(opt)
+            if not kernel.fused:
+                raise ValueError(f"variant {variant}: the AdamW kernel does not run here ({kernel.reason})")
+            if variant == "fast-cw":
+                kernel.keep_compute_copies(model.set_compute_weights(torch.bfloat16))
+            step_fn = kernel.step
+
         def update(t):
             loss = loss_fn(x, t, cond)
             loss.backward()
-            opt.step()
+            step_fn()
             opt.zero_grad(set_to_none=True)
 
         graphed = StepGraph(update) if step_graph else update

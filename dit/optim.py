@@ -25,7 +25,8 @@ import torch
 
 from dit.models.kernels import has_triton
 
-_FIELDS = 8  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses, numel, has_grad
+_TL_DTYPES: dict = {}  # torch -> Triton dtypes of the compute copies (filled with Triton's import)
+_FIELDS = 9  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses, numel, has_grad, compute copy (or 0)
 
 
 @functools.cache
@@ -33,11 +34,13 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    _TL_DTYPES.update({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+
     @triton.jit
     def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
                       beta1, beta2, eps, log2_beta1, log2_beta2,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
-                      ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
+                      COPY_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * FIELDS  # this block's tensor
         p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
@@ -85,6 +88,12 @@ def _kernel():
         tl.store(p_ptr + offs, p_new, mask=adam)
         tl.store(m_ptr + offs, m, mask=adam)
         tl.store(v_ptr + offs, v, mask=adam)
+        if COPY_DTYPE is not None:  # the parameter's copy in the compute dtype (0: this parameter keeps none)
+            c_addr = tl.load(row + 8)
+            c_ptr = c_addr.to(tl.pointer_type(COPY_DTYPE))
+            if ALIGNED:
+                c_ptr = tl.multiple_of(c_ptr, 16)
+            tl.store(c_ptr + offs, p_new.to(COPY_DTYPE), mask=adam & (c_addr != 0))
         if HAS_EMA:
             e = tl.load(e_ptr + offs, mask=live, other=0.0)
             # torch.lerp's two forms (exact at both ends): e + w (p - e) for w < 0.5, p - (p - e)(1 - w) otherwise
@@ -124,6 +133,30 @@ class AdamWEMA:
         self._dummy_step: torch.Tensor | None = None
         self._hyper: dict[int, torch.Tensor] = {}  # group -> (3,) fp32 device: lr, 1 - lr * weight_decay, EMA weight
         self._graph_sources: list[torch.Tensor] = []  # pinned tables a CUDA graph copies from on every replay
+        self._copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its compute-dtype copy)
+        self._copies: dict[int, torch.Tensor] = {}  # id(parameter) -> copy
+        self.copy_dtype: torch.dtype | None = None
+
+    def keep_compute_copies(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After every update also write each parameter of ``pairs`` = [(parameter, copy)], rounded, into its copy:
+        a contiguous bf16 or fp16 tensor of the parameter's shape (one dtype for all), the weight a layer computes
+        with (``DiT.set_compute_weights``) instead of casting its fp32 weight on every step. In the kernel that costs
+        the copy's bytes and no extra read; elsewhere a foreach copy after the step. Empty ``pairs``: none."""
+        pairs = [(p, c) for p, c in pairs]
+        dtypes = {c.dtype for _, c in pairs}
+        if len(dtypes) > 1 or not dtypes <= {torch.bfloat16, torch.float16}:
+            raise ValueError(f"AdamWEMA.keep_compute_copies: copies must all be bf16 or all fp16, got {dtypes}")
+        ids = {id(p) for p in self.params}
+        for i, (p, c) in enumerate(pairs):
+            if id(p) not in ids:
+                raise ValueError(f"AdamWEMA.keep_compute_copies: pair {i} names a tensor the optimizer does not update")
+            if c.shape != p.shape or not c.is_contiguous() or c.device != p.device:
+                raise ValueError(f"AdamWEMA.keep_compute_copies: copy {i} is {tuple(c.shape)} on {c.device}, "
+                                 f"expected a contiguous tensor of shape {tuple(p.shape)} on {p.device}")
+        self._copy_pairs = pairs
+        self._copies = {id(p): c for p, c in pairs}
+        self.copy_dtype = dtypes.pop() if dtypes else None
+        self._tables.clear()  # the address tables gain the copies
 
     @property
     def fused(self) -> bool:
@@ -164,6 +197,8 @@ class AdamWEMA:
                 raise ValueError("AdamWEMA: optimizer.found_inf / grad_scale are read by torch's fused AdamW only; "
                                  "create the AdamW with fused=True where the one-pass kernel does not run")
             opt.step()
+            if self._copy_pairs:
+                torch._foreach_copy_([c for _, c in self._copy_pairs], [p.detach() for p, _ in self._copy_pairs])
             if self.ema_params is not None:
                 src = [p.detach() for p in self.params]
                 w = ema_weight if found_inf is None else (1.0 - found_inf.float()) * ema_weight  # () on the device
@@ -240,9 +275,11 @@ class AdamWEMA:
                 raise ValueError(f"AdamWEMA: the gradient of parameter {offset + i} is {g.dtype} "
                                  f"{tuple(g.shape)}, expected a contiguous fp32 tensor of the parameter's shape")
             e = emas[i] if emas is not None else p
+            c = self._copies.get(id(p))
             addresses += [p.data_ptr(), (g if g is not None else p).data_ptr(), s["exp_avg"].data_ptr(),
                           s["exp_avg_sq"].data_ptr(), e.data_ptr(),
-                          (s["step"] if g is not None else self._dummy_step).data_ptr(), p.numel(), int(g is not None)]
+                          (s["step"] if g is not None else self._dummy_step).data_ptr(), p.numel(), int(g is not None),
+                          c.data_ptr() if c is not None else 0]
         key = tuple(addresses)
         cached = self._tables.get(gi)
         if cached is None or cached[0] != key:
@@ -251,8 +288,8 @@ class AdamWEMA:
             host = torch.tensor(addresses, dtype=torch.int64)
             if device.type == "cuda":
                 host = host.pin_memory()
-            aligned = all(a % 16 == 0 for r in range(0, len(key), _FIELDS) for a in key[r:r + 5]) and all(
-                p.numel() % 4 == 0 for p in params)
+            aligned = all(a % 16 == 0 for r in range(0, len(key), _FIELDS) for a in key[r:r + 5] + key[r + 8:r + 9]
+                          ) and all(p.numel() % 4 == 0 for p in params)
             self._tables[gi] = cached = (key, host.to(device, non_blocking=True), aligned)
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 self._graph_sources.append(host)  # every replay copies from it again: it must outlive the graph
@@ -271,4 +308,5 @@ class AdamWEMA:
             beta1, beta2, group["eps"],
             math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
-            ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)
+            COPY_DTYPE=_TL_DTYPES[self.copy_dtype] if self.copy_dtype is not None else None, ALIGNED=aligned,
+            FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)

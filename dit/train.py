@@ -710,6 +710,17 @@ def train(cfg: Config) -> dict:
             logger.info("AdamW + EMA: %s", "one Triton kernel" if adamw_ema.fused else
                         f"separate passes ({adamw_ema.reason})")
         adamw_ema = adamw_ema if adamw_ema.fused else None
+    # The blocks' GEMMs read bf16 copies of their weights that the optimizer kernel writes with each update, instead
+    # of casting every fp32 weight on every step (model.compute_weights). One process only: DDP would broadcast the
+    # copies (buffers) on every step.
+    copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision == "bf16"
+                 and getattr(raw_model, "fused_training", False) and hasattr(raw_model, "set_compute_weights"))
+    if cfg.model.compute_weights and not copies_ok:
+        raise ConfigError("model.compute_weights=true needs a DiT with model.fused_training (model.compile=true), one "
+                          "process, train.mixed_precision=bf16 and the AdamW + EMA kernel (CUDA, "
+                          "train.fused_adamw_ema=true); unset it to let the trainer decide")
+    if copies_ok and cfg.model.compute_weights is not False:
+        adamw_ema.keep_compute_copies(raw_model.set_compute_weights(torch.bfloat16))
 
     def flush() -> None:
         """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""

@@ -374,3 +374,69 @@ def test_compile_blocks_shares_one_graph_and_keeps_outputs(fused):
     assert clone.blocks[2].forward.__self__ is clone.blocks[2]
     torch.testing.assert_close(clone(x, t, y), out)
     assert counter.frame_count == (2 if fused else 1)  # the copy reuses the graph too
+
+
+def _tiny_fused_dit() -> DiT:
+    torch.manual_seed(0)
+    m = create_model("DiT-S/2", input_size=8, depth=2, num_classes=10)
+    with torch.no_grad():  # adaLN-Zero: make every path carry a gradient
+        for p in m.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    m.fused_training = True
+    m.set_mlp_epilogues(True)
+    m.set_fused_attention(True)
+    return m
+
+
+def _bf16_loss_grads(m: DiT, x, t, y):
+    m.zero_grad()
+    torch.manual_seed(0)  # the same label dropout
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, t, y)
+    out.float().square().mean().backward()
+    return out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_compute_weights_change_nothing_but_where_the_cast_comes_from():
+    """DiT.set_compute_weights(bf16): the fused training path reads bf16 copies of the blocks' weights instead of
+    casting them, with the same output and the same fp32 gradients (bit for bit); the copies are not in the state
+    dict, follow load_state_dict, are not carried into an EMA copy, and go with set_compute_weights(None). A stale
+    copy is what the GEMMs read (so the optimizer must write them: dit.optim.AdamWEMA.keep_compute_copies)."""
+    from dit.utils.ema import EMA
+
+    ref, m = _tiny_fused_dit(), _tiny_fused_dit()
+    pairs = m.set_compute_weights(torch.bfloat16)
+    assert len(pairs) == 2 * 5 and all(c.dtype == torch.bfloat16 and torch.equal(c, w.bfloat16()) for w, c in pairs)
+    assert list(m.state_dict()) == list(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.randint(0, 1000, (3,), generator=g), torch.tensor([1, 2, 3])
+    o_ref, g_ref = _bf16_loss_grads(ref, x, t, y)
+    o, grads = _bf16_loss_grads(m, x, t, y)
+    assert torch.equal(o, o_ref) and grads.keys() == g_ref.keys()
+    assert all(grads[k].dtype == torch.float32 and torch.equal(grads[k], g_ref[k]) for k in grads)
+    # the copies are what the GEMMs read: a stale one changes the output, load_state_dict refreshes them
+    with torch.no_grad():
+        m.blocks[0].mlp.fc1.weight.add_(1.0)
+    assert torch.equal(_bf16_loss_grads(m, x, t, y)[0], o_ref)
+    m.load_state_dict(m.state_dict())
+    assert not torch.equal(_bf16_loss_grads(m, x, t, y)[0], o_ref)
+    assert torch.equal(m.blocks[0].mlp.fc1.weight_c, m.blocks[0].mlp.fc1.weight.bfloat16())
+    assert not any("weight_c" in n for n, _ in EMA(m, 0.9).module.named_buffers())
+    assert m.set_compute_weights(None) == [] and not any("weight_c" in n for n, _ in m.named_buffers())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_weight_gradients_are_written_in_fp32_by_the_gemm():
+    """kernels.weight_grad on CUDA: bf16 operands, fp32 weight -> one GEMM with an fp32 output, equal to the exact
+    (float64) product of the bf16 operands to fp32 rounding, where the bf16 product autocast used to cast is off by
+    bf16 rounding."""
+    from dit.models.kernels import weight_grad
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dy = torch.randn(4096, 384, device="cuda", generator=g).bfloat16()
+    x = torch.randn(4096, 1536, device="cuda", generator=g).bfloat16()
+    exact = dy.double().t() @ x.double()
+    ours = weight_grad(dy, x, torch.float32)
+    rel = lambda a: ((a.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert ours.dtype == torch.float32 and rel(ours) < 1e-5 < rel((dy.t() @ x).float())

@@ -162,6 +162,59 @@ def test_kernel_resumes_from_a_saved_state_exactly():
     assert out.strip().endswith("ok")
 
 
+@needs_triton
+def test_kernel_writes_the_compute_copies_of_the_new_weights():
+    """keep_compute_copies: after each update the kernel writes each chosen parameter, rounded to bf16 (fp16), into
+    its copy (what DiT.set_compute_weights' layers compute with): equal to casting the new weights, untouched by a
+    skipped step and for parameters without a copy; the updates themselves are unchanged. Bad pairs are refused."""
+    out = _run_interpreted("""
+        for dtype in (torch.bfloat16, torch.float16):
+            ref = run(True, steps=3)[0]
+            params = make()
+            ema = [p.detach().clone() * 0.5 for p in params]
+            opt = torch.optim.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+            step = AdamWEMA(opt, ema, block=256, force_triton=True)
+            copies = [torch.full(p.shape, 7.0, dtype=dtype) for p in params[:3]]  # the last parameter: no copy
+            step.keep_compute_copies(list(zip(params[:3], copies)))
+            for k in range(3):
+                g = torch.Generator().manual_seed(100 + k)
+                for i, p in enumerate(params):
+                    p.grad = None if (i == 1 and k == 2) or i == 3 else torch.randn(p.shape, generator=g)
+                opt.grad_scale, opt.found_inf = torch.tensor(1.0 + k), torch.tensor(0.0)
+                step.step(0.9 if k == 0 else 0.01)
+                for i, (p, c) in enumerate(zip(params, copies)):
+                    # within one unit in the last place of the new weight (the interpreter rounds bf16 towards
+                    # zero, a GPU to nearest: tests/test_optim.py's GPU case checks equality with torch's cast)
+                    err = (c.float() - p.detach()).abs() - p.detach().abs() * torch.finfo(dtype).eps
+                    assert err.max() <= 0, (dtype, k, i, err.max())
+            for p, q in zip(params, ref):
+                assert torch.equal(p, q)  # the copies change nothing else
+            before = [c.clone() for c in copies]
+            opt.found_inf = torch.tensor(1.0)
+            for p in params:
+                p.grad = torch.ones_like(p)
+            step.step(0.5)  # skipped: the copies stay
+            assert all(torch.equal(a, b) for a, b in zip(before, copies))
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+    params = _tiny()
+    step = AdamWEMA(torch.optim.AdamW(params, lr=0.1, fused=True))
+    with pytest.raises(ValueError, match="must all be bf16 or all fp16"):
+        step.keep_compute_copies([(params[0], params[0].detach().bfloat16()), (params[1], params[1].detach().half())])
+    with pytest.raises(ValueError, match=r"copy 0 is \(3, 5\) on cpu, expected a contiguous tensor of shape \(5, 3\)"):
+        step.keep_compute_copies([(params[0], params[0].detach().bfloat16().t())])
+    with pytest.raises(ValueError, match="pair 0 names a tensor the optimizer does not update"):
+        step.keep_compute_copies([(torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16))])
+    # the fallback (CPU: torch's step) copies after the step
+    copy = torch.zeros(5, 3, dtype=torch.bfloat16)
+    step.keep_compute_copies([(params[0], copy)])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    step.step()
+    assert torch.equal(copy, params[0].detach().bfloat16())
+
+
 def _tiny(seed=0):
     torch.manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
@@ -238,3 +291,22 @@ def test_hyperparameters_come_from_the_device_and_follow_a_schedule():
     assert "refused: AdamWEMA.launch: call set_hyperparameters first" in out
     assert "split==step True" in out
     assert float(out.split("vs torch")[1]) < 1e-6
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernel_compute_copies_equal_torchs_cast():
+    """On a GPU the kernel rounds the new weights to nearest, as ``tensor.to(bf16)`` does: the copies equal that
+    cast bit for bit, for aligned and odd sizes."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(64, 48), (37, 5), (3001,)]]
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    step = AdamWEMA(opt)
+    assert step.fused, step.reason
+    copies = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
+    step.keep_compute_copies(list(zip(params, copies)))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step.step()
+        assert all(torch.equal(c, p.detach().bfloat16()) for p, c in zip(params, copies))

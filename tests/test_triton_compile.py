@@ -84,9 +84,10 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
                grad_scale_ptr=fp32, hyper_ptr=fp32, beta1="fp32", beta2="fp32", eps="fp32", log2_beta1="fp32",
                log2_beta2="fp32")
-    for flags in itertools.product((False, True), repeat=4):
+    for *flags, copy_dtype in itertools.product((False, True), (False, True), (False, True), (False, True),
+                                                (None, triton.language.bfloat16, triton.language.float16)):
         consts = dict(zip(("HAS_FOUND_INF", "HAS_GRAD_SCALE", "HAS_EMA", "ALIGNED"), flags))
-        _compile(adamw_ema, opt, dict(consts, FIELDS=optim._FIELDS, BLOCK=4096), target)
+        _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096), target)
 
 
 @pytest.mark.parametrize("target", [_HOPPER, _AMPERE], ids=["sm90", "sm80"])

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels import _acc, _use_triton
+from .kernels import _acc, _use_triton, weight_grad
 
 _LOG2E = 1.4426950408889634
 
@@ -236,32 +236,39 @@ def packed_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 class _QKVAttention(torch.autograd.Function):
     """The qkv projection and the self-attention: the backward takes the qkv bias gradient from the attention
-    kernels' column sums instead of a pass over the (N * T, 3C) gradient."""
+    kernels' column sums instead of a pass over the (N * T, 3C) gradient, and writes the weight and bias gradients in
+    the parameters' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, heads: int):
-        """x: (N, T, D); weight: (3C, D); bias: (3C,) -> (N, T, C)."""
+    def forward(ctx, x, weight, bias, heads: int, weight_c):
+        """x: (N, T, D) in the compute dtype; weight: (3C, D), bias: (3C,) in any dtype (fp32 master weights);
+        weight_c: the weight in x's dtype, or None to cast it here -> (N, T, C)."""
         n, t, d = x.shape
-        qkv = torch.addmm(bias, x.reshape(n * t, d), weight.t()).view(n, t, -1)  # (N, T, 3C)
+        wc = weight.to(x.dtype) if weight_c is None else weight_c
+        qkv = torch.addmm(bias.to(x.dtype), x.reshape(n * t, d), wc.t()).view(n, t, -1)  # (N, T, 3C)
         o, lse = packed_attention_fwd(qkv, heads)  # (N, T, C), (N, H, T)
-        ctx.save_for_backward(x, weight, qkv, o, lse)
-        ctx.heads = heads
+        ctx.save_for_backward(x, wc, qkv, o, lse)
+        ctx.heads, ctx.dtypes = heads, (weight.dtype, bias.dtype)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        x, weight, qkv, o, lse = ctx.saved_tensors
+        x, wc, qkv, o, lse = ctx.saved_tensors
         dqkv, part = packed_attention_bwd(qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
         n, t, d = x.shape
         dqkv = dqkv.view(n * t, -1)
-        return ((dqkv @ weight).view(n, t, d), dqkv.t() @ x.reshape(n * t, d), part.sum((0, 1)).to(weight.dtype),
-                None)
+        w_dtype, b_dtype = ctx.dtypes
+        return ((dqkv @ wc).view(n, t, d), weight_grad(dqkv, x.reshape(n * t, d), w_dtype),
+                part.sum((0, 1)).to(b_dtype), None, None)
 
 
-def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int,
+                  weight_c: torch.Tensor | None = None) -> torch.Tensor:
     """The qkv projection ``x @ weight^T + bias`` and ``packed_attention`` of its output, for training.
 
-    x: (N, T, D); weight: (3C, D); bias: (3C,), one dtype (the compute dtype: autocast does not reach inside)
-    -> (N, T, C), heads concatenated. Differentiable.
+    x: (N, T, D) in the compute dtype (autocast does not reach inside); weight: (3C, D); bias: (3C,), in their own
+    dtype (fp32 master weights: cast here, gradients returned in it); ``weight_c``: the weight already in x's dtype
+    (a copy the optimizer keeps, ``DiT.set_compute_weights``), used instead of a cast -> (N, T, C), heads
+    concatenated. Differentiable in x, weight and bias.
     """
-    return _QKVAttention.apply(x, weight, bias, heads)
+    return _QKVAttention.apply(x, weight, bias, heads, weight_c)

@@ -31,6 +31,7 @@ from .layers import (
     compute_dtype,
     get_2d_sincos_pos_embed,
     masked_mean,
+    master_linear,
     modulate,
 )
 from .registry import register_model
@@ -127,7 +128,11 @@ class DiTBlock(nn.Module):
         c: (N, D); dtype: the GEMMs' input dtype (the autocast dtype); context, context_mask: as ``forward``
         -> (x, pending of this block).
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if torch.is_grad_enabled() and type(self.adaLN_modulation[1]) is nn.Linear:  # gradients in fp32 directly
+            mod = master_linear(self.adaLN_modulation[0](c), self.adaLN_modulation[1], dtype)  # (N, 6D)
+        else:
+            mod = self.adaLN_modulation(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         rows = x.shape[0] * x.shape[1]
         scale, out = _gemm_input(self.attn.qkv, rows, dtype)
         if pending is None:
@@ -265,6 +270,8 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size=hidden_size, patch_size=patch_size, out_channels=self.out_channels)
         self.initialize_weights()
+        # loaded weights reach the compute-dtype copies of set_compute_weights (a no-op without copies)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_compute_weights())
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -348,6 +355,45 @@ class DiT(nn.Module):
         it replaces ``set_fused_qkv_backward``'s path. Same formulas, fp32 accumulation."""
         for block in self.blocks:
             block.attn.fused_attention = enable
+
+    def compute_weight_layers(self) -> list[nn.Linear]:
+        """The linear layers whose weights ``set_compute_weights`` can keep in the compute dtype: every block's qkv,
+        proj, fc1, fc2 and adaLN modulation (nn.Linear only: an FP8 layer keeps its own casts)."""
+        layers = []
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation[1]):
+                if type(lin) is nn.Linear:
+                    layers.append(lin)
+        return layers
+
+    def set_compute_weights(self, dtype: torch.dtype | None) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Keep every ``compute_weight_layers`` weight also in ``dtype`` (bf16/fp16, the autocast dtype; None: no
+        copies) as a non-persistent buffer ``weight_c``, which the training path's GEMMs read instead of casting the
+        fp32 weight on every step (``layers.compute_weight``: the fused attention, the MLP's epilogue GEMMs, proj
+        and adaLN under ``fused_training``). Checkpoints do not see the copies.
+
+        The copies must follow the weights: the optimizer writes them with each update
+        (``dit.optim.AdamWEMA.keep_compute_copies``; the trainer's ``model.compute_weights``), ``load_state_dict``
+        refreshes them, and any other change of the weights needs ``refresh_compute_weights()``. Returns the
+        (weight, copy) pairs.
+        """
+        pairs = []
+        for lin in self.compute_weight_layers():
+            if dtype is None:
+                if "weight_c" in lin._buffers:
+                    del lin._buffers["weight_c"]
+                continue
+            lin.register_buffer("weight_c", lin.weight.detach().to(dtype), persistent=False)
+            pairs.append((lin.weight, lin.weight_c))
+        return pairs
+
+    @torch.no_grad()
+    def refresh_compute_weights(self) -> None:
+        """Copy the weights into their ``set_compute_weights`` copies again (after a change the optimizer did not
+        make; ``load_state_dict`` calls it)."""
+        for lin in self.compute_weight_layers():
+            if lin._buffers.get("weight_c") is not None:
+                lin.weight_c.copy_(lin.weight)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p * p * C_out) -> (N, C_out, H, W), inverse of the row-major patchify."""

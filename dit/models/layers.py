@@ -20,7 +20,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .attention_kernels import fused_attention_supported, qkv_attention
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
-from .kernels import gelu_tanh_fp8, qkv_grad
+from .kernels import _acc, gelu_tanh_fp8, qkv_grad, weight_grad
 
 
 def compile_regions(modules: Iterable[nn.Module], methods: tuple[str, ...] = ("forward",), **compile_kw) -> int:
@@ -169,6 +169,44 @@ class _QKVProjection(torch.autograd.Function):
         return dqkv @ weight, dqkv.t() @ x, db, None, None
 
 
+def compute_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """``linear``'s weight as the optimizer keeps it in the compute dtype ``dtype`` (its ``weight_c`` buffer,
+    ``DiT.set_compute_weights``), or None where it keeps none in that dtype (the layer then casts its weight)."""
+    w = getattr(linear, "weight_c", None)
+    return w if w is not None and w.dtype == dtype else None
+
+
+class _MasterLinear(torch.autograd.Function):
+    """``x @ weight^T + bias`` for x in the compute dtype and parameters in their own (fp32 master weights): the
+    weight and bias gradients come back in the parameters' dtype straight from the GEMM (``kernels.weight_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_c):
+        """x: (M, K); weight: (N, K); bias: (N,); weight_c: the weight in x's dtype, or None to cast it here."""
+        wc = weight.to(x.dtype) if weight_c is None else weight_c
+        ctx.save_for_backward(x, wc)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return x @ wc.t() if bias is None else torch.addmm(bias.to(x.dtype), x, wc.t())  # (M, N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wc = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        db = None if b_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b_dtype)
+        return dy @ wc, weight_grad(dy, x, w_dtype), db, None
+
+
+def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """``linear(x)`` computed in ``dtype`` (the autocast dtype), for training: x (..., K) -> (..., N) in ``dtype``.
+
+    Same values as autocast's ``F.linear``; the weight and bias gradients are written in the parameters' dtype by
+    the GEMM itself instead of cast from ``dtype`` afterwards, and the weight's cast is the optimizer's copy where
+    it keeps one (``compute_weight``)."""
+    y = _MasterLinear.apply(x.reshape(-1, x.shape[-1]).to(dtype), linear.weight, linear.bias,
+                            compute_weight(linear, dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection, through ``F.scaled_dot_product_attention``.
 
@@ -196,8 +234,9 @@ class Attention(nn.Module):
         if (self.fused_attention and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
                 and self.qkv.bias is not None and fused_attention_supported(self.head_dim)):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
-            out = qkv_attention(x.to(dtype), self.qkv.weight.to(dtype), self.qkv.bias.to(dtype), self.num_heads)
-            return self.proj(out)  # (N, T, D)
+            out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
+                                compute_weight(self.qkv, dtype))  # (N, T, D)
+            return master_linear(out, self.proj, dtype) if type(self.proj) is nn.Linear else self.proj(out)
         if (self.fused_qkv_backward and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
                 and self.qkv.bias is not None):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom op
@@ -307,8 +346,8 @@ class Mlp(nn.Module):
         # on CUDA only in the dtypes cuBLASLt's epilogues take (fp32 training keeps the plain path)
         epilogue_dtype = dtype in (torch.bfloat16, torch.float16) or not x.is_cuda
         if self.gemm_epilogues and torch.is_grad_enabled() and plain and epilogue_dtype:
-            y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight.to(dtype), self.fc1.bias.to(dtype),
-                          self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))  # (M, D)
+            y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                          self.fc2.bias, compute_weight(self.fc1, dtype), compute_weight(self.fc2, dtype))  # (M, D)
             return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
         if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs

@@ -40,9 +40,12 @@ def shard_pairs(ema_module: nn.Module, model: nn.Module) -> tuple[list[torch.Ten
 
 @torch.no_grad()
 def copy_buffers(ema_module: nn.Module, model: nn.Module) -> None:
-    """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged."""
-    for b_ema, b in zip(ema_module.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged; by name, so
+    buffers only the trained model has (DiT.set_compute_weights' copies) are left out."""
+    ema_buffers = dict(ema_module.named_buffers())
+    for name, b in model.named_buffers():
+        if name in ema_buffers:
+            ema_buffers[name].copy_(b)
 
 
 class EMA:
@@ -58,6 +61,8 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        if hasattr(self.module, "set_compute_weights"):  # the training copies of the weights: not the EMA's
+            self.module.set_compute_weights(None)
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
