@@ -271,7 +271,7 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size=hidden_size, patch_size=patch_size, out_channels=self.out_channels)
         self.initialize_weights()
         # loaded weights reach the compute-dtype copies of set_compute_weights (a no-op without copies)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_compute_weights())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -473,6 +473,11 @@ class DiT(nn.Module):
                 h = block(h, c, ctx, mask)  # (N, T, D)
         h = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return self.unpatchify(h)  # (N, C_out, H, W)
+
+
+def _refresh_after_load(module: DiT, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so that a DiT stays picklable)."""
+    module.refresh_compute_weights()
 
 
 def _register() -> None:
