@@ -4,7 +4,7 @@ shape; plus each epilogue GEMM against the plain GEMM of its shape and against c
 algorithms (is the heuristic's first choice the fastest?).
 
     python scripts/check_mlp_epilogues.py                                   # CUDA only; about a minute on an H100
-    python scripts/check_mlp_epilogues.py --models DiT-S/2:256,DiT-XL/2:64
+    python scripts/check_mlp_epilogues.py --models DiT-S/2:256,DiT-XL/2:64 --candidates 128
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main() -> None:
     ap.add_argument("--models", default="DiT-S/2:256,DiT-B/2:256,DiT-L/2:64,DiT-XL/2:64",
                     help="comma-separated NAME:BATCH (256 px images: 32x32 latents)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--candidates", type=int, default=cublaslt._CANDIDATES,
+                    help="algorithms asked of cuBLASLt's heuristic (it returns at most as many as exist)")
     a = ap.parse_args()
+    cublaslt._CANDIDATES = a.candidates
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (cuBLASLt)")
     dev = torch.device("cuda")
