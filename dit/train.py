@@ -32,7 +32,7 @@ from dit.models import cublaslt
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
 from dit.utils.cuda_graph import StepGraph
-from dit.utils.ema import EMA, copy_buffers, ema_decay_at, shard_pairs
+from dit.utils.ema import EMA, buffer_pairs, copy_buffers, ema_decay_at, shard_pairs
 
 logger = logging.getLogger("dit.train")
 
@@ -721,6 +721,7 @@ def train(cfg: Config) -> dict:
                           "train.fused_adamw_ema=true); unset it to let the trainer decide")
     if copies_ok and cfg.model.compute_weights is not False:
         adamw_ema.keep_compute_copies(raw_model.set_compute_weights(torch.bfloat16))
+    ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
 
     def flush() -> None:
         """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""
@@ -835,7 +836,7 @@ def train(cfg: Config) -> dict:
             if adamw_ema is None:
                 ema_update_unless(ema, raw_model, ema_decay_at(tc.ema_decay, step, tc.ema_warmup), bad, pairs=ema_pairs)
             else:
-                copy_buffers(ema.module, raw_model)
+                copy_buffers(ema.module, raw_model, ema_buffers)
             scheduler.step()
             step += 1
             window_steps += 1

@@ -39,13 +39,19 @@ def shard_pairs(ema_module: nn.Module, model: nn.Module) -> tuple[list[torch.Ten
 
 
 @torch.no_grad()
-def copy_buffers(ema_module: nn.Module, model: nn.Module) -> None:
-    """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged; by name, so
-    buffers only the trained model has (DiT.set_compute_weights' copies) are left out."""
+def buffer_pairs(ema_module: nn.Module, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(EMA buffer, model buffer) pairs matched by name: buffers only the trained model has (DiT.set_compute_weights'
+    copies) are left out. Look them up once where the buffers are final: walking the modules costs host time."""
     ema_buffers = dict(ema_module.named_buffers())
-    for name, b in model.named_buffers():
-        if name in ema_buffers:
-            ema_buffers[name].copy_(b)
+    return [(ema_buffers[name], b) for name, b in model.named_buffers() if name in ema_buffers]
+
+
+def copy_buffers(ema_module: nn.Module, model: nn.Module,
+                 pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged (``pairs``:
+    ``buffer_pairs`` looked up before)."""
+    for b_ema, b in pairs if pairs is not None else buffer_pairs(ema_module, model):
+        b_ema.copy_(b)
 
 
 class EMA:
