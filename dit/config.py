@@ -56,10 +56,10 @@ class ModelConfig:
     # applies the GELU's derivative. Same formulas (the GELU from the fp32 accumulator); +5.1% trainer img/s for
     # DiT-S/2, +3% for XL/2 on an H100 (docs/benchmarks.md, run 11). Ignored on CPU and by UNets.
     mlp_epilogues: bool = True
-    # DiTs with model.fused_training, one process, bf16/fp16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
-    # read a bf16/fp16 copy of each weight that the optimizer kernel writes with its update
+    # DiTs with model.fused_training, one process, bf16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
+    # read a bf16 copy of each weight that the optimizer kernel writes with its update
     # (DiT.set_compute_weights) instead of casting every fp32 weight on every step. Same values. None (the default):
-    # on wherever that holds; false: the casts (docs/benchmarks.md, run 18).
+    # on wherever that holds (and without model.grad_checkpointing); false: the casts (docs/benchmarks.md, run 18).
     compute_weights: bool | None = None
     # DiTs only: train the blocks' qkv/proj/fc1/fc2 GEMMs in FP8 (dit.models.fp8, Ada/Hopper or newer; CPU emulates):
     # "rowwise" (per-row scales, bf16 weight gradients; DiT-XL/2 1.045x img/s on an H100, DiT-S/2 0.93x) or

@@ -714,11 +714,13 @@ def train(cfg: Config) -> dict:
     # of casting every fp32 weight on every step (model.compute_weights). One process only: DDP would broadcast the
     # copies (buffers) on every step.
     copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision == "bf16"
-                 and getattr(raw_model, "fused_training", False) and hasattr(raw_model, "set_compute_weights"))
+                 and getattr(raw_model, "fused_training", False) and hasattr(raw_model, "set_compute_weights")
+                 and not cfg.model.grad_checkpointing)  # checkpointed blocks take the plain path, which casts
     if cfg.model.compute_weights and not copies_ok:
         raise ConfigError("model.compute_weights=true needs a DiT with model.fused_training (model.compile=true), one "
-                          "process, train.mixed_precision=bf16 and the AdamW + EMA kernel (CUDA, "
-                          "train.fused_adamw_ema=true); unset it to let the trainer decide")
+                          "process, train.mixed_precision=bf16, the AdamW + EMA kernel (CUDA, "
+                          "train.fused_adamw_ema=true) and no model.grad_checkpointing; unset it to let the trainer "
+                          "decide")
     if copies_ok and cfg.model.compute_weights is not False:
         adamw_ema.keep_compute_copies(raw_model.set_compute_weights(torch.bfloat16))
     ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
