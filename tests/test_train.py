@@ -798,6 +798,18 @@ def test_fused_attention_option_reaches_compiled_models(tmp_path, monkeypatch):
     assert seen[-1] == ("UNet", True) and calls
 
 
+def test_compute_weights_option_is_refused_where_the_optimizer_cannot_keep_the_copies(tmp_path):
+    """model.compute_weights=true needs the AdamW + EMA kernel on CUDA (and a fused DiT, one process, bf16): without
+    that kernel (here turned off; on a CPU it never runs) it is a one-line ConfigError; unset, the trainer decides
+    and trains."""
+    from dit.config import ConfigError
+
+    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0", "model.compile=true")
+    with pytest.raises(ConfigError, match="model.compute_weights=true needs a DiT with model.fused_training"):
+        _train(tmp_path / "on", *common, "model.compute_weights=true", "train.fused_adamw_ema=false")
+    _train(tmp_path / "auto", *common)
+
+
 def test_grid_guidance_interval(tmp_path, monkeypatch):
     """sample.guidance_interval reaches the training grids' guidance (as timesteps of the training schedule), and a
     range holding no timestep is refused before training starts (no checkpoint written)."""
@@ -925,14 +937,3 @@ def test_step_graph_refuses_inputs_that_do_not_fit_the_captured_buffers():
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         StepGraph(lambda: None, warmup=0)
 
-
-def test_compute_weights_option_is_refused_where_the_optimizer_cannot_keep_the_copies(tmp_path):
-    """model.compute_weights=true needs the AdamW + EMA kernel on CUDA (and a fused DiT, one process, bf16): without
-    that kernel (here turned off; on a CPU it never runs) it is a one-line ConfigError; unset, the trainer decides
-    and trains."""
-    from dit.config import ConfigError
-
-    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0", "model.compile=true")
-    with pytest.raises(ConfigError, match="model.compute_weights=true needs a DiT with model.fused_training"):
-        _train(tmp_path / "on", *common, "model.compute_weights=true", "train.fused_adamw_ema=false")
-    _train(tmp_path / "auto", *common)
