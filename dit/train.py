@@ -401,6 +401,7 @@ def _truncate_log(log_path: Path, step: int) -> None:
 def train(cfg: Config) -> dict:
     """Train ``cfg`` and return a summary dict (steps, images_seen, first/last loss, paths, timings)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
 
     from dit.diffusion import create_diffusion
@@ -410,6 +411,11 @@ def train(cfg: Config) -> dict:
     out_dir = Path(cfg.run.out_dir)
     if cfg.data.source != "shapes":
         _check_path(cfg)  # fail before anything is built
+    # Accelerate keeps one state per process and refuses another precision in a later Accelerator: a second train()
+    # in the same process (a notebook, a sweep, the tests) starts from a fresh one. The distributed state
+    # (PartialState: process group, device) is kept.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
                               log_with="tensorboard" if cfg.run.tensorboard else None, project_dir=str(out_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes

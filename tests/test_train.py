@@ -810,6 +810,15 @@ def test_compute_weights_option_is_refused_where_the_optimizer_cannot_keep_the_c
     _train(tmp_path / "auto", *common)
 
 
+def test_train_runs_again_in_one_process_with_another_precision(tmp_path):
+    """Accelerate keeps one state per process and refuses a second Accelerator of another precision; train() starts
+    each run from a fresh state, so a notebook or a sweep can call it again with bf16 after fp32 (and the GPU-only
+    bf16 trainer tests can follow the others in one pytest process)."""
+    common = ("train.max_steps=1", "train.ckpt_every=1", "sample.grid_size=0")
+    _train(tmp_path / "fp32", *common)
+    out = _train(tmp_path / "bf16", *common, "train.mixed_precision=bf16")
+    assert out["steps"] == 1 and out["bad_steps"] == 0
+
 def test_grid_guidance_interval(tmp_path, monkeypatch):
     """sample.guidance_interval reaches the training grids' guidance (as timesteps of the training schedule), and a
     range holding no timestep is refused before training starts (no checkpoint written)."""
