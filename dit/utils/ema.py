@@ -38,7 +38,6 @@ def shard_pairs(ema_module: nn.Module, model: nn.Module) -> tuple[list[torch.Ten
     return dst, src
 
 
-@torch.no_grad()
 def buffer_pairs(ema_module: nn.Module, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(EMA buffer, model buffer) pairs matched by name: buffers only the trained model has (DiT.set_compute_weights'
     copies) are left out. Look them up once where the buffers are final: walking the modules costs host time."""
@@ -46,6 +45,7 @@ def buffer_pairs(ema_module: nn.Module, model: nn.Module) -> list[tuple[torch.Te
     return [(ema_buffers[name], b) for name, b in model.named_buffers() if name in ema_buffers]
 
 
+@torch.no_grad()
 def copy_buffers(ema_module: nn.Module, model: nn.Module,
                  pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Buffers (none in DiT; statistics in other models) are copied into the EMA model, not averaged (``pairs``:
