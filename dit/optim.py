@@ -25,7 +25,6 @@ import torch
 
 from dit.models.kernels import has_triton
 
-_TL_DTYPES: dict = {}  # torch -> Triton dtypes of the compute copies (filled with Triton's import)
 _FIELDS = 9  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses, numel, has_grad, compute copy (or 0)
 
 
@@ -33,8 +32,6 @@ _FIELDS = 9  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses,
 def _kernel():
     import triton
     import triton.language as tl
-
-    _TL_DTYPES.update({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
 
     @triton.jit
     def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
@@ -142,7 +139,7 @@ class AdamWEMA:
         a contiguous bf16 or fp16 tensor of the parameter's shape (one dtype for all), the weight a layer computes
         with (``DiT.set_compute_weights``) instead of casting its fp32 weight on every step. In the kernel that costs
         the copy's bytes and no extra read; elsewhere a foreach copy after the step. Empty ``pairs``: none."""
-        pairs = [(p, c) for p, c in pairs]
+        pairs = list(pairs)
         dtypes = {c.dtype for _, c in pairs}
         if len(dtypes) > 1 or not dtypes <= {torch.bfloat16, torch.float16}:
             raise ValueError(f"AdamWEMA.keep_compute_copies: copies must all be bf16 or all fp16, got {dtypes}")
@@ -308,5 +305,5 @@ class AdamWEMA:
             beta1, beta2, group["eps"],
             math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
-            COPY_DTYPE=_TL_DTYPES[self.copy_dtype] if self.copy_dtype is not None else None, ALIGNED=aligned,
-            FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)
+            COPY_DTYPE=None if self.copy_dtype is None else getattr(triton.language, str(self.copy_dtype)[6:]),
+            ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)
