@@ -52,6 +52,8 @@ VARIANTS = {
                 "of torch's fused AdamW",
     "fast-cw": "as fast-fao, with the blocks' weights also kept in bf16 by that kernel and read by their GEMMs "
                "instead of a cast per step (DiT.set_compute_weights, the trainer's model.compute_weights)",
+    "fast-quack": "as fast-cw, with the blocks' forward and input-gradient GEMMs (GELU epilogues included) on "
+                  "QuACK's CuTe DSL kernels (DiT.set_gemm_backend('quack'), the trainer's model.gemm_backend=quack)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -361,7 +363,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw"):
+    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack"):
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -371,9 +373,14 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.set_mlp_epilogues(True)
     if variant == "fast-mlpq":
         model.set_fused_qkv_backward(True)
-    if variant in ("fast-fa", "fast-fao", "fast-cw"):
+    if variant in ("fast-fa", "fast-fao", "fast-cw", "fast-quack"):
         model.set_fused_attention(True)
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw"):
+    if variant == "fast-quack":
+        from dit.models.quack_gemm import check_backend
+
+        check_backend("quack", device)
+        model.set_gemm_backend("quack")
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
@@ -558,13 +565,13 @@ def _bench_one(
             loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
         step_fn = opt.step
-        if variant in ("fast-fao", "fast-cw") and device.type == "cuda":  # the trainer's optimizer kernel
+        if variant in ("fast-fao", "fast-cw", "fast-quack") and device.type == "cuda":  # the trainer's optimizer kernel
             from dit.optim import AdamWEMA
 
             kernel = AdamWEMA(opt)
             if not kernel.fused:
                 raise ValueError(f"variant {variant}: the AdamW kernel does not run here ({kernel.reason})")
-            if variant == "fast-cw":
+            if variant in ("fast-cw", "fast-quack"):
                 kernel.keep_compute_copies(model.set_compute_weights(torch.bfloat16))
             step_fn = kernel.step
 

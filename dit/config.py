@@ -56,6 +56,11 @@ class ModelConfig:
     # applies the GELU's derivative. Same formulas (the GELU from the fp32 accumulator); +5.1% trainer img/s for
     # DiT-S/2, +3% for XL/2 on an H100 (docs/benchmarks.md, run 11). Ignored on CPU and by UNets.
     mlp_epilogues: bool = True
+    # DiTs with model.fused_training on an sm90+ GPU: "quack" runs the blocks' qkv/proj/fc1/fc2 forward and
+    # input-gradient GEMMs (the GELU and its derivative in their epilogues) on QuACK's CuTe DSL kernels
+    # (`pip install quack-kernels`; DiT.set_gemm_backend, dit.models.quack_gemm) instead of cuBLAS/cuBLASLt. Same
+    # formulas, fp32 accumulation; each kernel compiles on its first call (docs/benchmarks.md, run 20).
+    gemm_backend: Literal["cublas", "quack"] = "cublas"
     # DiTs with model.fused_training, one process, bf16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
     # read a bf16 copy of each weight that the optimizer kernel writes with its update
     # (DiT.set_compute_weights) instead of casting every fp32 weight on every step. Same values. None (the default):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
-from dit.models import cublaslt
+from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
 from dit.utils.cuda_graph import StepGraph
@@ -557,6 +557,14 @@ def train(cfg: Config) -> dict:
         if fused_attention is None:  # where the Triton backward runs: without Triton it would be the slow reference
             fused_attention = device.type == "cuda" and has_triton()
         raw_model.set_fused_attention(fused_attention)
+    if cfg.model.gemm_backend != "cublas":
+        if not hasattr(raw_model, "set_gemm_backend"):
+            raise ConfigError(f"model.gemm_backend={cfg.model.gemm_backend}: {cfg.model.name} has no GEMM backend "
+                              "option (DiT models only)")
+        reason = quack_gemm.unavailable_reason(device)
+        if reason is not None:
+            raise ConfigError(f"model.gemm_backend={cfg.model.gemm_backend}: {reason}")
+        raw_model.set_gemm_backend(cfg.model.gemm_backend)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from . import quack_gemm
 from .kernels import _acc  # the reference path's accumulation dtype: fp32, or float64 for float64 inputs
 from .kernels import weight_grad
 
@@ -360,41 +361,53 @@ def _gemm_dgelu_flops(g_shape, w_shape, *args, **kwargs) -> int:
 
 class _FusedMlp(torch.autograd.Function):
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU in fc1's GEMM (forward) and its derivative in fc2's input-gradient
-    GEMM (backward); the other four GEMMs are torch's, the weight gradients written in the weights' own dtype
-    (``kernels.weight_grad``)."""
+    GEMM (backward); the other four GEMMs are torch's (or QuACK's, ``backend="quack"``: there the backward's GEMM
+    also recomputes the GELU for fc2's weight gradient, so the forward keeps only the pre-activation), the weight
+    gradients written in the weights' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c):
+    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str):
         """x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) in any dtype (master
-        weights); w1_c, w2_c: the weights in x's dtype, or None to cast them here -> (M, C)."""
+        weights); w1_c, w2_c: the weights in x's dtype, or None to cast them here; backend: the GEMMs'
+        (``quack_gemm.BACKENDS``) -> (M, C)."""
         w1c = w1.to(x.dtype) if w1_c is None else w1_c
         w2c = w2.to(x.dtype) if w2_c is None else w2_c
-        g, h = gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
-        ctx.save_for_backward(x, w1c, w2c, g, h)
-        ctx.dtypes = (w1.dtype, b1.dtype, w2.dtype, b2.dtype)
-        return torch.addmm(b2.to(x.dtype), g, w2c.t())  # (M, C)
+        if backend == "quack":
+            g, h = quack_gemm.quack_gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
+            ctx.save_for_backward(x, w1c, w2c, h)  # the backward's GEMM recomputes g from h
+        else:
+            g, h = gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
+            ctx.save_for_backward(x, w1c, w2c, g, h)
+        ctx.dtypes, ctx.backend = (w1.dtype, b1.dtype, w2.dtype, b2.dtype), backend
+        return quack_gemm.linear(g, w2c, b2.to(x.dtype), backend)  # (M, C)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w2, g, h = ctx.saved_tensors
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dy = dy.contiguous()  # (M, C)
+        if ctx.backend == "quack":
+            x, w1, w2, h = ctx.saved_tensors
+            dh, g = quack_gemm.quack_gemm_dgelu(dy, w2, h)  # (M, F) each
+        else:
+            x, w1, w2, g, h = ctx.saved_tensors
+            dh = gemm_dgelu(dy, w2, h)  # (M, F)
         dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
         db2 = dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
-        dh = gemm_dgelu(dy, w2, h)  # (M, F)
         db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw1 = weight_grad(dh, x, w1_dtype)  # (F, C)
-        dx = dh @ w1  # (M, C)
-        return dx, dw1, db1, dw2, db2, None, None
+        dx = quack_gemm.mm(dh, w1, ctx.backend)  # (M, C)
+        return dx, dw1, db1, dw2, db2, None, None, None
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-              w1_c: torch.Tensor | None = None, w2_c: torch.Tensor | None = None) -> torch.Tensor:
+              w1_c: torch.Tensor | None = None, w2_c: torch.Tensor | None = None,
+              backend: str = "cublas") -> torch.Tensor:
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU and its backward in GEMM epilogues (module docstring).
 
     x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) in their own dtype (fp32 master
     weights: cast here, gradients returned in it); ``w1_c``, ``w2_c``: the weights already in x's dtype (copies the
     optimizer keeps, ``DiT.set_compute_weights``), used instead of casts -> (M, C). Differentiable in x and the
-    parameters.
+    parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs and the forward and input-gradient GEMMs
+    on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients still on cuBLAS.
     """
-    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c)
+    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import quack_gemm
 from .fp8 import E4M3
 from .kernels import add_layernorm_modulate, layernorm_modulate
 from .layers import (
@@ -338,6 +339,18 @@ class DiT(nn.Module):
         """
         for block in self.blocks:
             block.mlp.gemm_epilogues = enable
+
+    def set_gemm_backend(self, name: str) -> None:
+        """Run the blocks' training GEMMs on ``name``'s kernels (``dit.models.quack_gemm.BACKENDS``): "cublas"
+        (torch's GEMMs and cuBLASLt's GELU epilogues) or "quack" (QuACK's Hopper kernels for the qkv, proj, fc1 and
+        fc2 forward and input-gradient GEMMs, GELU epilogues included; the weight gradients stay cuBLAS's). Used
+        on the paths of ``set_fused_attention`` and ``set_mlp_epilogues``; "quack" needs an sm90+ GPU and the
+        quack-kernels package (a one-line ValueError otherwise). Same formulas, fp32 accumulation."""
+        if name not in quack_gemm.BACKENDS:
+            raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(quack_gemm.BACKENDS)}")
+        for block in self.blocks:
+            block.attn.gemm_backend = name
+            block.mlp.gemm_backend = name
 
     def set_fused_qkv_backward(self, enable: bool = True) -> None:
         """In training, build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv in one

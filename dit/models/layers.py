@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from . import quack_gemm
 from .attention_kernels import fused_attention_supported, qkv_attention
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
@@ -181,29 +182,30 @@ class _MasterLinear(torch.autograd.Function):
     weight and bias gradients come back in the parameters' dtype straight from the GEMM (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_c):
-        """x: (M, K); weight: (N, K); bias: (N,); weight_c: the weight in x's dtype, or None to cast it here."""
+    def forward(ctx, x, weight, bias, weight_c, backend: str):
+        """x: (M, K); weight: (N, K); bias: (N,); weight_c: the weight in x's dtype, or None to cast it here;
+        backend: the forward and input-gradient GEMMs' (``quack_gemm.BACKENDS``)."""
         wc = weight.to(x.dtype) if weight_c is None else weight_c
         ctx.save_for_backward(x, wc)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return x @ wc.t() if bias is None else torch.addmm(bias.to(x.dtype), x, wc.t())  # (M, N)
+        ctx.dtypes, ctx.backend = (weight.dtype, None if bias is None else bias.dtype), backend
+        return quack_gemm.linear(x, wc, None if bias is None else bias.to(x.dtype), backend)  # (M, N)
 
     @staticmethod
     def backward(ctx, dy):
         x, wc = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         db = None if b_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b_dtype)
-        return dy @ wc, weight_grad(dy, x, w_dtype), db, None
+        return quack_gemm.mm(dy, wc, ctx.backend), weight_grad(dy, x, w_dtype), db, None, None
 
 
-def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, backend: str = "cublas") -> torch.Tensor:
     """``linear(x)`` computed in ``dtype`` (the autocast dtype), for training: x (..., K) -> (..., N) in ``dtype``.
 
     Same values as autocast's ``F.linear``; the weight and bias gradients are written in the parameters' dtype by
     the GEMM itself instead of cast from ``dtype`` afterwards, and the weight's cast is the optimizer's copy where
-    it keeps one (``compute_weight``)."""
+    it keeps one (``compute_weight``). ``backend``: the forward and input-gradient GEMMs' (``quack_gemm``)."""
     y = _MasterLinear.apply(x.reshape(-1, x.shape[-1]).to(dtype), linear.weight, linear.bias,
-                            compute_weight(linear, dtype))
+                            compute_weight(linear, dtype), backend)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -215,7 +217,8 @@ class Attention(nn.Module):
     (``_QKVProjection``). ``fused_attention = True`` (``DiT.set_fused_attention``; the trainer's
     ``model.fused_attention``): in training, the qkv projection and the attention run through
     ``attention_kernels.qkv_attention`` (cuDNN's forward, a Triton backward that writes the packed qkv gradient and
-    the bias gradient's pieces), at the head dims it takes (``fused_attention_supported``).
+    the bias gradient's pieces), at the head dims it takes (``fused_attention_supported``). On that path
+    ``gemm_backend`` (``DiT.set_gemm_backend``) picks the qkv and proj GEMMs' backend (``quack_gemm.BACKENDS``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -227,6 +230,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused_qkv_backward = False
         self.fused_attention = False
+        self.gemm_backend = "cublas"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
@@ -235,8 +239,10 @@ class Attention(nn.Module):
                 and self.qkv.bias is not None and fused_attention_supported(self.head_dim)):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
             out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
-                                compute_weight(self.qkv, dtype))  # (N, T, D)
-            return master_linear(out, self.proj, dtype) if type(self.proj) is nn.Linear else self.proj(out)
+                                compute_weight(self.qkv, dtype), self.gemm_backend)  # (N, T, D)
+            if type(self.proj) is nn.Linear:
+                return master_linear(out, self.proj, dtype, self.gemm_backend)
+            return self.proj(out)
         if (self.fused_qkv_backward and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
                 and self.qkv.bias is not None):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom op
@@ -320,7 +326,8 @@ class Mlp(nn.Module):
 
     With ``gemm_epilogues = True`` training runs through ``dit.models.cublaslt.fused_mlp``: the GELU in fc1's GEMM
     (which also keeps the pre-activation) and its derivative in fc2's input-gradient GEMM, in the compute dtype
-    (the trainer's ``model.mlp_epilogues``; on CUDA in bf16/fp16 only).
+    (the trainer's ``model.mlp_epilogues``; on CUDA in bf16/fp16 only), on the GEMMs of ``gemm_backend``
+    (``DiT.set_gemm_backend``: cuBLASLt's epilogues, or QuACK's).
     """
 
     def __init__(self, in_features: int, hidden_features: int):
@@ -330,6 +337,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.fused_inference = True
         self.gemm_epilogues = False
+        self.gemm_backend = "cublas"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D); an E4M3 ``x`` is already cast for a static-scale FP8 fc1 (DiT fused inference)."""
@@ -347,7 +355,8 @@ class Mlp(nn.Module):
         epilogue_dtype = dtype in (torch.bfloat16, torch.float16) or not x.is_cuda
         if self.gemm_epilogues and torch.is_grad_enabled() and plain and epilogue_dtype:
             y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                          self.fc2.bias, compute_weight(self.fc1, dtype), compute_weight(self.fc2, dtype))  # (M, D)
+                          self.fc2.bias, compute_weight(self.fc1, dtype), compute_weight(self.fc2, dtype),
+                          self.gemm_backend)  # (M, D)
             return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
         if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs
