@@ -60,6 +60,14 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of the GELU-epilogue GEMMs (cuBLASLt's, QuACK's): ``h = x @ weight^T + bias``,
+    ``g = GELU_tanh(h)`` in ``_acc`` precision, returned as (g, h) in x's dtype. x (M, K), weight (N, K), bias (N,)."""
+    acc = _acc(x)
+    h = F.linear(x.to(acc), weight.to(acc), bias.to(acc))  # (M, N)
+    return F.gelu(h, approximate="tanh").to(x.dtype), h.to(x.dtype)
+
+
 def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A linear layer's weight gradient ``dy^T x`` in ``dtype``, the weight's own (fp32 master weights under
     autocast): dy (M, N), x (M, K) -> (N, K).
