@@ -358,9 +358,9 @@ def _gemm_dgelu_flops(g_shape, w_shape, *args, **kwargs) -> int:
 
 class _FusedMlp(torch.autograd.Function):
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU in fc1's GEMM (forward) and its derivative in fc2's input-gradient
-    GEMM (backward); the other four GEMMs are torch's (or QuACK's, ``backend="quack"``: there fc2's input-gradient
-    GEMM also recomputes the GELU and sums fc1's bias gradient, so the forward keeps only the pre-activation), the
-    weight gradients written in the weights' own dtype (``kernels.weight_grad``)."""
+    GEMM (backward); the other four GEMMs are torch's (or QuACK's, ``backend="quack"``: there the backward's GEMM
+    also recomputes the GELU for fc2's weight gradient, so the forward keeps only the pre-activation), the weight
+    gradients written in the weights' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str):
@@ -384,14 +384,13 @@ class _FusedMlp(torch.autograd.Function):
         dy = dy.contiguous()  # (M, C)
         if ctx.backend == "quack":
             x, w1, w2, h = ctx.saved_tensors
-            dh, g, db1 = quack_gemm.quack_gemm_dgelu_dbias(dy, w2, h)  # (M, F), (M, F), (F,) from one GEMM
-            db1 = db1.to(b1_dtype)
+            dh, g = quack_gemm.quack_gemm_dgelu(dy, w2, h)  # (M, F) each
         else:
             x, w1, w2, g, h = ctx.saved_tensors
             dh = gemm_dgelu(dy, w2, h)  # (M, F)
-            db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
         db2 = dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
+        db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw1 = weight_grad(dh, x, w1_dtype)  # (F, C)
         dx = quack_gemm.mm(dh, w1, ctx.backend)  # (M, C)
         return dx, dw1, db1, dw2, db2, None, None, None

@@ -4,9 +4,7 @@
 QuACK (``pip install quack-kernels``) writes its GEMMs in NVIDIA's CuTe DSL: persistent, warp-specialised
 ping-pong kernels with TMA loads and stores and the bias / GELU / GELU-derivative in the epilogue. At DiT-XL/2's
 shapes on an H100 they ran the qkv forward GEMM (with its bias) at 760 TFLOP/s against cuBLAS's 647, the qkv input
-gradient at 786 against 646, fc2's forward at 743 against 688 and fc1's GELU GEMM at 717 against cuBLASLt's 608
-(docs/benchmarks.md, run 20). fc2's input-gradient GEMM also recomputes the GELU (for fc2's weight gradient) and
-sums fc1's bias gradient in its epilogue. The weight
+gradient at 786 against 646 and fc2's forward at 743 against 688 (docs/benchmarks.md, run 20). The weight
 gradients stay cuBLAS's: QuACK's default tile has no split-K, and the weight gradients reduce over N * T rows
 (DiT-S/2's ran at 170-180 TFLOP/s against cuBLAS's 650-670).
 
@@ -23,6 +21,7 @@ import functools
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .kernels import _acc, linear_gelu_ref
@@ -120,38 +119,28 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
 
 
-@functools.cache
-def _dgelu_dbias_epilogue():
-    """QuACK's GELU-derivative epilogue with the GELU recomputed and the column sums of the result: D = dh, postact
-    = GELU(pre), dbias = per-tile partial sums of dh (fp32, folded after the kernel)."""
-    return importlib.import_module("quack.epilogue.library").dgelu_dbias_mod
-
-
-@torch.library.custom_op("dit::quack_gemm_dgelu_dbias", mutates_args=())
-def quack_gemm_dgelu_dbias(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The GELU's input gradient through the next linear layer, the GELU recomputed, and the bias gradient of the
-    layer before the GELU: ``dh = (grad @ weight) * GELU_tanh'(pre)``, ``g = GELU_tanh(pre)``, ``db = sum_rows dh``.
+@torch.library.custom_op("dit::quack_gemm_dgelu", mutates_args=())
+def quack_gemm_dgelu(grad: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GELU's input gradient through the next linear layer and the GELU itself, recomputed:
+    ``dh = (grad @ weight) * GELU_tanh'(pre)``, ``g = GELU_tanh(pre)``.
 
     grad: (M, K) the next layer's output gradient; weight: (K, N) its weight; pre: (M, N) the saved pre-activation
-    -> dh (M, N), g (M, N) in grad's dtype, db (N,) in fp32 (float64 for float64 inputs). On QuACK one GEMM writes
-    all three from its epilogue (db from the fp32 values, before dh is rounded): the forward need not keep the 4x-wide
-    activation ``g`` (fc2's weight gradient reads the recomputed one), and no separate reduction reads dh again."""
+    -> (M, N), (M, N) in grad's dtype. QuACK's epilogue writes both; ``g`` feeds the next layer's weight gradient,
+    so the forward need not keep the activation."""
     if _runs(grad, weight, pre):
-        res = _dgelu_dbias_epilogue()(grad, weight, pre, tuned=False)
-        return res["D"], res["postact"], res["dbias"].reshape(-1).float()
+        dh, g = _quack().gemm_dact(grad, weight, PreAct=pre, activation="gelu_tanh_approx", tuned=False)
+        return dh, g
     acc = _acc(grad)
+    dg = grad.to(acc) @ weight.to(acc)  # (M, N)
     pre_acc = pre.to(acc)
-    dh = torch.ops.aten.gelu_backward(grad.to(acc) @ weight.to(acc), pre_acc, approximate="tanh")  # (M, N)
-    g = torch.nn.functional.gelu(pre_acc, approximate="tanh")  # (M, N)
-    return dh.to(grad.dtype), g.to(grad.dtype), dh.sum(0)
+    dh = torch.ops.aten.gelu_backward(dg, pre_acc, approximate="tanh")  # (M, N)
+    return dh.to(grad.dtype), F.gelu(pre_acc, approximate="tanh").to(grad.dtype)
 
 
-@quack_gemm_dgelu_dbias.register_fake
+@quack_gemm_dgelu.register_fake
 def _(grad, weight, pre):
-    acc = torch.promote_types(grad.dtype, torch.float32)
-    m, n = grad.shape[0], weight.shape[1]
-    return grad.new_empty(m, n), grad.new_empty(m, n), grad.new_empty(n, dtype=acc)
+    return grad.new_empty(grad.shape[0], weight.shape[1]), grad.new_empty(grad.shape[0], weight.shape[1])
 
 
 @register_flop_formula(torch.ops.dit.quack_linear)
@@ -169,7 +158,7 @@ def _quack_gelu_aux_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # the epilogue is not counted
 
 
-@register_flop_formula(torch.ops.dit.quack_gemm_dgelu_dbias)
+@register_flop_formula(torch.ops.dit.quack_gemm_dgelu)
 def _quack_dgelu_flops(g_shape, w_shape, *args, **kwargs) -> int:
     return 2 * g_shape[0] * g_shape[1] * w_shape[1]
 

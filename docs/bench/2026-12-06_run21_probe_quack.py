@@ -1,12 +1,15 @@
-"""QuACK's fc2 input-gradient epilogues and split-K weight gradients against cuBLAS/cuBLASLt at DiT block shapes.
+"""Prepared in run 21 (2026-12-06) and not run: that session had no device time left. Run it beside
+2026-12-06_run21_dgelu_dbias.patch (``git apply`` it first: the backend then uses ``dgelu_dbias_mod``).
 
-    python scripts/probe_quack.py [XL] [S] [--out probe.json]
+QuACK's fc2 input-gradient epilogues and split-K weight gradients against cuBLAS/cuBLASLt at DiT block shapes.
+
+    PYTHONPATH=. python docs/bench/2026-12-06_run21_probe_quack.py [XL] [S] [--out probe.json]
 
 Rows (bf16 operands, CUDA events, L2 warm, best of three 30-call loops; errors against fp32 formulas):
 - fc2's input gradient with the GELU derivative, and what the backward needs beside it (GELU(h) for fc2's weight
   gradient where the forward did not keep it, the column sums for fc1's bias gradient): cuBLASLt's DGELU GEMM + a
   column sum (the cuBLAS backend), QuACK's ``gemm_dact`` (dh, g) + a column sum (run 20's QuACK backend), QuACK's
-  ``dact_dbias_mod`` (dh, db) and ``dgelu_dbias_mod`` (dh, g, db: the backend now).
+  ``dact_dbias_mod`` (dh, db) and ``dgelu_dbias_mod`` (dh, g, db: the backend with the patch).
 - the fp32 weight gradients ``dy^T x`` of qkv, proj, fc1 and fc2: torch's ``mm(out_dtype=float32)`` (cuBLAS) against
   QuACK's ``gemm`` with split-K 1, 2 and 4 (serial, deterministic).
 """
@@ -18,23 +21,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dit.benchmark import time_back_to_back
 from dit.models import cublaslt as cl
 
 
 def bench(fn, it=30, rep=3):
-    """Best mean time of ``rep`` loops of ``it`` calls, microseconds."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(it):
-            fn()
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) / it)
-    return best * 1e3
+    """Best of ``rep`` back-to-back loops of ``it`` calls, microseconds."""
+    return min(time_back_to_back(fn, iters=it, warmup=3 if r == 0 else 0) for r in range(rep)) * 1e3
 
 
 def rel(a, ref):
