@@ -191,6 +191,29 @@ def test_kernel_breakdown_plot(tmp_path):
     assert plot_kernel_breakdown([], tmp_path / "none.png") is None
 
 
+@pytest.mark.parametrize("tool,args,option", [
+    ("benchmark.py", ["--models", "DiT-S/2,Foo/2", "--variants", "eager-bf16"], "--models"),
+    ("benchmark.py", ["--models", "DiT-S/2", "--variants", "eager-bf16,fastest"], "--variants"),
+    ("benchmark.py", ["--sampling", "--models", "DiT-S/3"], "--models"),
+    ("bench_trainer.py", ["--models", "DiT-XL/2,Foo/2"], "--models"),
+])
+def test_benchmark_tools_refuse_unknown_models_and_variants_before_measuring(tool, args, option):
+    """A typo in --models / --variants is a one-line usage error naming the option, the unknown name and the valid
+    names (exit 2, before any timing or training starts), not a run of FAILED rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / tool
+    out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    bad = next(a for a in args[1 + args.index(option)].split(",") if a not in ("DiT-S/2", "DiT-XL/2", "eager-bf16"))
+    assert last.startswith(f"{Path(tool).name}: error: {option}: unknown {bad!r}; valid: "), last
+    assert ("DiT-XL/2" if option == "--models" else "fast-cg") in last
+    assert "[bench]" not in out.stdout and "[trainer]" not in out.stdout  # nothing was measured
+
+
 def test_bench_trainer_runs_the_real_trainer(tmp_path):
     """tools/bench_trainer.py: tools/train.py on synthetic latents in a subprocess; the median step time after --skip
     steps becomes img/s; a run stopped by --timeout still reports the steps it logged."""

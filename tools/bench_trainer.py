@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from dit.benchmark import environment  # noqa: E402
 from dit.data.latents import make_synthetic_latents  # noqa: E402
+from dit.models import list_models  # noqa: E402
 
 
 def main() -> int:
@@ -50,10 +51,14 @@ def main() -> int:
         assert len(shape) == 3 and min(shape) > 0
     except (ValueError, AssertionError):
         p.error(f"--latent-shape must be C,H,W positive integers, got {a.latent_shape!r}")
+    models = [m for m in a.models.split(",") if m]
+    unknown = [m for m in models if m not in list_models()]
+    if unknown or not models:
+        p.error(f"--models: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(list_models())}")
     rows, env = [], environment()
     with tempfile.TemporaryDirectory() as tmp:
         lat = make_synthetic_latents(Path(tmp) / "latents", count=a.count, shape=shape, shard_size=4096)
-        for name in [m for m in a.models.split(",") if m]:
+        for name in models:
             batch = a.batch_small if "-S/" in name or name.endswith("-S") else a.batch
             out = Path(tmp) / name.replace("/", "_")
             cmd = [sys.executable, str(ROOT / "tools" / "train.py"), f"run.out_dir={out}", f"model.name={name}",

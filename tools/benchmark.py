@@ -55,12 +55,22 @@ def main() -> None:
     if a.train_only and a.fwd_only:
         p.error("--train-only and --fwd-only exclude each other")
     models = [m for m in a.models.split(",") if m]
+    variants = [v for v in a.variants.split(",") if v]
+    # checked before the (paid) GPU time starts: a typo is a one-line error, not a run of FAILED rows
+    from dit.models import list_models
+
+    unknown = [m for m in models if m not in list_models()]
+    if unknown or not models:
+        p.error(f"--models: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(list_models())}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(VARIANTS)}")
     if a.sampling:
-        return sampling_main(a, models)
+        return sampling_main(a, models, variants)
     if a.step_ops:
         return step_ops_main(a, models)
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
-    env, results = run_benchmarks(models, a.variants.split(","), train_batch=tb, fwd_batch=a.fwd_batch,
+    env, results = run_benchmarks(models, variants, train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
                                   json_out=a.json, profile=a.profile, do_fwd=not a.train_only, do_train=not a.fwd_only,
                                   profile_top=a.profile_top)
@@ -102,7 +112,7 @@ def interval_fraction(lo: float, hi: float, steps: int = 250) -> float:
     return guided_fraction(create_diffusion(str(steps)).timestep_map, guidance_timesteps(lo, hi))
 
 
-def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
+def sampling_main(a: argparse.Namespace, models: list[str], variants: list[str]) -> None:
     import dataclasses
     import json
 
@@ -123,7 +133,7 @@ def sampling_main(a: argparse.Namespace, models: list[str]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env, rows = environment(), []
     for name in models:
-        for v in a.variants.split(","):
+        for v in variants:
             try:
                 r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
                                    overrides={"input_size": a.input_size}, profile=a.profile,
