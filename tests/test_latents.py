@@ -182,6 +182,17 @@ def test_tool_single_process_and_bad_data(tmp_path, monkeypatch):
     assert read_manifest(out)["count"] == 6
     with pytest.raises(FileNotFoundError, match="--data /no/such/dir"):
         tool.main(["--data", "/no/such/dir", "--resolution", "16", "--autoencoder", "identity", "--out", str(out)])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        tool.main(["--data", str(a_file), "--resolution", "16", "--autoencoder", "identity", "--out", str(out)])
+    # A mistyped --autoencoder is reported before the folder is scanned: here the scan would stop at a corrupt file.
+    folder = tmp_path / "imgs" / "cls"
+    folder.mkdir(parents=True)
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(FileNotFoundError, match="no-such-vae: no such file or folder"):
+        tool.main(["--data", str(folder.parent), "--resolution", "16", "--autoencoder", "no-such-vae",
+                   "--out", str(out), "--cpu"])
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import sys
 
 from accelerate import Accelerator
 
-from dit.data.extract import extract_latents, open_dataset
+from dit.data.extract import check_data, extract_latents, open_dataset
 from dit.data.latents import DTYPES
 from vae import load_autoencoder
 
@@ -42,17 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     accelerator = Accelerator(cpu=args.cpu)
-    dataset = open_dataset(args.data, resolution=args.resolution, num_samples=args.num_samples, seed=args.seed,
-                           split=args.split, captions=args.captions, skip_bad=args.skip_bad)
-    bad = getattr(dataset, "bad_files", [])
-    if bad and accelerator.is_main_process:
-        print(f"skipping {len(bad)} unreadable file(s):", *(f"  {path}: {why}" for path, why in bad), sep="\n")
+    check_data(args.data)  # before anything is loaded
+    # The encoders first: a mistyped --autoencoder fails in seconds, not after a scan of every image file.
     autoencoder = load_autoencoder(args.autoencoder, device=accelerator.device, dtype=args.ae_dtype)
     text_encoder = None
     if args.text_encoder:
         from dit.text import load_text_encoder
 
         text_encoder = load_text_encoder(args.text_encoder, device=accelerator.device)
+    dataset = open_dataset(args.data, resolution=args.resolution, num_samples=args.num_samples, seed=args.seed,
+                           split=args.split, captions=args.captions, skip_bad=args.skip_bad)
+    bad = getattr(dataset, "bad_files", [])
+    if bad and accelerator.is_main_process:
+        print(f"skipping {len(bad)} unreadable file(s):", *(f"  {path}: {why}" for path, why in bad), sep="\n")
     stats = extract_latents(dataset, autoencoder, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                             dtype=args.dtype, flip=args.flip, text_encoder=text_encoder,
                             num_workers=args.num_workers, accelerator=accelerator)

@@ -218,6 +218,12 @@ def extract_latents(
             "written": written, "skipped": skipped_all, "num_shards": num_shards}
 
 
+def check_data(data: str) -> None:
+    """Raise a one-line FileNotFoundError unless ``--data`` is ``"shapes"`` or an existing folder (cheap: no scan)."""
+    if data != "shapes" and not Path(data).is_dir():
+        raise FileNotFoundError(f"--data {data}: no such directory (expected 'shapes' or a dataset folder)")
+
+
 def open_dataset(data: str, *, resolution: int, num_samples: int | None = None, seed: int = 0,
                  split: str = "train", captions: bool = False, skip_bad: bool = False):
     """The dataset named by ``--data``: ``"shapes"`` (bundled), a caption folder (``captions=True`` or a
@@ -225,11 +231,10 @@ def open_dataset(data: str, *, resolution: int, num_samples: int | None = None, 
     from dit.data.folders import CaptionDataset, ImageFolderDataset
     from dit.data.shapes import ShapesDataset
 
+    check_data(data)
     if data == "shapes":
         return ShapesDataset(resolution=resolution, num_samples=num_samples, seed=seed, split=split)
     root = Path(data)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {data}: no such directory (expected 'shapes' or a dataset folder)")
     if captions or (root / "captions.jsonl").is_file():
         return CaptionDataset(root, resolution=resolution, skip_bad=skip_bad)
     return ImageFolderDataset(root, resolution=resolution, skip_bad=skip_bad)
