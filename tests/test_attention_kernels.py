@@ -44,6 +44,7 @@ def test_packed_attention_is_sdpa_with_its_gradient(n, t, heads, dh):
     (ref,) = torch.autograd.grad(want, qkv, do)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     dqkv, part = A.packed_attention_bwd(qkv.detach(), o.detach(), lse, do, heads)
+    torch.testing.assert_close(dqkv, ref, rtol=1e-10, atol=1e-12)
     assert part.shape == (n, -(-t // A.ROWS), 3 * heads * dh)
     torch.testing.assert_close(part.sum((0, 1)), ref.sum((0, 1)), rtol=1e-10, atol=1e-12)
 

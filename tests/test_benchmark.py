@@ -235,12 +235,14 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert row["last_loss"] is not None
     assert isinstance(row["startup_s"], float) and math.isfinite(row["startup_s"])  # steps 1..4 minus 4 medians
     assert {"date", "torch", "device"} <= set(row["env"])  # what the figure was measured on
-    # Long run, short timeout: stopped, and whatever was logged after --skip is reported (or nothing, said so).
-    out = subprocess.run(common + ["--steps", "100000", "--skip", "2", "--timeout", "25", "--json",
+    # Long run, short timeout: stopped, and the steps logged after --skip are reported (the tiny model logs every
+    # 2 steps from a few seconds after start-up, so 40 s leaves many).
+    out = subprocess.run(common + ["--steps", "100000", "--skip", "2", "--timeout", "40", "--json",
                                    str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)
-    assert "stopped after --timeout 25 s" in out.stdout, out.stdout + out.stderr
-    rows = json.loads((tmp_path / "b.json").read_text()) if out.returncode == 0 else []
-    assert all(r["steps_measured"] >= 1 and r["img_s"] > 0 for r in rows)
+    assert "stopped after --timeout 40 s" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "b.json").read_text())
+    assert row["steps_measured"] >= 2 and row["img_s"] > 0
 
 
 def test_timeline_gaps_merges_overlaps_and_charges_gaps_to_the_next_activity():

@@ -258,8 +258,10 @@ def test_image_folder_flip_follows_seed_epoch_index(tmp_path):
     ds = ImageFolderDataset(root, resolution=8, flip=True, seed=7)
     for epoch in (0, 3):
         ds.set_epoch(epoch)
+        flips = [flip_decision(7, epoch, i) for i in range(len(ds))]
+        assert any(flips) and not all(flips)  # both branches are checked
         for i in range(len(ds)):
-            want = plain[i]["image"].flip(-1) if flip_decision(7, epoch, i) else plain[i]["image"]
+            want = plain[i]["image"].flip(-1) if flips[i] else plain[i]["image"]
             assert torch.equal(ds[i]["image"], want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no global RNG, no warnings: a fresh copy repeats the same epoch exactly

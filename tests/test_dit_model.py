@@ -73,10 +73,16 @@ def test_every_config_tiny_forward_backward_zero_init(name):
 
 
 def test_unconditional_model():
+    from dit.benchmark import _randomise_zero_init
+
     model = create_model("DiT-S/4", **TINY, num_classes=0, learn_sigma=False)
     assert model.conditioning == "none" and model.y_embedder is None and model.out_channels == 4
-    out = model(torch.randn(3, 4, 8, 8), torch.rand(3) * 999)  # fractional timesteps are fine
-    assert out.shape == (3, 4, 8, 8)
+    _randomise_zero_init(model)  # adaLN-Zero: exactly zero output at init otherwise
+    x, t = torch.randn(3, 4, 8, 8), torch.rand(3) * 999  # fractional timesteps are fine
+    out = model(x, t)
+    assert out.shape == (3, 4, 8, 8) and out.abs().amax() > 0
+    assert not torch.allclose(model(x, t + 100), out)  # the timestep is used
+    assert not torch.allclose(model(x.flip(-1), t), out)  # and the input
 
 
 # Official parameter counts (facebookresearch/DiT train.py prints sum(p.numel() for p in model.parameters()),
@@ -426,6 +432,23 @@ def test_compute_weights_change_nothing_but_where_the_cast_comes_from():
     assert not any("weight_c" in n for n, _ in EMA(m, 0.9).module.named_buffers())
     torch.save(m, io.BytesIO())  # the load hook keeps the model picklable
     assert m.set_compute_weights(None) == [] and not any("weight_c" in n for n, _ in m.named_buffers())
+
+
+def test_weight_grad_cpu_paths():
+    """kernels.weight_grad off CUDA: dy^T x in the operands' dtype when the weight has it, else the product cast to
+    the weight's dtype (the bf16 product rounded once, as autograd's cast did)."""
+    from dit.models.kernels import weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randn(32, 5, generator=g, dtype=torch.float64)
+    out = weight_grad(dy, x, torch.float64)
+    assert out.shape == (6, 5) and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.einsum("mn,mk->nk", dy, x), rtol=1e-12, atol=1e-12)
+    b_dy, b_x = dy.bfloat16(), x.bfloat16()
+    out = weight_grad(b_dy, b_x, torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, (b_dy.t() @ b_x).float())
+    torch.testing.assert_close(out, (b_dy.double().t() @ b_x.double()).float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -208,7 +208,10 @@ def test_shapes_classifier_plumbing(tmp_path):
     x, y = shapes_eval.render_split(16, 24, "val")
     pred = shapes_eval.predict(loaded, x)
     assert torch.equal(pred, shapes_eval.predict(model, x))
-    assert shapes_eval.conditional_accuracy(loaded, x, pred) == 1.0
+    wrong = pred.clone()
+    wrong[:6] = (pred[:6] + 1) % 12  # 6 of the 24 labels disagree with the classifier: accuracy exactly 18/24
+    assert shapes_eval.conditional_accuracy(loaded, x, wrong) == pytest.approx(18 / 24, abs=1e-9)
+    assert shapes_eval.conditional_accuracy(loaded, x, (pred + 1) % 12) == 0.0
     assert shapes_eval.fd_shapes(loaded, x, x) == pytest.approx(0.0, abs=1e-5)  # 24 points in 32-d: singular
     np.savez(tmp_path / "s.npz", arr_0=((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
              labels=y.numpy())

@@ -133,7 +133,7 @@ def test_fsdp_matches_ddp_and_writes_the_same_checkpoint(fp32_runs):
     assert fsdp[0]["weights_digest"] == fsdp[1]["weights_digest"]  # the digest of the gathered full weights
     assert fsdp[0]["checkpoint"] and fsdp[1]["checkpoint"] is None  # gathered on all ranks, written by rank 0
     la, lb = _log(fp32_runs / "ddp"), _log(fp32_runs / "fsdp")
-    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5) and rb["lr"] == ra["lr"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
@@ -214,6 +214,7 @@ def test_fsdp_bf16_dit_and_unet(bf16_runs):
         s0, s1 = _summaries(bf16_runs, name)
         assert s0["steps"] == 4 and s0["bad_steps"] == 0 and s0["weights_digest"] == s1["weights_digest"], name
     la, lb = _log(bf16_runs / "unet_ddp"), _log(bf16_runs / "unet")
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
     for ra, rb in zip(la, lb):
         # bf16 weights are the same roundings in both; only ops autocast keeps in fp32 see them differently
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-2), (ra, rb)

@@ -243,7 +243,12 @@ def test_unet_checkpoint_samples(tmp_path):
     torch.save({"model": sd, "ema": sd, "model_name": "UNet-S", "model_kwargs": kwargs, "config": {},
                 "autoencoder": {"spec": "identity"}, "diffusion": {}, "class_names": [], "text_encoder": None}, path)
     setup = load_sampling_setup(path, model_name="UNet-S")
-    assert sample_images(setup, labels=[0, 2], steps=2).shape == (2, 8, 8, 3)
+    img = sample_images(setup, labels=[0, 2], steps=2)
+    assert img.shape == (2, 8, 8, 3) and np.asarray(img).std() > 0
+    again = sample_images(setup, labels=[0, 2], steps=2)
+    assert np.array_equal(np.asarray(img), np.asarray(again))  # seeded: the same images
+    other = sample_images(setup, labels=[1, 1], steps=2)
+    assert not np.array_equal(np.asarray(img), np.asarray(other))  # the labels reach the UNet
 
 
 def test_resolve_checkpoint_path_accepts_run_dir_checkpoints_dir_and_latest_pointer(tmp_path):

@@ -114,8 +114,10 @@ def test_label_dropout_and_null_class():
 def test_unconditional_model():
     m = perturb_(tiny(num_classes=0))
     assert m.conditioning == "none" and m.y_embedder is None
-    out = m(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]))
-    assert out.shape == (2, 8, 8, 8)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 500])
+    out = m(x, t)
+    assert out.shape == (2, 8, 8, 8) and out.abs().amax() > 0
+    assert not torch.allclose(m(x, t + 200), out)  # the timestep is used
 
 
 def test_channels_last_same_output():

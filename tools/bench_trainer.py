@@ -29,6 +29,17 @@ from dit.data.latents import make_synthetic_latents  # noqa: E402
 from dit.models import list_models  # noqa: E402
 
 
+def _read_log(path: Path) -> list[dict]:
+    """The trainer's per-step log rows; a run stopped by ``--timeout`` may have left its last line half-written."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="DiT-S/2,DiT-XL/2")
@@ -83,7 +94,7 @@ def main() -> int:
                 print(f"[trainer] {name}: FAILED (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
                 continue
             log_path = out / "train_log.jsonl"
-            log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+            log = _read_log(log_path)
             times = [r["step_time"] for r in log if r["step"] > a.skip]
             if not times:
                 print(f"[trainer] {name}: no logged steps after step {a.skip}", flush=True)

@@ -1,9 +1,9 @@
 """Sample images from a checkpoint: a PNG grid, or many samples into an ``.npz`` for evaluation.
 
     # a grid from one of our checkpoints (model, autoencoder, diffusion read from the checkpoint; EMA weights)
-    python tools/sample.py --ckpt runs/shapes/checkpoints/0010000.pt --class-labels 0,1,2,3 --out grid.png
+    python tools/sample.py --ckpt runs/shapes/checkpoints/step_0010000.pt --class-labels 0,1,2,3 --out grid.png
     # guidance only at middle noise levels (Kynkaenniemi et al. 2024), conditional model alone elsewhere
-    python tools/sample.py --ckpt runs/shapes/checkpoints/0010000.pt --cfg-scale 2 --guidance-interval 0.28,5.42
+    python tools/sample.py --ckpt runs/shapes/checkpoints/step_0010000.pt --cfg-scale 2 --guidance-interval 0.28,5.42
     # the official DiT-XL/2 exactly as facebookresearch/DiT's sample.py (DDPM 250 steps, cfg 4, seed 0)
     python tools/sample.py --ckpt DiT-XL-2-256x256.pt --official-cfg --precision fp32
     # 50k samples for FID, resumable, on all GPUs
