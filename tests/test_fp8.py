@@ -168,6 +168,7 @@ def test_static_scales_equal_dynamic_ones_on_the_calibration_batch_and_saturate_
     convert_to_float8(m8)
     g = torch.Generator().manual_seed(3)
     x, t, y = torch.randn(8, 4, 8, 8, generator=g), torch.full((8,), 500), torch.arange(8) % 4
+    m_dyn = copy.deepcopy(m8)  # never calibrated: dynamic scales everywhere
     with torch.no_grad():
         dynamic = m8(x, t, y=y)
         assert calibrate_float8(m8, lambda: m8(x, t, y=y)) == 4 * TINY["depth"]
@@ -178,11 +179,15 @@ def test_static_scales_equal_dynamic_ones_on_the_calibration_batch_and_saturate_
         torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
         big = m8(x * 50, t, y=y)  # inputs beyond the calibrated range saturate instead of overflowing
         assert torch.isfinite(big).all()
+        big_dynamic = m_dyn(x * 50, t, y=y)
+        assert not torch.equal(big, big_dynamic)  # inference used the static scales
     assert "weight8" not in m8.state_dict() and list(m8.state_dict()) == list(_randomised_dit().state_dict())
     with torch.enable_grad():  # training never uses the static scales (weights change every step)
-        x.requires_grad_(True)
-        m8(x, t, y=y).sum().backward()
-        assert layer.weight.grad is not None
+        xb = (x * 50).requires_grad_(True)
+        out = m8(xb, t, y=y)
+        torch.testing.assert_close(out, m_dyn(xb, t, y=y), rtol=0, atol=0)  # dynamic scales, as uncalibrated
+        out.sum().backward()
+        assert layer.weight.grad is not None and xb.grad is not None
 
 
 def test_sample_tool_fp8(tmp_path):

@@ -302,6 +302,9 @@ def test_trains_from_latent_shards_with_flips(tmp_path):
     extract_latents(ds, load_autoencoder("identity"), tmp_path / "lat", batch_size=8, shard_size=10, dtype="fp32",
                     flip=True, progress=False)
     summary = _train(tmp_path / "run", "data.source=latents", f"data.path={tmp_path / 'lat'}", "train.max_steps=3")
+    unflipped = _train(tmp_path / "noflip", "data.source=latents", f"data.path={tmp_path / 'lat'}",
+                       "train.max_steps=3", "data.flip=false")
+    assert summary["weights_digest"] != unflipped["weights_digest"]  # the flipped copies were read
     state = torch.load(summary["checkpoint"], weights_only=True)
     assert state["model_kwargs"]["in_channels"] == 3 and state["model_kwargs"]["input_size"] == 16
     assert state["class_names"] == list(ds.classes) and state["autoencoder"]["spec"] == "identity"

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dit.models import create_model, list_models
 from dit.models.layers import group_norm_moments
-from dit.models.unet import AttentionBlock, ResBlock, UNet, upsample_nearest2x
+from dit.models.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample, upsample_nearest2x
 
 UNET_NAMES = [f"UNet-{s}{t}" for s in ("S", "B", "L", "XL") for t in ("", "-T")]
 # Tiny shapes for any registered name: 2 levels (8x8, 4x4), attention at 4x4, 8-channel heads, 8 groups.
@@ -304,13 +304,23 @@ def test_variants_without_updown_and_scale_shift():
         x, t, ykw = inputs(m, size=m.input_size)
         out = m(x, t, **ykw)
         assert out.shape == (2, 8, m.input_size, m.input_size) and torch.isfinite(out).all()
+        blocks = [b for b in m.modules() if isinstance(b, ResBlock)]
+        updown = [b for b in blocks if b.up or b.down]
+        # resampling by ResBlocks (ADM's default) or by the plain Downsample / Upsample layers
+        assert bool(updown) == kw.get("resblock_updown", True)
+        assert any(isinstance(b, (Downsample, Upsample)) for b in m.modules()) == (not updown)
+        scale_shift = kw.get("use_scale_shift_norm", True)
+        assert all(b.emb_proj.out_features == b.out_norm.num_channels * (2 if scale_shift else 1) for b in blocks)
 
 
 def test_bf16_model_takes_fp32_inputs():
-    m = perturb_(tiny("UNet-S-T")).to(torch.bfloat16).eval()
+    ref = perturb_(tiny("UNet-S-T")).eval()
+    m = copy.deepcopy(ref).to(torch.bfloat16)
     x, t, kw = inputs(m)
     out = m(x, t, **kw)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    want = ref(x, t, **kw)  # the fp32 model on the same fp32 inputs: bf16 weights and activations, not a cast bug
+    assert ((out.float() - want).norm() / want.norm()).item() < 5e-2
 
 
 def test_resblock_adagn_matches_formula_float64():
