@@ -297,9 +297,10 @@ def test_fused_inference_mlp_matches_the_two_kernel_path():
     assert calls == [1] and fused.shape == (2, 5, 8)
     torch.testing.assert_close(fused, two_kernels.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(plain, two_kernels.detach(), rtol=0, atol=0)
-    compiled = torch.compile(Mlp(8, 32), backend="eager", fullgraph=True)  # no graph break around the custom op
+    eager = Mlp(8, 32)
+    compiled = torch.compile(eager, backend="eager", fullgraph=True)  # no graph break around the custom op
     with torch.no_grad():
-        compiled(xs.float())
+        torch.testing.assert_close(compiled(xs.float()), eager(xs.float()), rtol=0, atol=0)
 
 
 def test_text_variant_ignores_padding_tokens():
