@@ -54,6 +54,9 @@ VARIANTS = {
                "instead of a cast per step (DiT.set_compute_weights, the trainer's model.compute_weights)",
     "fast-quack": "as fast-cw, with the blocks' forward and input-gradient GEMMs (GELU epilogues included) on "
                   "QuACK's CuTe DSL kernels (DiT.set_gemm_backend('quack'), the trainer's model.gemm_backend=quack)",
+    "fast-fa4": "as fast-cw, with the blocks' attention on FlashAttention-4's Hopper kernels instead of cuDNN's "
+                "forward and our Triton backward (DiT.set_attention_backend('fa4'), the trainer's "
+                "model.attention_backend=fa4)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -363,7 +366,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack"):
+    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack", "fast-fa4"):
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -373,14 +376,20 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.set_mlp_epilogues(True)
     if variant == "fast-mlpq":
         model.set_fused_qkv_backward(True)
-    if variant in ("fast-fa", "fast-fao", "fast-cw", "fast-quack"):
+    if variant in ("fast-fa", "fast-fao", "fast-cw", "fast-quack", "fast-fa4"):
         model.set_fused_attention(True)
     if variant == "fast-quack":
         from dit.models.quack_gemm import check_backend
 
         check_backend("quack", device)
         model.set_gemm_backend("quack")
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack"):
+    if variant == "fast-fa4":
+        from dit.models.attention_kernels import check_attention_backend
+
+        check_attention_backend("fa4", device)
+        model.set_attention_backend("fa4")
+    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack",
+                   "fast-fa4"):
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
@@ -565,13 +574,13 @@ def _bench_one(
             loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
         step_fn = opt.step
-        if variant in ("fast-fao", "fast-cw", "fast-quack") and device.type == "cuda":  # the trainer's optimizer kernel
+        if variant in ("fast-fao", "fast-cw", "fast-quack", "fast-fa4") and device.type == "cuda":  # trainer's kernel
             from dit.optim import AdamWEMA
 
             kernel = AdamWEMA(opt)
             if not kernel.fused:
                 raise ValueError(f"variant {variant}: the AdamW kernel does not run here ({kernel.reason})")
-            if variant in ("fast-cw", "fast-quack"):
+            if variant in ("fast-cw", "fast-quack", "fast-fa4"):
                 kernel.keep_compute_copies(model.set_compute_weights(torch.bfloat16))
             step_fn = kernel.step
 

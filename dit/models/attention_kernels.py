@@ -21,6 +21,7 @@ implementation, and the CUDA one outside bf16/fp16, is the reference: the same f
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
@@ -64,9 +65,16 @@ def _backward_ref(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: tor
     ds = p * (dp - (do4 * o4).sum(-1, keepdim=True))
     dq, dk = ds @ k * scale, ds.transpose(-1, -2) @ q * scale
     dqkv = torch.stack((dq, dk, dv), dim=2).transpose(1, 3).reshape(n, t, c3)  # (N, T, 3, H, Dh) -> (N, T, 3C)
+    return dqkv.to(qkv.dtype), _block_sums(dqkv, acc)
+
+
+def _block_sums(dqkv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column sums of dqkv (N, T, 3C) per block of ROWS tokens -> (N, cdiv(T, ROWS), 3C) in ``dtype``: the qkv bias
+    gradient's pieces, in the layout the Triton kernels write them."""
+    n, t, c3 = dqkv.shape
     nb = -(-t // ROWS)
-    part = F.pad(dqkv, (0, 0, 0, nb * ROWS - t)).view(n, nb, ROWS, c3).sum(2)  # (N, nb, 3C)
-    return dqkv.to(qkv.dtype), part
+    padded = dqkv if nb * ROWS == t else F.pad(dqkv, (0, 0, 0, nb * ROWS - t))
+    return padded.view(n, nb, ROWS, c3).sum(2, dtype=dtype)  # (N, nb, 3C)
 
 
 # Head dims the Triton backward takes: timed at 64 (DiT-S/B/L, the UNets) and 72 (DiT-XL: a 64-wide block + a 16-wide
@@ -226,6 +234,122 @@ def _backward(ctx, do, _dlse):
 packed_attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+# ---- FlashAttention-4 (optional backend) ---------------------------------------------------------------------------
+# flash-attn-4 (Tri Dao et al.; CuTe DSL, pure Python on nvidia-cutlass-dsl like QuACK) has Hopper forward and
+# backward kernels for head dims 8-256 in steps of 8: an FA3-class backward, where ours is FlashAttention-2 in Triton.
+# ``DiT.set_attention_backend("fa4")`` (the trainer's ``model.attention_backend=fa4``) trains through these two ops
+# instead of the two above: same inputs, outputs and formulas, the bias gradient's pieces summed by torch. Written
+# against flash-attn-4 4.0.0b40's functions (``_flash_attn_fwd`` / ``_flash_attn_bwd``: the public
+# ``flash_attn_func`` is an autograd.Function that torch.compile would break the graph at).
+
+ATTENTION_BACKENDS = ("triton", "fa4")
+
+
+@functools.cache
+def _fa4():
+    """flash-attn-4's interface module, or the ImportError's message."""
+    try:
+        return importlib.import_module("flash_attn.cute.interface")
+    except Exception as exc:  # noqa: BLE001 - a broken install (CuTe DSL libraries) is as unusable as a missing one
+        return f"{type(exc).__name__}: {exc}"
+
+
+def fa4_unavailable_reason(device: torch.device | str) -> str | None:
+    """None where FlashAttention-4's kernels can run on ``device``, else a one-line reason."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"FlashAttention-4 needs a CUDA GPU, the model is on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"FlashAttention-4 needs compute capability 9.0 or newer (Hopper), this GPU has {major}.{minor}"
+    mod = _fa4()
+    if isinstance(mod, str):
+        return f"the flash-attn-4 package does not import ({mod}); install it with `pip install flash-attn-4`"
+    return None
+
+
+def check_attention_backend(name: str, device: torch.device | str) -> None:
+    """Raise a one-line ValueError unless the attention backend ``name`` can run on ``device``."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "fa4":
+        reason = fa4_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"attention backend 'fa4': {reason}")
+
+
+def _fa4_runs(qkv: torch.Tensor, heads: int) -> bool:
+    dh = qkv.shape[-1] // (3 * heads)
+    return (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and dh % 8 == 0 and 8 <= dh <= 256
+            and not isinstance(_fa4(), str))
+
+
+def _heads_view(z: torch.Tensor, heads: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """(N, T, parts * C) -> ``parts`` views (N, T, H, Dh): FlashAttention's layout, no copies."""
+    n, t, c = z.shape
+    return z.view(n, t, parts, heads, c // (parts * heads)).unbind(2)
+
+
+@torch.library.custom_op("dit::fa4_attention_fwd", mutates_args=())
+def fa4_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``packed_attention_fwd`` on FlashAttention-4's forward kernel: qkv (N, T, 3C) -> (o (N, T, C), lse (N, H, T)
+    fp32); the reference formulas where it cannot run (CPU, other dtypes, head dims off its grid)."""
+    _check(qkv, heads)
+    qkv = qkv.contiguous()
+    if not _fa4_runs(qkv, heads):
+        return _forward_ref(qkv, heads)
+    n, t, c3 = qkv.shape
+    q, k, v = _heads_view(qkv, heads, 3)  # (N, T, H, Dh) each
+    res = _fa4()._flash_attn_fwd(q, k, v, return_lse=True)  # out (N, T, H, Dh), lse (N, H, T) fp32, ...
+    return res[0].reshape(n, t, c3 // 3), res[1].float()
+
+
+@fa4_attention_fwd.register_fake
+def _(qkv, heads):
+    n, t, c3 = qkv.shape
+    return qkv.new_empty(n, t, c3 // 3), qkv.new_empty((n, heads, t), dtype=_acc(qkv))
+
+
+@torch.library.custom_op("dit::fa4_attention_bwd", mutates_args=())
+def fa4_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                      heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``packed_attention_bwd`` on FlashAttention-4's backward kernels: dq, dk, dv written into views of one packed
+    dqkv (N, T, 3C), and its per-block column sums (N, cdiv(T, ROWS), 3C) fp32 from torch (the qkv bias gradient's
+    pieces, which our Triton kernels write themselves)."""
+    qkv, o, do = qkv.contiguous(), o.contiguous(), do.contiguous().to(qkv.dtype)
+    if not _fa4_runs(qkv, heads):
+        return _backward_ref(qkv, o, lse, do, heads)
+    dqkv = torch.empty_like(qkv)
+    q, k, v = _heads_view(qkv, heads, 3)
+    dq, dk, dv = _heads_view(dqkv, heads, 3)
+    (o4,), (do4,) = _heads_view(o, heads, 1), _heads_view(do, heads, 1)
+    _fa4()._flash_attn_bwd(q, k, v, o4, do4, lse.contiguous(), dq=dq, dk=dk, dv=dv)
+    return dqkv, _block_sums(dqkv, torch.float32)
+
+
+@fa4_attention_bwd.register_fake
+def _(qkv, o, lse, do, heads):
+    n, t, c3 = qkv.shape
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            lse.new_empty(n, -(-t // ROWS), c3))
+
+
+def _fa4_setup(ctx, inputs, output):
+    qkv, heads = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.heads = heads
+
+
+def _fa4_backward(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return fa4_attention_bwd(qkv, o, lse, do, ctx.heads)[0], None
+
+
+fa4_attention_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+_OPS = {"triton": (packed_attention_fwd, packed_attention_bwd), "fa4": (fa4_attention_fwd, fa4_attention_bwd)}
+
+
 def packed_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of the q, k, v packed in the qkv GEMM's output, for training.
 
@@ -241,37 +365,41 @@ class _QKVAttention(torch.autograd.Function):
     the parameters' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str):
+    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str, attention: str):
         """x: (N, T, D) in the compute dtype; weight: (3C, D), bias: (3C,) in any dtype (fp32 master weights);
-        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``)
-        -> (N, T, C)."""
+        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``);
+        attention: the attention kernels' (``ATTENTION_BACKENDS``) -> (N, T, C)."""
         n, t, d = x.shape
         wc = weight.to(x.dtype) if weight_c is None else weight_c
         qkv = quack_gemm.linear(x.reshape(n * t, d), wc, bias.to(x.dtype), backend).view(n, t, -1)  # (N, T, 3C)
-        o, lse = packed_attention_fwd(qkv, heads)  # (N, T, C), (N, H, T)
+        o, lse = _OPS[attention][0](qkv, heads)  # (N, T, C), (N, H, T)
         ctx.save_for_backward(x, wc, qkv, o, lse)
-        ctx.heads, ctx.dtypes, ctx.backend = heads, (weight.dtype, bias.dtype), backend
+        ctx.heads, ctx.dtypes, ctx.backend, ctx.attention = heads, (weight.dtype, bias.dtype), backend, attention
         return o
 
     @staticmethod
     def backward(ctx, do):
         x, wc, qkv, o, lse = ctx.saved_tensors
-        dqkv, part = packed_attention_bwd(qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
+        dqkv, part = _OPS[ctx.attention][1](qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
         n, t, d = x.shape
         dqkv = dqkv.view(n * t, -1)
         w_dtype, b_dtype = ctx.dtypes
         return (quack_gemm.mm(dqkv, wc, ctx.backend).view(n, t, d), weight_grad(dqkv, x.reshape(n * t, d), w_dtype),
-                part.sum((0, 1)).to(b_dtype), None, None, None)
+                part.sum((0, 1)).to(b_dtype), None, None, None, None)
 
 
 def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int,
-                  weight_c: torch.Tensor | None = None, backend: str = "cublas") -> torch.Tensor:
+                  weight_c: torch.Tensor | None = None, backend: str = "cublas",
+                  attention: str = "triton") -> torch.Tensor:
     """The qkv projection ``x @ weight^T + bias`` and ``packed_attention`` of its output, for training.
 
     x: (N, T, D) in the compute dtype (autocast does not reach inside); weight: (3C, D); bias: (3C,), in their own
     dtype (fp32 master weights: cast here, gradients returned in it); ``weight_c``: the weight already in x's dtype
     (a copy the optimizer keeps, ``DiT.set_compute_weights``), used instead of a cast -> (N, T, C), heads
     concatenated. Differentiable in x, weight and bias. ``backend``: the qkv GEMM's and its input gradient's
-    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's).
+    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's). ``attention``: the attention's kernels
+    (``ATTENTION_BACKENDS``: cuDNN's forward + our Triton backward, or FlashAttention-4's).
     """
-    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend)
+    if attention not in _OPS:
+        raise ValueError(f"attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend, attention)

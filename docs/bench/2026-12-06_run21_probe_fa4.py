@@ -15,7 +15,9 @@ errors against float64 (o, dq, dk, dv) and times (CUDA events, best of three 20-
 - FA4 through its autograd function on q, k, v views of the packed qkv (dq, dk, dv separate tensors, then
   concatenated into the packed dqkv, and the bias gradient's column sum: what a drop-in would cost);
 - FA4's forward and backward functions directly, writing dq, dk, dv into one packed dqkv buffer (no concatenation),
-  if its kernels take those strided outputs.
+  if its kernels take those strided outputs;
+- the ops ``model.attention_backend=fa4`` trains with (``attention_kernels.fa4_attention_fwd`` / ``_bwd``: the
+  direct calls plus the bias gradient's per-block sums).
 """
 
 import argparse
@@ -128,6 +130,12 @@ def main() -> None:
 
             record("FA4 bwd (direct, packed dqkv out)", fa4_bwd_packed, 2.5 * flop_fwd,
                    lambda r: {"err_dqkv": rel(r, dqkv_ref)})
+        # the ops the trainer runs with model.attention_backend=fa4 (the bias pieces summed by torch)
+        o5, lse5 = A.fa4_attention_fwd(qkv, h)
+        record("op fa4_attention_fwd", lambda: A.fa4_attention_fwd(qkv, h), flop_fwd,
+               lambda r: {"err_o": rel(r[0], o_ref)})
+        record("op fa4_attention_bwd", lambda: A.fa4_attention_bwd(qkv, o5, lse5, do, h), 2.5 * flop_fwd,
+               lambda r: {"err_dqkv": rel(r[0], dqkv_ref)})
         rows.append(row)
         del o_ref, dqkv_ref
         torch.cuda.empty_cache()
