@@ -15,7 +15,8 @@ from proving the heads' columns 16-byte aligned, the loads were not vectorised, 
 
 Both are ``torch.library.custom_op``s (opaque to torch.compile, CUDA-graph safe) with autograd. Their CPU
 implementation, and the CUDA one outside bf16/fp16, is the reference: the same formulas in the accumulation dtype
-(float64 for float64 inputs), against which the kernels are tested.
+(float64 for float64 inputs), against which the kernels are tested. An optional pair of ops with the same interface
+runs FlashAttention-4's Hopper kernels instead (``ATTENTION_BACKENDS``, the section below; not yet measured).
 """
 
 from __future__ import annotations
