@@ -22,14 +22,13 @@ runs FlashAttention-4's Hopper kernels instead (``ATTENTION_BACKENDS``, the sect
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
-from .kernels import _acc, _use_triton, weight_grad
+from .kernels import _acc, _use_triton, hopper_unavailable_reason, optional_module, weight_grad
 
 _LOG2E = 1.4426950408889634
 
@@ -196,10 +195,12 @@ def packed_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, t
     return _forward_ref(qkv, heads)
 
 
-@packed_attention_fwd.register_fake
-def _(qkv, heads):
+def _forward_fake(qkv, heads):
     n, t, c3 = qkv.shape
     return qkv.new_empty(n, t, c3 // 3), qkv.new_empty((n, heads, t), dtype=_acc(qkv))
+
+
+packed_attention_fwd.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("dit::packed_attention_bwd", mutates_args=())
@@ -214,11 +215,13 @@ def packed_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, 
     return _backward_ref(qkv, o, lse, do, heads)
 
 
-@packed_attention_bwd.register_fake
-def _(qkv, o, lse, do, heads):
+def _backward_fake(qkv, o, lse, do, heads):
     n, t, c3 = qkv.shape
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
             lse.new_empty(n, -(-t // ROWS), c3))
+
+
+packed_attention_bwd.register_fake(_backward_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -227,12 +230,16 @@ def _setup(ctx, inputs, output):
     ctx.heads = heads
 
 
-def _backward(ctx, do, _dlse):
-    qkv, o, lse = ctx.saved_tensors
-    return packed_attention_bwd(qkv, o, lse, do, ctx.heads)[0], None
+def _autograd_of(backward_op):
+    """The autograd formula of a forward op whose gradient ``backward_op`` computes (same interface)."""
+    def backward(ctx, do, _dlse):
+        qkv, o, lse = ctx.saved_tensors
+        return backward_op(qkv, o, lse, do, ctx.heads)[0], None
+
+    return backward
 
 
-packed_attention_fwd.register_autograd(_backward, setup_context=_setup)
+packed_attention_fwd.register_autograd(_autograd_of(packed_attention_bwd), setup_context=_setup)
 
 
 # ---- FlashAttention-4 (optional backend) ---------------------------------------------------------------------------
@@ -244,29 +251,17 @@ packed_attention_fwd.register_autograd(_backward, setup_context=_setup)
 # ``flash_attn_func`` is an autograd.Function that torch.compile would break the graph at).
 
 ATTENTION_BACKENDS = ("triton", "fa4")
+_FA4_MODULE = "flash_attn.cute.interface"
 
 
-@functools.cache
 def _fa4():
     """flash-attn-4's interface module, or the ImportError's message."""
-    try:
-        return importlib.import_module("flash_attn.cute.interface")
-    except Exception as exc:  # noqa: BLE001 - a broken install (CuTe DSL libraries) is as unusable as a missing one
-        return f"{type(exc).__name__}: {exc}"
+    return optional_module(_FA4_MODULE)
 
 
 def fa4_unavailable_reason(device: torch.device | str) -> str | None:
     """None where FlashAttention-4's kernels can run on ``device``, else a one-line reason."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"FlashAttention-4 needs a CUDA GPU, the model is on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"FlashAttention-4 needs compute capability 9.0 or newer (Hopper), this GPU has {major}.{minor}"
-    mod = _fa4()
-    if isinstance(mod, str):
-        return f"the flash-attn-4 package does not import ({mod}); install it with `pip install flash-attn-4`"
-    return None
+    return hopper_unavailable_reason(device, "FlashAttention-4 needs", "flash-attn-4", _FA4_MODULE)
 
 
 def check_attention_backend(name: str, device: torch.device | str) -> None:
@@ -305,10 +300,7 @@ def fa4_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torc
     return res[0].reshape(n, t, c3 // 3), res[1].float()
 
 
-@fa4_attention_fwd.register_fake
-def _(qkv, heads):
-    n, t, c3 = qkv.shape
-    return qkv.new_empty(n, t, c3 // 3), qkv.new_empty((n, heads, t), dtype=_acc(qkv))
+fa4_attention_fwd.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("dit::fa4_attention_bwd", mutates_args=())
@@ -328,25 +320,8 @@ def fa4_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do:
     return dqkv, _block_sums(dqkv, torch.float32)
 
 
-@fa4_attention_bwd.register_fake
-def _(qkv, o, lse, do, heads):
-    n, t, c3 = qkv.shape
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            lse.new_empty(n, -(-t // ROWS), c3))
-
-
-def _fa4_setup(ctx, inputs, output):
-    qkv, heads = inputs
-    ctx.save_for_backward(qkv, *output)
-    ctx.heads = heads
-
-
-def _fa4_backward(ctx, do, _dlse):
-    qkv, o, lse = ctx.saved_tensors
-    return fa4_attention_bwd(qkv, o, lse, do, ctx.heads)[0], None
-
-
-fa4_attention_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+fa4_attention_bwd.register_fake(_backward_fake)
+fa4_attention_fwd.register_autograd(_autograd_of(fa4_attention_bwd), setup_context=_setup)
 
 _OPS = {"triton": (packed_attention_fwd, packed_attention_bwd), "fa4": (fa4_attention_fwd, fa4_attention_bwd)}
 

@@ -36,6 +36,7 @@ checked against (and what runs on a CUDA install without Triton). Triton is impo
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 
 import torch
@@ -85,6 +86,31 @@ def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.
 @functools.cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None  # CUDA wheels ship it on Linux, not everywhere
+
+
+@functools.cache
+def optional_module(name: str):
+    """The module ``name`` of an optional package (QuACK, FlashAttention-4), or the import error as one line: a
+    broken install (its CUDA libraries, say) is as unusable as a missing one."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return f"{type(exc).__name__}: {exc}"
+
+
+def hopper_unavailable_reason(device: torch.device | str, subject: str, package: str, module: str) -> str | None:
+    """None where ``module`` of the optional ``package`` can run Hopper kernels on ``device``, else a one-line reason
+    that starts with ``subject`` (e.g. "QuACK's GEMMs need")."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{subject} a CUDA GPU, the model is on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"{subject} compute capability 9.0 or newer (Hopper), this GPU has {major}.{minor}"
+    mod = optional_module(module)
+    if isinstance(mod, str):
+        return f"the {package} package does not import ({mod}); install it with `pip install {package}`"
+    return None
 
 
 def _use_triton(x: torch.Tensor) -> bool:
