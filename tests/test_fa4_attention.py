@@ -125,8 +125,8 @@ def test_trainer_refuses_the_fa4_backend_where_it_cannot_run(tmp_path):
 @_NEED_FA4
 def test_fa4_ops_on_the_gpu_match_fp32():
     """FA4's kernels (bf16; DiT-S/B's head dim 64 and DiT-XL's 72; a token count that is not a tile multiple)
-    against float64, within bf16 rounding, every output element written; the same results replayed from a CUDA
-    graph (the trainer's reduce-overhead and step graph)."""
+    against float64, within bf16 rounding; the backward repeats itself bit for bit (deterministic mode); the same
+    results replayed from a CUDA graph (the trainer's reduce-overhead and step graph)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, t, heads, dh in [(4, 256, 6, 64), (2, 256, 16, 72), (3, 77, 4, 64)]:
         qkv = torch.randn(n, t, 3 * heads * dh, device="cuda", generator=gen).bfloat16()
@@ -140,6 +140,7 @@ def test_fa4_ops_on_the_gpu_match_fp32():
         assert torch.isfinite(dqkv).all()
         assert ((dqkv.double() - dref).norm() / dref.norm()).item() < 1e-2
         torch.testing.assert_close(part.sum((0, 1)), dqkv.float().sum((0, 1)), rtol=1e-4, atol=1e-3)
+        assert torch.equal(A.fa4_attention_bwd(qkv, o, lse, do, heads)[0], dqkv)  # deterministic, as ours
         out = {}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -316,7 +316,9 @@ def fa4_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do:
     q, k, v = _heads_view(qkv, heads, 3)
     dq, dk, dv = _heads_view(dqkv, heads, 3)
     (o4,), (do4,) = _heads_view(o, heads, 1), _heads_view(do, heads, 1)
-    _fa4()._flash_attn_bwd(q, k, v, o4, do4, lse.contiguous(), dq=dq, dk=dk, dv=dv)
+    # deterministic: dQ's partial sums land in a fixed order (semaphores, not free atomics), as in our Triton kernels,
+    # so a resumed run repeats an uninterrupted one (the probe times both modes)
+    _fa4()._flash_attn_bwd(q, k, v, o4, do4, lse.contiguous(), dq=dq, dk=dk, dv=dv, deterministic=True)
     return dqkv, _block_sums(dqkv, torch.float32)
 
 

@@ -15,7 +15,7 @@ errors against float64 (o, dq, dk, dv) and times (CUDA events, best of three 20-
 - FA4 through its autograd function on q, k, v views of the packed qkv (dq, dk, dv separate tensors, then
   concatenated into the packed dqkv, and the bias gradient's column sum: what a drop-in would cost);
 - FA4's forward and backward functions directly, writing dq, dk, dv into one packed dqkv buffer (no concatenation),
-  if its kernels take those strided outputs;
+  if its kernels take those strided outputs, with dQ accumulated by free atomics and in deterministic order;
 - the ops ``model.attention_backend=fa4`` trains with (``attention_kernels.fa4_attention_fwd`` / ``_bwd``: the
   direct calls plus the bias gradient's per-block sums).
 """
@@ -124,12 +124,13 @@ def main() -> None:
             dqkv = torch.empty_like(qkv)
             dq, dk, dv = views(dqkv)
 
-            def fa4_bwd_packed():
-                _flash_attn_bwd(q, k, v, o4, do4, lse4, dq=dq, dk=dk, dv=dv)
-                return dqkv
+            for det in (False, True):
+                def fa4_bwd_packed(det=det):
+                    _flash_attn_bwd(q, k, v, o4, do4, lse4, dq=dq, dk=dk, dv=dv, deterministic=det)
+                    return dqkv
 
-            record("FA4 bwd (direct, packed dqkv out)", fa4_bwd_packed, 2.5 * flop_fwd,
-                   lambda r: {"err_dqkv": rel(r, dqkv_ref)})
+                record(f"FA4 bwd (direct, packed dqkv out, deterministic={det})", fa4_bwd_packed, 2.5 * flop_fwd,
+                       lambda r: {"err_dqkv": rel(r, dqkv_ref)})
         # the ops the trainer runs with model.attention_backend=fa4 (the bias pieces summed by torch)
         o5, lse5 = A.fa4_attention_fwd(qkv, h)
         record("op fa4_attention_fwd", lambda: A.fa4_attention_fwd(qkv, h), flop_fwd,
