@@ -196,6 +196,8 @@ def test_kernel_breakdown_plot(tmp_path):
     ("benchmark.py", ["--models", "DiT-S/2", "--variants", "eager-bf16,fastest"], "--variants"),
     ("benchmark.py", ["--sampling", "--models", "DiT-S/3"], "--models"),
     ("bench_trainer.py", ["--models", "DiT-XL/2,Foo/2"], "--models"),
+    ("benchmark.py", ["--models", "DiT-S/2", "--variants", "eager-bf16", "--model-overrides", "{dpeth: 2}"],
+     "--model-overrides"),
 ])
 def test_benchmark_tools_refuse_unknown_models_and_variants_before_measuring(tool, args, option):
     """A typo in --models / --variants is a one-line usage error naming the option, the unknown name and the valid
@@ -208,10 +210,41 @@ def test_benchmark_tools_refuse_unknown_models_and_variants_before_measuring(too
     out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    bad = next(a for a in args[1 + args.index(option)].split(",") if a not in ("DiT-S/2", "DiT-XL/2", "eager-bf16"))
-    assert last.startswith(f"{Path(tool).name}: error: {option}: unknown {bad!r}; valid: "), last
-    assert ("DiT-XL/2" if option == "--models" else "fast-cg") in last
+    if option == "--model-overrides":  # the keyword the model does not take, and the ones it does
+        assert last.startswith("benchmark.py: error: --model-overrides '{dpeth: 2}' for DiT-S/2: "), last
+        assert "'dpeth'" in last and "depth" in last.split("'dpeth'", 1)[1]
+    else:
+        bad = next(a for a in args[1 + args.index(option)].split(",")
+                   if a not in ("DiT-S/2", "DiT-XL/2", "eager-bf16"))
+        assert last.startswith(f"{Path(tool).name}: error: {option}: unknown {bad!r}; valid: "), last
+        assert ("DiT-XL/2" if option == "--models" else "fast-cg") in last
     assert "[bench]" not in out.stdout and "[trainer]" not in out.stdout  # nothing was measured
+
+
+def test_benchmark_tool_measures_a_model_with_overrides(tmp_path):
+    """--model-overrides builds every model with those keywords: the report's parameters and GFLOPs are the
+    overridden model's (here a 1-block, 32-wide DiT-S/8 at 8x8 latents, on CPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dit.benchmark import forward_gflops
+    from dit.models import create_model
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
+    over = "{depth: 1, hidden_size: 32, num_heads: 2}"
+    out = subprocess.run([sys.executable, str(tool), "--models", "DiT-S/8", "--variants", "eager-bf16",
+                          "--model-overrides", over, "--input-size", "8", "--iters", "1", "--warmup", "0",
+                          "--train-only", "--train-batch-small", "2", "--json", str(tmp_path / "r.json"),
+                          "--out", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    want = create_model("DiT-S/8", depth=1, hidden_size=32, num_heads=2, input_size=8)
+    assert row["params_m"] == pytest.approx(sum(p.numel() for p in want.parameters()) / 1e6)
+    assert row["gflops"] == pytest.approx(forward_gflops(want, torch.device("cpu")))
+    assert row["train_img_s"] > 0 and over in (tmp_path / "r.md").read_text()  # the command is in the report
 
 
 def test_bench_trainer_runs_the_real_trainer(tmp_path):

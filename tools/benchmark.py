@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--model-overrides", default=None, metavar="YAML",
+                   help="constructor keywords for every model, a YAML mapping, e.g. \"{model_channels: 128, "
+                        "num_res_blocks: 4}\" (a variant of a registered size, GFLOPs and MFU counted on it)")
     p.add_argument("--out", type=Path, default=Path("docs/bench/latest.md"))
     p.add_argument("--plot", type=Path, default=Path("docs/bench/latest.png"))
     p.add_argument("--json", type=Path, default=None)
@@ -65,13 +68,14 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         p.error(f"--variants: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(VARIANTS)}")
+    a.overrides = {"input_size": a.input_size, **_model_overrides(p, a.model_overrides, models)}
     if a.sampling:
         return sampling_main(a, models, variants)
     if a.step_ops:
         return step_ops_main(a, models)
     tb = {m: (a.train_batch_small if m.endswith("-S") or "-S/" in m else a.train_batch) for m in models}
     env, results = run_benchmarks(models, variants, train_batch=tb, fwd_batch=a.fwd_batch,
-                                  iters=a.iters, warmup=a.warmup, overrides={"input_size": a.input_size},
+                                  iters=a.iters, warmup=a.warmup, overrides=a.overrides,
                                   json_out=a.json, profile=a.profile, do_fwd=not a.train_only, do_train=not a.fwd_only,
                                   profile_top=a.profile_top)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
@@ -87,6 +91,31 @@ def main() -> None:
     print(table)
 
 
+def _model_overrides(p: argparse.ArgumentParser, text: str | None, models: list[str]) -> dict:
+    """``--model-overrides`` as a dict, checked by building every model with it on the meta device (no memory): a
+    one-line usage error for YAML that is not a mapping or keywords a model does not take."""
+    if text is None:
+        return {}
+    import torch
+    import yaml
+
+    from dit.models import create_model
+
+    try:
+        overrides = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        p.error(f"--model-overrides: not valid YAML ({' '.join(str(e).split())})")
+    if not isinstance(overrides, dict):
+        p.error(f"--model-overrides: expected a YAML mapping such as \"{{depth: 6}}\", got {text!r}")
+    for name in models:
+        try:
+            with torch.device("meta"):
+                create_model(name, **overrides)
+        except (TypeError, ValueError, AssertionError) as e:
+            p.error(f"--model-overrides {text!r} for {name}: {' '.join(str(e).split())}")
+    return overrides
+
+
 def step_ops_main(a: argparse.Namespace, models: list[str]) -> None:
     import json
 
@@ -98,7 +127,7 @@ def step_ops_main(a: argparse.Namespace, models: list[str]) -> None:
     env, rows = environment(), {}
     for name in models:
         rows[name] = bench_step_ops(name, device=device, warmup=a.warmup, iters=a.iters,
-                                    overrides={"input_size": a.input_size})
+                                    overrides=a.overrides)
         for op, ms in rows[name].items():
             print(f"[step-ops] {name}: {op}: {ms:.2f} ms", flush=True)
     if a.json is not None:
@@ -136,7 +165,7 @@ def sampling_main(a: argparse.Namespace, models: list[str], variants: list[str])
         for v in variants:
             try:
                 r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
-                                   overrides={"input_size": a.input_size}, profile=a.profile,
+                                   overrides=a.overrides, profile=a.profile,
                                    profile_top=a.profile_top)
             except Exception as e:  # one broken variant must not cost the rest of a (paid) GPU session
                 print(f"[sampling] {name} {v}: FAILED {type(e).__name__}: {' '.join(str(e).split())[:300]}",
