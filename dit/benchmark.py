@@ -326,6 +326,23 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+# Variants that build on one another (VARIANTS' "as ..."): each group holds its base and everything derived from it.
+_COMPUTE_WEIGHTS = ("fast-cw", "fast-quack", "fast-fa4")  # the optimizer kernel's bf16 weight copies
+_OPTIMIZER_KERNEL = ("fast-fao", *_COMPUTE_WEIGHTS)  # the trainer's AdamW kernel
+_FUSED_ATTENTION = ("fast-fa", *_OPTIMIZER_KERNEL)  # cuDNN / Triton attention on the packed qkv
+_MLP_EPILOGUES = ("fast-mlp", "fast-mlpq", *_FUSED_ATTENTION)  # cuBLASLt GELU epilogues
+_FUSED_TRAINING = ("fast-lnk", "fast-fp8r", *_MLP_EPILOGUES)  # the fused LayerNorm-modulate block
+
+
+def unknown_names_error(option: str, names: list[str], valid) -> str | None:
+    """The one-line message for ``names`` given to ``option`` that are not in ``valid`` (or for none given), else
+    None: the tools check their lists before any (paid) GPU time starts."""
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        return f"{option}: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(valid)}"
+    return None
+
+
 def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     torch.backends.cuda.matmul.allow_tf32 = variant == "ref-tf32"
     torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
@@ -366,7 +383,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         if convert_to_float8(model, recipe="rowwise") == 0:
             raise ValueError(f"variant {variant}: {name} has no DiT block linears to convert (DiTs only)")
-    if variant in ("fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack", "fast-fa4"):
+    if variant in _MLP_EPILOGUES:
         from dit.models.cublaslt import gelu_epilogues_available
 
         if not hasattr(model, "set_mlp_epilogues"):
@@ -376,7 +393,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.set_mlp_epilogues(True)
     if variant == "fast-mlpq":
         model.set_fused_qkv_backward(True)
-    if variant in ("fast-fa", "fast-fao", "fast-cw", "fast-quack", "fast-fa4"):
+    if variant in _FUSED_ATTENTION:
         model.set_fused_attention(True)
     if variant == "fast-quack":
         from dit.models.quack_gemm import check_backend
@@ -388,8 +405,7 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         check_attention_backend("fa4", device)
         model.set_attention_backend("fa4")
-    if variant in ("fast-lnk", "fast-fp8r", "fast-mlp", "fast-mlpq", "fast-fa", "fast-fao", "fast-cw", "fast-quack",
-                   "fast-fa4"):
+    if variant in _FUSED_TRAINING:
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")
         model.fused_training = True
@@ -574,13 +590,13 @@ def _bench_one(
             loss_fn = torch.compile(loss_fn, dynamic=False, **compile_settings(variant, device, training=True))
 
         step_fn = opt.step
-        if variant in ("fast-fao", "fast-cw", "fast-quack", "fast-fa4") and device.type == "cuda":  # trainer's kernel
+        if variant in _OPTIMIZER_KERNEL and device.type == "cuda":  # the trainer's optimizer kernel
             from dit.optim import AdamWEMA
 
             kernel = AdamWEMA(opt)
             if not kernel.fused:
                 raise ValueError(f"variant {variant}: the AdamW kernel does not run here ({kernel.reason})")
-            if variant in ("fast-cw", "fast-quack", "fast-fa4"):
+            if variant in _COMPUTE_WEIGHTS:
                 kernel.keep_compute_copies(model.set_compute_weights(torch.bfloat16))
             step_fn = kernel.step
 

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dit.benchmark import environment  # noqa: E402
+from dit.benchmark import environment, unknown_names_error  # noqa: E402
 from dit.data.latents import make_synthetic_latents  # noqa: E402
 from dit.models import list_models  # noqa: E402
 
@@ -63,9 +63,9 @@ def main() -> int:
     except (ValueError, AssertionError):
         p.error(f"--latent-shape must be C,H,W positive integers, got {a.latent_shape!r}")
     models = [m for m in a.models.split(",") if m]
-    unknown = [m for m in models if m not in list_models()]
-    if unknown or not models:
-        p.error(f"--models: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(list_models())}")
+    error = unknown_names_error("--models", models, list_models())
+    if error:
+        p.error(error)
     rows, env = [], environment()
     with tempfile.TemporaryDirectory() as tmp:
         lat = make_synthetic_latents(Path(tmp) / "latents", count=a.count, shape=shape, shard_size=4096)

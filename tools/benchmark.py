@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.benchmark import (VARIANTS, kernel_table, markdown_table, plot, plot_kernel_breakdown,  # noqa: E402
-                           run_benchmarks, sampling_table)
+                           run_benchmarks, sampling_table, unknown_names_error)
 
 
 def main() -> None:
@@ -59,15 +59,12 @@ def main() -> None:
         p.error("--train-only and --fwd-only exclude each other")
     models = [m for m in a.models.split(",") if m]
     variants = [v for v in a.variants.split(",") if v]
-    # checked before the (paid) GPU time starts: a typo is a one-line error, not a run of FAILED rows
     from dit.models import list_models
 
-    unknown = [m for m in models if m not in list_models()]
-    if unknown or not models:
-        p.error(f"--models: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(list_models())}")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        p.error(f"--variants: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(VARIANTS)}")
+    for error in (unknown_names_error("--models", models, list_models()),
+                  unknown_names_error("--variants", variants, VARIANTS)):
+        if error:
+            p.error(error)
     a.overrides = {"input_size": a.input_size, **_model_overrides(p, a.model_overrides, models)}
     if a.sampling:
         return sampling_main(a, models, variants)

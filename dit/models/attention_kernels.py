@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
-from .kernels import _acc, _use_triton, hopper_unavailable_reason, optional_module, weight_grad
+from .kernels import _acc, _use_triton, check_choice, hopper_unavailable_reason, optional_module, weight_grad
 
 _LOG2E = 1.4426950408889634
 
@@ -266,8 +266,7 @@ def fa4_unavailable_reason(device: torch.device | str) -> str | None:
 
 def check_attention_backend(name: str, device: torch.device | str) -> None:
     """Raise a one-line ValueError unless the attention backend ``name`` can run on ``device``."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    check_choice("attention backend", name, ATTENTION_BACKENDS)
     if name == "fa4":
         reason = fa4_unavailable_reason(device)
         if reason is not None:
@@ -378,6 +377,5 @@ def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hea
     (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's). ``attention``: the attention's kernels
     (``ATTENTION_BACKENDS``: cuDNN's forward + our Triton backward, or FlashAttention-4's).
     """
-    if attention not in _OPS:
-        raise ValueError(f"attention backend {attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    check_choice("attention backend", attention, ATTENTION_BACKENDS)
     return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend, attention)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention_kernels, quack_gemm
 from .fp8 import E4M3
-from .kernels import add_layernorm_modulate, layernorm_modulate
+from .kernels import add_layernorm_modulate, check_choice, layernorm_modulate
 from .layers import (
     Attention,
     CrossAttention,
@@ -346,8 +346,7 @@ class DiT(nn.Module):
         fc2 forward and input-gradient GEMMs, GELU epilogues included; the weight gradients stay cuBLAS's). Used
         on the paths of ``set_fused_attention`` and ``set_mlp_epilogues``; "quack" needs an sm90+ GPU and the
         quack-kernels package (a one-line ValueError otherwise). Same formulas, fp32 accumulation."""
-        if name not in quack_gemm.BACKENDS:
-            raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(quack_gemm.BACKENDS)}")
+        check_choice("gemm backend", name, quack_gemm.BACKENDS)
         for block in self.blocks:
             block.attn.gemm_backend = name
             block.mlp.gemm_backend = name
@@ -357,9 +356,7 @@ class DiT(nn.Module):
         ``set_fused_attention`` is on: "triton" (cuDNN's forward, our Triton FlashAttention-2 backward) or "fa4"
         (FlashAttention-4's Hopper forward and backward; needs an sm90+ GPU and the flash-attn-4 package, checked by
         ``attention_kernels.check_attention_backend``). Same formulas, fp32 accumulation."""
-        if name not in attention_kernels.ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {name!r}: expected one of "
-                             f"{', '.join(attention_kernels.ATTENTION_BACKENDS)}")
+        check_choice("attention backend", name, attention_kernels.ATTENTION_BACKENDS)
         for block in self.blocks:
             block.attn.attention_backend = name
 

@@ -98,6 +98,12 @@ def optional_module(name: str):
         return f"{type(exc).__name__}: {exc}"
 
 
+def check_choice(kind: str, name: str, choices: tuple[str, ...]) -> None:
+    """A one-line ValueError unless ``name`` is one of ``choices``, e.g. "gemm backend 'x': expected one of ..."."""
+    if name not in choices:
+        raise ValueError(f"{kind} {name!r}: expected one of {', '.join(choices)}")
+
+
 def hopper_unavailable_reason(device: torch.device | str, subject: str, package: str, module: str) -> str | None:
     """None where ``module`` of the optional ``package`` can run Hopper kernels on ``device``, else a one-line reason
     that starts with ``subject`` (e.g. "QuACK's GEMMs need")."""

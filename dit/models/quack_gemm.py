@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels import _acc, hopper_unavailable_reason, linear_gelu_ref, optional_module
+from .kernels import _acc, check_choice, hopper_unavailable_reason, linear_gelu_ref, optional_module
 
 BACKENDS = ("cublas", "quack")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -39,8 +39,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def check_backend(name: str, device: torch.device | str) -> None:
     """Raise a one-line ValueError unless the GEMM backend ``name`` can run on ``device``."""
-    if name not in BACKENDS:
-        raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    check_choice("gemm backend", name, BACKENDS)
     if name == "quack":
         reason = unavailable_reason(device)
         if reason is not None:
