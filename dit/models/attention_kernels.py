@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
-from .kernels import _acc, _use_triton, check_choice, hopper_unavailable_reason, optional_module, weight_grad
+from .kernels import (_acc, _use_triton, check_choice, hopper_unavailable_reason, optional_module,
+                      require_backend, weight_grad)
 
 _LOG2E = 1.4426950408889634
 
@@ -266,11 +267,7 @@ def fa4_unavailable_reason(device: torch.device | str) -> str | None:
 
 def check_attention_backend(name: str, device: torch.device | str) -> None:
     """Raise a one-line ValueError unless the attention backend ``name`` can run on ``device``."""
-    check_choice("attention backend", name, ATTENTION_BACKENDS)
-    if name == "fa4":
-        reason = fa4_unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"attention backend 'fa4': {reason}")
+    require_backend("attention backend", name, ATTENTION_BACKENDS, device, {"fa4": fa4_unavailable_reason})
 
 
 def _fa4_runs(qkv: torch.Tensor, heads: int) -> bool:

@@ -104,6 +104,16 @@ def check_choice(kind: str, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{kind} {name!r}: expected one of {', '.join(choices)}")
 
 
+def require_backend(kind: str, name: str, choices: tuple[str, ...], device: torch.device | str,
+                    reasons: dict) -> None:
+    """``check_choice``, then a one-line ValueError where ``name`` is an optional backend (a key of ``reasons``,
+    whose value gives the reason it cannot run on ``device``, or None) that cannot run there."""
+    check_choice(kind, name, choices)
+    reason = reasons[name](device) if name in reasons else None
+    if reason is not None:
+        raise ValueError(f"{kind} {name!r}: {reason}")
+
+
 def hopper_unavailable_reason(device: torch.device | str, subject: str, package: str, module: str) -> str | None:
     """None where ``module`` of the optional ``package`` can run Hopper kernels on ``device``, else a one-line reason
     that starts with ``subject`` (e.g. "QuACK's GEMMs need")."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels import _acc, check_choice, hopper_unavailable_reason, linear_gelu_ref, optional_module
+from .kernels import _acc, hopper_unavailable_reason, linear_gelu_ref, optional_module, require_backend
 
 BACKENDS = ("cublas", "quack")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -39,11 +39,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def check_backend(name: str, device: torch.device | str) -> None:
     """Raise a one-line ValueError unless the GEMM backend ``name`` can run on ``device``."""
-    check_choice("gemm backend", name, BACKENDS)
-    if name == "quack":
-        reason = unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"gemm backend 'quack': {reason}")
+    require_backend("gemm backend", name, BACKENDS, device, {"quack": unavailable_reason})
 
 
 def _runs(*tensors: torch.Tensor) -> bool:
