@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run 22's device calls (one warm H100, in this order; see docs/benchmarks.md "Run 22").
-#   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries + baselines
+#   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries + the XL baseline
 #   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, the wheels, GPU tests, probes
 #   bash docs/bench/2026-12-06_run22_device.sh xl        # the trainer on DiT-XL/2 with each backend
 #   bash docs/bench/2026-12-06_run22_device.sh small     # the trainer on DiT-S/2 and the UNet-S candidate
@@ -17,7 +17,6 @@ stage)
     mkdir -p outputs/qstage && mv .whl/a/cu13.part00 outputs/qstage/
     nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
     python3 tools/bench_trainer.py $XL --json "$OUT/xl_cublas.json" 2>&1 | tail -4
-    python3 tools/bench_trainer.py $S --json "$OUT/s_cublas.json" 2>&1 | tail -4
     ;;
 install)
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
@@ -38,7 +37,7 @@ xl)
     ;;
 small)
     patched
-    python3 tools/bench_trainer.py $XL --json "$OUT/xl_cublas_again.json" 2>&1 | tail -3
+    python3 tools/bench_trainer.py $S --json "$OUT/s_cublas.json" 2>&1 | tail -3
     python3 tools/bench_trainer.py $S model.attention_backend=fa4 --json "$OUT/s_fa4.json" 2>&1 | tail -3
     (cd /tmp/p && python3 tools/bench_trainer.py $S model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/s_quack_fa4_dgelu.json" 2>&1 | tail -3)
     U="model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
