@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run 22's device calls (one warm H100, in this order; see docs/benchmarks.md "Run 22").
 #   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries + the XL baseline
-#   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, the wheels, GPU tests, probes
-#   bash docs/bench/2026-12-06_run22_device.sh xl        # the trainer on DiT-XL/2 with each backend
-#   bash docs/bench/2026-12-06_run22_device.sh small     # the trainer on DiT-S/2 and the UNet-S candidate
+#   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, FA4 GPU tests, XL with FA4 / with all
+#   bash docs/bench/2026-12-06_run22_device.sh more      # QuACK tests (patched), XL QuACK+FA4, probes, DiT-S/2
+#   bash docs/bench/2026-12-06_run22_device.sh unet      # the UNet-S candidate against UNet-S
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 XL="--models DiT-XL/2 --steps 200 --skip 50 model.compile_mode=reduce-overhead"
@@ -18,33 +18,32 @@ stage)
     nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
     python3 tools/bench_trainer.py $XL --json "$OUT/xl_cublas.json" 2>&1 | tail -4
     ;;
-install)
+install)  # the rest of the stack, FA4's GPU tests, then the XL trainer with FA4 and with everything (patched copy)
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
     cat outputs/qstage/cu13.part00 .whl/b/cu13.part01 | xz -d | tar xf - -C "$SP"
     python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/b/*.whl || exit 1
-    python3 -c 'import quack, flash_attn.cute.interface; print("quack + fa4 import ok")'
+    python3 -c 'import quack, flash_attn.cute.interface; print("quack + fa4 import ok")' || exit 1
+    patched
+    python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fa4_attention.py 2>&1 | tail -15 | tee "$OUT/tests_fa4.txt"
+    python3 tools/bench_trainer.py $XL model.attention_backend=fa4 --json "$OUT/xl_fa4.json" 2>&1 | tail -2
+    (cd /tmp/p && python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4_dgelu.json" 2>&1 | tail -2)
+    ;;
+more)  # same machine: QuACK's tests with the patch, the probes, the unpatched pair, DiT-S/2
     patched
     (cd /tmp/p && python3 -m pytest -q -rfE -p no:cacheprovider tests/test_quack_gemm.py 2>&1 | tail -15) | tee "$OUT/tests_quack_patched.txt"
-    python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fa4_attention.py 2>&1 | tail -15 | tee "$OUT/tests_fa4.txt"
-    PYTHONPATH=. timeout 200 python3 docs/bench/2026-12-06_run21_probe_fa4.py XL B S --out "$OUT/fa4.json" 2>&1 | tail -30
-    (cd /tmp/p && PYTHONPATH=. timeout 200 python3 docs/bench/2026-12-06_run21_probe_quack.py XL S --out "$OUT/probe_quack.json" 2>&1 | tail -30)
+    python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4.json" 2>&1 | tail -2
+    PYTHONPATH=. timeout 150 python3 docs/bench/2026-12-06_run21_probe_fa4.py XL S --out "$OUT/fa4.json" 2>&1 | tail -30
+    python3 tools/bench_trainer.py $S --json "$OUT/s_cublas.json" 2>&1 | tail -2
+    python3 tools/bench_trainer.py $S model.attention_backend=fa4 --json "$OUT/s_fa4.json" 2>&1 | tail -2
+    (cd /tmp/p && python3 tools/bench_trainer.py $S model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/s_quack_fa4_dgelu.json" 2>&1 | tail -2)
+    (cd /tmp/p && PYTHONPATH=. timeout 120 python3 docs/bench/2026-12-06_run21_probe_quack.py XL --out "$OUT/probe_quack.json" 2>&1 | tail -30)
     ;;
-xl)
-    patched
-    python3 tools/bench_trainer.py $XL model.gemm_backend=quack --json "$OUT/xl_quack.json" 2>&1 | tail -3
-    python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4.json" 2>&1 | tail -3
-    (cd /tmp/p && python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4_dgelu.json" 2>&1 | tail -3)
-    ;;
-small)
-    patched
-    python3 tools/bench_trainer.py $S --json "$OUT/s_cublas.json" 2>&1 | tail -3
-    python3 tools/bench_trainer.py $S model.attention_backend=fa4 --json "$OUT/s_fa4.json" 2>&1 | tail -3
-    (cd /tmp/p && python3 tools/bench_trainer.py $S model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/s_quack_fa4_dgelu.json" 2>&1 | tail -3)
+unet)
     U="model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
     python3 tools/bench_trainer.py --models UNet-S --steps 300 --skip 60 $U --json "$OUT/unet_s.json" 2>&1 | tail -3
     python3 tools/bench_trainer.py --models UNet-S --steps 300 --skip 60 $U \
         "model.overrides={model_channels: 128, num_res_blocks: 4, channel_mult: [1, 1, 1, 2], attention_resolutions: [2, 4, 8]}" \
         --json "$OUT/unet_s128.json" 2>&1 | tail -3
     ;;
-*) echo "usage: $0 stage|install|xl|small" >&2; exit 2 ;;
+*) echo "usage: $0 stage|install|more|unet" >&2; exit 2 ;;
 esac
