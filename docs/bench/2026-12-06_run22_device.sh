@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run 22's device calls (one warm H100, in this order; see docs/benchmarks.md "Run 22").
-#   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries + the XL baseline
-#   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, FA4 GPU tests, XL with FA4 / with all
+#   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries
+#   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, FA4 GPU tests, XL: baseline, FA4, all
 #   bash docs/bench/2026-12-06_run22_device.sh more      # QuACK tests (patched), XL QuACK+FA4, probes, DiT-S/2
 #   bash docs/bench/2026-12-06_run22_device.sh unet      # the UNet-S candidate against UNet-S
 set -uo pipefail
@@ -16,7 +16,6 @@ case "$1" in
 stage)
     mkdir -p outputs/qstage && mv .whl/a/cu13.part00 outputs/qstage/
     nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-    python3 tools/bench_trainer.py $XL --json "$OUT/xl_cublas.json" 2>&1 | tail -4
     ;;
 install)  # the rest of the stack, FA4's GPU tests, then the XL trainer with FA4 and with everything (patched copy)
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
@@ -25,6 +24,7 @@ install)  # the rest of the stack, FA4's GPU tests, then the XL trainer with FA4
     python3 -c 'import quack, flash_attn.cute.interface; print("quack + fa4 import ok")' || exit 1
     patched
     python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fa4_attention.py 2>&1 | tail -15 | tee "$OUT/tests_fa4.txt"
+    python3 tools/bench_trainer.py $XL --json "$OUT/xl_cublas.json" 2>&1 | tail -2
     python3 tools/bench_trainer.py $XL model.attention_backend=fa4 --json "$OUT/xl_fa4.json" 2>&1 | tail -2
     (cd /tmp/p && python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4_dgelu.json" 2>&1 | tail -2)
     ;;
