@@ -54,9 +54,6 @@ VARIANTS = {
                "instead of a cast per step (DiT.set_compute_weights, the trainer's model.compute_weights)",
     "fast-quack": "as fast-cw, with the blocks' forward and input-gradient GEMMs (GELU epilogues included) on "
                   "QuACK's CuTe DSL kernels (DiT.set_gemm_backend('quack'), the trainer's model.gemm_backend=quack)",
-    "fast-fa4": "as fast-cw, with the blocks' attention on FlashAttention-4's Hopper kernels instead of cuDNN's "
-                "forward and our Triton backward (DiT.set_attention_backend('fa4'), the trainer's "
-                "model.attention_backend=fa4)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
                "fused AdamW step) captured in one CUDA graph (dit.utils.cuda_graph.StepGraph, the trainer's "
                "train.cuda_graph) instead of cudagraph trees around the forward and the backward",
@@ -327,7 +324,7 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 # Variants that build on one another (VARIANTS' "as ..."): each group holds its base and everything derived from it.
-_COMPUTE_WEIGHTS = ("fast-cw", "fast-quack", "fast-fa4")  # the optimizer kernel's bf16 weight copies
+_COMPUTE_WEIGHTS = ("fast-cw", "fast-quack")  # the optimizer kernel's bf16 weight copies
 _OPTIMIZER_KERNEL = ("fast-fao", *_COMPUTE_WEIGHTS)  # the trainer's AdamW kernel
 _FUSED_ATTENTION = ("fast-fa", *_OPTIMIZER_KERNEL)  # cuDNN / Triton attention on the packed qkv
 _MLP_EPILOGUES = ("fast-mlp", "fast-mlpq", *_FUSED_ATTENTION)  # cuBLASLt GELU epilogues
@@ -400,11 +397,6 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
 
         check_backend("quack", device)
         model.set_gemm_backend("quack")
-    if variant == "fast-fa4":
-        from dit.models.attention_kernels import check_attention_backend
-
-        check_attention_backend("fa4", device)
-        model.set_attention_backend("fa4")
     if variant in _FUSED_TRAINING:
         if not hasattr(model, "fused_training"):
             raise ValueError(f"variant {variant}: {name} has no fused training forward (DiTs only)")

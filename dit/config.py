@@ -61,11 +61,6 @@ class ModelConfig:
     # (`pip install quack-kernels`; DiT.set_gemm_backend, dit.models.quack_gemm) instead of cuBLAS/cuBLASLt. Same
     # formulas, fp32 accumulation; each kernel compiles on its first call (docs/benchmarks.md, run 20).
     gemm_backend: Literal["cublas", "quack"] = "cublas"
-    # DiTs on the model.fused_attention path (model.compile=true) on an sm90+ GPU: "fa4" trains the blocks'
-    # attention on FlashAttention-4's Hopper kernels (`pip install flash-attn-4`; DiT.set_attention_backend,
-    # dit.models.attention_kernels) instead of cuDNN's forward and our Triton backward. Same formulas, fp32
-    # accumulation. Not yet measured on a GPU (docs/benchmarks.md, run 21).
-    attention_backend: Literal["triton", "fa4"] = "triton"
     # DiTs with model.fused_training, one process, bf16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
     # read a bf16 copy of each weight that the optimizer kernel writes with its update
     # (DiT.set_compute_weights) instead of casting every fp32 weight on every step. Same values. None (the default):

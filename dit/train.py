@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, to_dict
-from dit.models import attention_kernels, cublaslt, quack_gemm
+from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
 from dit.utils.cuda_graph import StepGraph
@@ -565,17 +565,6 @@ def train(cfg: Config) -> dict:
         if reason is not None:
             raise ConfigError(f"model.gemm_backend={cfg.model.gemm_backend}: {reason}")
         raw_model.set_gemm_backend(cfg.model.gemm_backend)
-    if cfg.model.attention_backend != "triton":
-        opt = f"model.attention_backend={cfg.model.attention_backend}"
-        if not hasattr(raw_model, "set_attention_backend"):
-            raise ConfigError(f"{opt}: {cfg.model.name} has no attention backend option (DiT models only)")
-        reason = attention_kernels.fa4_unavailable_reason(device)
-        if reason is not None:
-            raise ConfigError(f"{opt}: {reason}")
-        if not any(block.attn.fused_attention for block in raw_model.blocks):
-            raise ConfigError(f"{opt}: needs the fused attention path (model.compile=true, not FSDP, "
-                              "model.fused_attention not false)")
-        raw_model.set_attention_backend(cfg.model.attention_backend)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

@@ -15,8 +15,7 @@ from proving the heads' columns 16-byte aligned, the loads were not vectorised, 
 
 Both are ``torch.library.custom_op``s (opaque to torch.compile, CUDA-graph safe) with autograd. Their CPU
 implementation, and the CUDA one outside bf16/fp16, is the reference: the same formulas in the accumulation dtype
-(float64 for float64 inputs), against which the kernels are tested. An optional pair of ops with the same interface
-runs FlashAttention-4's Hopper kernels instead (``ATTENTION_BACKENDS``, the section below; not yet measured).
+(float64 for float64 inputs), against which the kernels are tested.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
-from .kernels import (_acc, _use_triton, check_choice, hopper_unavailable_reason, optional_module,
-                      require_backend, weight_grad)
+from .kernels import _acc, _use_triton, weight_grad
 
 _LOG2E = 1.4426950408889634
 
@@ -231,97 +229,12 @@ def _setup(ctx, inputs, output):
     ctx.heads = heads
 
 
-def _autograd_of(backward_op):
-    """The autograd formula of a forward op whose gradient ``backward_op`` computes (same interface)."""
-    def backward(ctx, do, _dlse):
-        qkv, o, lse = ctx.saved_tensors
-        return backward_op(qkv, o, lse, do, ctx.heads)[0], None
-
-    return backward
+def _backward(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return packed_attention_bwd(qkv, o, lse, do, ctx.heads)[0], None
 
 
-packed_attention_fwd.register_autograd(_autograd_of(packed_attention_bwd), setup_context=_setup)
-
-
-# ---- FlashAttention-4 (optional backend) ---------------------------------------------------------------------------
-# flash-attn-4 (Tri Dao et al.; CuTe DSL, pure Python on nvidia-cutlass-dsl like QuACK) has Hopper forward and
-# backward kernels for head dims 8-256 in steps of 8: an FA3-class backward, where ours is FlashAttention-2 in Triton.
-# ``DiT.set_attention_backend("fa4")`` (the trainer's ``model.attention_backend=fa4``) trains through these two ops
-# instead of the two above: same inputs, outputs and formulas, the bias gradient's pieces summed by torch. Written
-# against flash-attn-4 4.0.0b40's functions (``_flash_attn_fwd`` / ``_flash_attn_bwd``: the public
-# ``flash_attn_func`` is an autograd.Function that torch.compile would break the graph at).
-
-ATTENTION_BACKENDS = ("triton", "fa4")
-_FA4_MODULE = "flash_attn.cute.interface"
-
-
-def _fa4():
-    """flash-attn-4's interface module, or the ImportError's message."""
-    return optional_module(_FA4_MODULE)
-
-
-def fa4_unavailable_reason(device: torch.device | str) -> str | None:
-    """None where FlashAttention-4's kernels can run on ``device``, else a one-line reason."""
-    return hopper_unavailable_reason(device, "FlashAttention-4 needs", "flash-attn-4", _FA4_MODULE)
-
-
-def check_attention_backend(name: str, device: torch.device | str) -> None:
-    """Raise a one-line ValueError unless the attention backend ``name`` can run on ``device``."""
-    require_backend("attention backend", name, ATTENTION_BACKENDS, device, {"fa4": fa4_unavailable_reason})
-
-
-def _fa4_runs(qkv: torch.Tensor, heads: int) -> bool:
-    dh = qkv.shape[-1] // (3 * heads)
-    return (qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and dh % 8 == 0 and 8 <= dh <= 256
-            and not isinstance(_fa4(), str))
-
-
-def _heads_view(z: torch.Tensor, heads: int, parts: int) -> tuple[torch.Tensor, ...]:
-    """(N, T, parts * C) -> ``parts`` views (N, T, H, Dh): FlashAttention's layout, no copies."""
-    n, t, c = z.shape
-    return z.view(n, t, parts, heads, c // (parts * heads)).unbind(2)
-
-
-@torch.library.custom_op("dit::fa4_attention_fwd", mutates_args=())
-def fa4_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``packed_attention_fwd`` on FlashAttention-4's forward kernel: qkv (N, T, 3C) -> (o (N, T, C), lse (N, H, T)
-    fp32); the reference formulas where it cannot run (CPU, other dtypes, head dims off its grid)."""
-    _check(qkv, heads)
-    qkv = qkv.contiguous()
-    if not _fa4_runs(qkv, heads):
-        return _forward_ref(qkv, heads)
-    n, t, c3 = qkv.shape
-    q, k, v = _heads_view(qkv, heads, 3)  # (N, T, H, Dh) each
-    res = _fa4()._flash_attn_fwd(q, k, v, return_lse=True)  # out (N, T, H, Dh), lse (N, H, T) fp32, ...
-    return res[0].reshape(n, t, c3 // 3), res[1].float()
-
-
-fa4_attention_fwd.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("dit::fa4_attention_bwd", mutates_args=())
-def fa4_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-                      heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``packed_attention_bwd`` on FlashAttention-4's backward kernels: dq, dk, dv written into views of one packed
-    dqkv (N, T, 3C), and its per-block column sums (N, cdiv(T, ROWS), 3C) fp32 from torch (the qkv bias gradient's
-    pieces, which our Triton kernels write themselves)."""
-    qkv, o, do = qkv.contiguous(), o.contiguous(), do.contiguous().to(qkv.dtype)
-    if not _fa4_runs(qkv, heads):
-        return _backward_ref(qkv, o, lse, do, heads)
-    dqkv = torch.empty_like(qkv)
-    q, k, v = _heads_view(qkv, heads, 3)
-    dq, dk, dv = _heads_view(dqkv, heads, 3)
-    (o4,), (do4,) = _heads_view(o, heads, 1), _heads_view(do, heads, 1)
-    # deterministic: dQ's partial sums land in a fixed order (semaphores, not free atomics), as in our Triton kernels,
-    # so a resumed run repeats an uninterrupted one (the probe times both modes)
-    _fa4()._flash_attn_bwd(q, k, v, o4, do4, lse.contiguous(), dq=dq, dk=dk, dv=dv, deterministic=True)
-    return dqkv, _block_sums(dqkv, torch.float32)
-
-
-fa4_attention_bwd.register_fake(_backward_fake)
-fa4_attention_fwd.register_autograd(_autograd_of(fa4_attention_bwd), setup_context=_setup)
-
-_OPS = {"triton": (packed_attention_fwd, packed_attention_bwd), "fa4": (fa4_attention_fwd, fa4_attention_bwd)}
+packed_attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def packed_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -339,40 +252,37 @@ class _QKVAttention(torch.autograd.Function):
     the parameters' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str, attention: str):
+    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str):
         """x: (N, T, D) in the compute dtype; weight: (3C, D), bias: (3C,) in any dtype (fp32 master weights);
-        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``);
-        attention: the attention kernels' (``ATTENTION_BACKENDS``) -> (N, T, C)."""
+        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``)
+        -> (N, T, C)."""
         n, t, d = x.shape
         wc = weight.to(x.dtype) if weight_c is None else weight_c
         qkv = quack_gemm.linear(x.reshape(n * t, d), wc, bias.to(x.dtype), backend).view(n, t, -1)  # (N, T, 3C)
-        o, lse = _OPS[attention][0](qkv, heads)  # (N, T, C), (N, H, T)
+        o, lse = packed_attention_fwd(qkv, heads)  # (N, T, C), (N, H, T)
         ctx.save_for_backward(x, wc, qkv, o, lse)
-        ctx.heads, ctx.dtypes, ctx.backend, ctx.attention = heads, (weight.dtype, bias.dtype), backend, attention
+        ctx.heads, ctx.dtypes, ctx.backend = heads, (weight.dtype, bias.dtype), backend
         return o
 
     @staticmethod
     def backward(ctx, do):
         x, wc, qkv, o, lse = ctx.saved_tensors
-        dqkv, part = _OPS[ctx.attention][1](qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
+        dqkv, part = packed_attention_bwd(qkv, o, lse, do, ctx.heads)  # (N, T, 3C), (N, blocks, 3C)
         n, t, d = x.shape
         dqkv = dqkv.view(n * t, -1)
         w_dtype, b_dtype = ctx.dtypes
         return (quack_gemm.mm(dqkv, wc, ctx.backend).view(n, t, d), weight_grad(dqkv, x.reshape(n * t, d), w_dtype),
-                part.sum((0, 1)).to(b_dtype), None, None, None, None)
+                part.sum((0, 1)).to(b_dtype), None, None, None)
 
 
 def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int,
-                  weight_c: torch.Tensor | None = None, backend: str = "cublas",
-                  attention: str = "triton") -> torch.Tensor:
+                  weight_c: torch.Tensor | None = None, backend: str = "cublas") -> torch.Tensor:
     """The qkv projection ``x @ weight^T + bias`` and ``packed_attention`` of its output, for training.
 
     x: (N, T, D) in the compute dtype (autocast does not reach inside); weight: (3C, D); bias: (3C,), in their own
     dtype (fp32 master weights: cast here, gradients returned in it); ``weight_c``: the weight already in x's dtype
     (a copy the optimizer keeps, ``DiT.set_compute_weights``), used instead of a cast -> (N, T, C), heads
     concatenated. Differentiable in x, weight and bias. ``backend``: the qkv GEMM's and its input gradient's
-    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's). ``attention``: the attention's kernels
-    (``ATTENTION_BACKENDS``: cuDNN's forward + our Triton backward, or FlashAttention-4's).
+    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's).
     """
-    check_choice("attention backend", attention, ATTENTION_BACKENDS)
-    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend, attention)
+    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend)

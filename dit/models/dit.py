@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import attention_kernels, quack_gemm
+from . import quack_gemm
 from .fp8 import E4M3
 from .kernels import add_layernorm_modulate, check_choice, layernorm_modulate
 from .layers import (
@@ -350,15 +350,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.attn.gemm_backend = name
             block.mlp.gemm_backend = name
-
-    def set_attention_backend(self, name: str) -> None:
-        """Train the blocks' attention on ``name``'s kernels (``attention_kernels.ATTENTION_BACKENDS``) where
-        ``set_fused_attention`` is on: "triton" (cuDNN's forward, our Triton FlashAttention-2 backward) or "fa4"
-        (FlashAttention-4's Hopper forward and backward; needs an sm90+ GPU and the flash-attn-4 package, checked by
-        ``attention_kernels.check_attention_backend``). Same formulas, fp32 accumulation."""
-        check_choice("attention backend", name, attention_kernels.ATTENTION_BACKENDS)
-        for block in self.blocks:
-            block.attn.attention_backend = name
 
     def set_fused_qkv_backward(self, enable: bool = True) -> None:
         """In training, build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv in one

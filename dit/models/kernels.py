@@ -90,7 +90,7 @@ def has_triton() -> bool:
 
 @functools.cache
 def optional_module(name: str):
-    """The module ``name`` of an optional package (QuACK, FlashAttention-4), or the import error as one line: a
+    """The module ``name`` of an optional package (QuACK), or the import error as one line: a
     broken install (its CUDA libraries, say) is as unusable as a missing one."""
     try:
         return importlib.import_module(name)

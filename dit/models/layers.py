@@ -218,9 +218,7 @@ class Attention(nn.Module):
     ``model.fused_attention``): in training, the qkv projection and the attention run through
     ``attention_kernels.qkv_attention`` (cuDNN's forward, a Triton backward that writes the packed qkv gradient and
     the bias gradient's pieces), at the head dims it takes (``fused_attention_supported``). On that path
-    ``gemm_backend`` (``DiT.set_gemm_backend``) picks the qkv and proj GEMMs' backend (``quack_gemm.BACKENDS``),
-    and ``attention_backend`` (``DiT.set_attention_backend``) the attention's kernels
-    (``attention_kernels.ATTENTION_BACKENDS``: "triton", or FlashAttention-4's "fa4").
+    ``gemm_backend`` (``DiT.set_gemm_backend``) picks the qkv and proj GEMMs' backend (``quack_gemm.BACKENDS``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -233,7 +231,6 @@ class Attention(nn.Module):
         self.fused_qkv_backward = False
         self.fused_attention = False
         self.gemm_backend = "cublas"
-        self.attention_backend = "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
@@ -242,8 +239,7 @@ class Attention(nn.Module):
                 and self.qkv.bias is not None and fused_attention_supported(self.head_dim)):
             dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
             out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
-                                compute_weight(self.qkv, dtype), self.gemm_backend,
-                                self.attention_backend)  # (N, T, D)
+                                compute_weight(self.qkv, dtype), self.gemm_backend)  # (N, T, D)
             if type(self.proj) is nn.Linear:
                 return master_linear(out, self.proj, dtype, self.gemm_backend)
             return self.proj(out)
