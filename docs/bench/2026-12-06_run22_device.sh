@@ -2,8 +2,8 @@
 # Run 22's device calls (one warm H100, in this order; see docs/benchmarks.md "Run 22").
 #   bash docs/bench/2026-12-06_run22_device.sh stage     # carry .whl/a: half of the CUDA 13 DSL libraries
 #   bash docs/bench/2026-12-06_run22_device.sh install   # carry .whl/b: the rest, FA4 GPU tests, XL: baseline, FA4, all
-#   bash docs/bench/2026-12-06_run22_device.sh more      # QuACK tests (patched), XL QuACK+FA4, probes, DiT-S/2
-#   bash docs/bench/2026-12-06_run22_device.sh unet      # the UNet-S candidate against UNet-S
+#   bash docs/bench/2026-12-06_run22_device.sh more      # DiT-S/2 with and without QuACK (not run)
+#   bash docs/bench/2026-12-06_run22_device.sh unet      # the UNet-S candidate against UNet-S (not run)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 XL="--models DiT-XL/2 --steps 200 --skip 50 model.compile_mode=reduce-overhead"
@@ -17,7 +17,7 @@ stage)
     mkdir -p outputs/qstage && mv .whl/a/cu13.part00 outputs/qstage/
     nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
     ;;
-install)  # the rest of the stack, FA4's GPU tests, then the XL trainer with FA4 and with everything (patched copy)
+install)  # as run in run 22 (the fa4 backend has since been removed): the rest of the stack, FA4's GPU tests, XL A/B
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
     cat outputs/qstage/cu13.part00 .whl/b/cu13.part01 | xz -d | tar xf - -C "$SP"
     python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/b/*.whl || exit 1
@@ -28,15 +28,9 @@ install)  # the rest of the stack, FA4's GPU tests, then the XL trainer with FA4
     python3 tools/bench_trainer.py $XL model.attention_backend=fa4 --json "$OUT/xl_fa4.json" 2>&1 | tail -2
     (cd /tmp/p && python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4_dgelu.json" 2>&1 | tail -2)
     ;;
-more)  # same machine: QuACK's tests with the patch, the probes, the unpatched pair, DiT-S/2
-    patched
-    (cd /tmp/p && python3 -m pytest -q -rfE -p no:cacheprovider tests/test_quack_gemm.py 2>&1 | tail -15) | tee "$OUT/tests_quack_patched.txt"
-    python3 tools/bench_trainer.py $XL model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/xl_quack_fa4.json" 2>&1 | tail -2
-    PYTHONPATH=. timeout 150 python3 docs/bench/2026-12-06_run21_probe_fa4.py XL S --out "$OUT/fa4.json" 2>&1 | tail -30
+more)  # not run in run 22 (no device time left): DiT-S/2 with and without QuACK, same machine
     python3 tools/bench_trainer.py $S --json "$OUT/s_cublas.json" 2>&1 | tail -2
-    python3 tools/bench_trainer.py $S model.attention_backend=fa4 --json "$OUT/s_fa4.json" 2>&1 | tail -2
-    (cd /tmp/p && python3 tools/bench_trainer.py $S model.gemm_backend=quack model.attention_backend=fa4 --json "$OUT/s_quack_fa4_dgelu.json" 2>&1 | tail -2)
-    (cd /tmp/p && PYTHONPATH=. timeout 120 python3 docs/bench/2026-12-06_run21_probe_quack.py XL --out "$OUT/probe_quack.json" 2>&1 | tail -30)
+    python3 tools/bench_trainer.py $S model.gemm_backend=quack --json "$OUT/s_quack.json" 2>&1 | tail -2
     ;;
 unet)
     U="model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
