@@ -1,4 +1,5 @@
-"""Prepared in run 21 (2026-12-06) and not run: that session had no device time left.
+"""Prepared in run 21 (2026-12-06); run in run 22 on an H100 (docs/benchmarks.md "Run 22": FA4 wrong at head dim 72,
+slower at 64 and 72; the backend was then removed, so the "op fa4_attention_*" rows need commit 9ba031a's tree).
 
 FlashAttention-4's CuTe DSL kernels for Hopper (``flash-attn-4``, pure Python on the same nvidia-cutlass-dsl stack
 as QuACK; sm90 forward and backward, head dims 8-256 in steps of 8) against what the DiTs train with now: cuDNN's
