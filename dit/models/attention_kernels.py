@@ -64,16 +64,9 @@ def _backward_ref(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: tor
     ds = p * (dp - (do4 * o4).sum(-1, keepdim=True))
     dq, dk = ds @ k * scale, ds.transpose(-1, -2) @ q * scale
     dqkv = torch.stack((dq, dk, dv), dim=2).transpose(1, 3).reshape(n, t, c3)  # (N, T, 3, H, Dh) -> (N, T, 3C)
-    return dqkv.to(qkv.dtype), _block_sums(dqkv, acc)
-
-
-def _block_sums(dqkv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sums of dqkv (N, T, 3C) per block of ROWS tokens -> (N, cdiv(T, ROWS), 3C) in ``dtype``: the qkv bias
-    gradient's pieces, in the layout the Triton kernels write them."""
-    n, t, c3 = dqkv.shape
     nb = -(-t // ROWS)
-    padded = dqkv if nb * ROWS == t else F.pad(dqkv, (0, 0, 0, nb * ROWS - t))
-    return padded.view(n, nb, ROWS, c3).sum(2, dtype=dtype)  # (N, nb, 3C)
+    part = F.pad(dqkv, (0, 0, 0, nb * ROWS - t)).view(n, nb, ROWS, c3).sum(2)  # (N, nb, 3C)
+    return dqkv.to(qkv.dtype), part
 
 
 # Head dims the Triton backward takes: timed at 64 (DiT-S/B/L, the UNets) and 72 (DiT-XL: a 64-wide block + a 16-wide
@@ -194,12 +187,10 @@ def packed_attention_fwd(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, t
     return _forward_ref(qkv, heads)
 
 
-def _forward_fake(qkv, heads):
+@packed_attention_fwd.register_fake
+def _(qkv, heads):
     n, t, c3 = qkv.shape
     return qkv.new_empty(n, t, c3 // 3), qkv.new_empty((n, heads, t), dtype=_acc(qkv))
-
-
-packed_attention_fwd.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("dit::packed_attention_bwd", mutates_args=())
@@ -214,13 +205,11 @@ def packed_attention_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, 
     return _backward_ref(qkv, o, lse, do, heads)
 
 
-def _backward_fake(qkv, o, lse, do, heads):
+@packed_attention_bwd.register_fake
+def _(qkv, o, lse, do, heads):
     n, t, c3 = qkv.shape
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
             lse.new_empty(n, -(-t // ROWS), c3))
-
-
-packed_attention_bwd.register_fake(_backward_fake)
 
 
 def _setup(ctx, inputs, output):

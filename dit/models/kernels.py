@@ -36,7 +36,6 @@ checked against (and what runs on a CUDA install without Triton). Triton is impo
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 
 import torch
@@ -88,45 +87,10 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None  # CUDA wheels ship it on Linux, not everywhere
 
 
-@functools.cache
-def optional_module(name: str):
-    """The module ``name`` of an optional package (QuACK), or the import error as one line: a
-    broken install (its CUDA libraries, say) is as unusable as a missing one."""
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        return f"{type(exc).__name__}: {exc}"
-
-
 def check_choice(kind: str, name: str, choices: tuple[str, ...]) -> None:
     """A one-line ValueError unless ``name`` is one of ``choices``, e.g. "gemm backend 'x': expected one of ..."."""
     if name not in choices:
         raise ValueError(f"{kind} {name!r}: expected one of {', '.join(choices)}")
-
-
-def require_backend(kind: str, name: str, choices: tuple[str, ...], device: torch.device | str,
-                    reasons: dict) -> None:
-    """``check_choice``, then a one-line ValueError where ``name`` is an optional backend (a key of ``reasons``,
-    whose value gives the reason it cannot run on ``device``, or None) that cannot run there."""
-    check_choice(kind, name, choices)
-    reason = reasons[name](device) if name in reasons else None
-    if reason is not None:
-        raise ValueError(f"{kind} {name!r}: {reason}")
-
-
-def hopper_unavailable_reason(device: torch.device | str, subject: str, package: str, module: str) -> str | None:
-    """None where ``module`` of the optional ``package`` can run Hopper kernels on ``device``, else a one-line reason
-    that starts with ``subject`` (e.g. "QuACK's GEMMs need")."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"{subject} a CUDA GPU, the model is on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"{subject} compute capability 9.0 or newer (Hopper), this GPU has {major}.{minor}"
-    mod = optional_module(module)
-    if isinstance(mod, str):
-        return f"the {package} package does not import ({mod}); install it with `pip install {package}`"
-    return None
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -17,29 +17,49 @@ autotuner, which times with a cold L2, picked slower tiles for this step than th
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels import _acc, hopper_unavailable_reason, linear_gelu_ref, optional_module, require_backend
+from .kernels import _acc, check_choice, linear_gelu_ref
 
 BACKENDS = ("cublas", "quack")
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def _quack():
     """QuACK's GEMM interface module, or the ImportError's message."""
-    return optional_module("quack.gemm_interface")
+    try:
+        return importlib.import_module("quack.gemm_interface")
+    except Exception as exc:  # noqa: BLE001 - a broken install (CuTe DSL libraries) is as unusable as a missing one
+        return f"{type(exc).__name__}: {exc}"
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
     """None where QuACK's GEMMs can run on ``device``, else a one-line reason."""
-    return hopper_unavailable_reason(device, "QuACK's GEMMs need", "quack-kernels", "quack.gemm_interface")
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"QuACK's GEMMs need a CUDA GPU, the model is on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"QuACK's GEMMs need compute capability 9.0 or newer (Hopper), this GPU has {major}.{minor}"
+    mod = _quack()
+    if isinstance(mod, str):
+        return f"the quack-kernels package does not import ({mod}); install it with `pip install quack-kernels`"
+    return None
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
     """Raise a one-line ValueError unless the GEMM backend ``name`` can run on ``device``."""
-    require_backend("gemm backend", name, BACKENDS, device, {"quack": unavailable_reason})
+    check_choice("gemm backend", name, BACKENDS)
+    if name == "quack":
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"gemm backend 'quack': {reason}")
 
 
 def _runs(*tensors: torch.Tensor) -> bool:
