@@ -166,7 +166,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @_NEED_GPU
-@pytest.mark.parametrize("n,t,heads,dh", [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32), (4, 256, 16, 72)])
+@pytest.mark.parametrize(
+    "n,t,heads,dh", [(8, 256, 6, 64), (3, 100, 4, 64), (2, 64, 8, 32), (4, 256, 16, 72), (16, 16, 6, 64)]
+)
 def test_gpu_backward_in_bf16_is_as_accurate_as_cudnns(n, t, heads, dh):
     """On a GPU in bf16 (cuDNN's forward, the Triton backward): the gradient's error against float64 is cuDNN
     backward's, within 10%; the log-sum-exp is the float64 one (cuDNN returns natural-log statistics)."""

@@ -7,6 +7,8 @@ import torch
 
 from dit.benchmark import Result, kernel_category, kernel_table, markdown_table, run_benchmarks, sampling_budget
 
+TINY_UNET = {"model_channels": 32, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1}  # UNet-S, narrow
+
 
 def test_sampling_budget_arithmetic():
     b = sampling_budget(gflops=237.2, img_s_fwd=1899.0, ceiling_tflops=786.0)
@@ -87,7 +89,7 @@ def test_variants_moment_norm_and_channels_last_for_unets():
     from dit.benchmark import _prepare
     from dit.models.unet import ResBlock
 
-    tiny = {"model_channels": 32, "num_res_blocks": 1}
+    tiny = TINY_UNET
     blocks = lambda m: [b for b in m.modules() if isinstance(b, ResBlock)]  # noqa: E731
     try:
         gn = _prepare("UNet-S", "fast-sgclgn", torch.device("cpu"), tiny)[0]
@@ -114,7 +116,7 @@ def test_step_ops_time_every_operation_on_cpu():
     assert len(ms) == 9 and all(v > 0 for v in ms.values())  # the one-kernel AdamW + EMA row is CUDA-only
     assert "mlp: fc1 GEMM + bias + GELU epilogue (sampling)" in ms
     assert len(bench_step_ops("UNet-S", device=torch.device("cpu"), warmup=0, iters=1,
-                              overrides={"model_channels": 32, "num_res_blocks": 1})) == 6  # no transformer MLP
+                              overrides=TINY_UNET)) == 6  # no transformer MLP
 
 
 def test_kernel_categories_and_table():

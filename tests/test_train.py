@@ -21,6 +21,7 @@ from dit.utils.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIT = "{hidden_size: 32, depth: 2, num_heads: 2}"
+TINY_UNET = "model.overrides={model_channels: 32, channel_mult: [1, 2, 2, 2]}"  # UNet-S, narrow
 
 
 def tiny_overrides(out_dir: Path | str) -> list[str]:
@@ -608,7 +609,7 @@ def test_compile_scope_blocks_compiles_the_blocks_not_the_loss(tmp_path, monkeyp
     assert all(kw == {"dynamic": False, "mode": "reduce-overhead"} for _, kw in compiled)
     assert len(_log(tmp_path / "dit")) == 2
     compiled.clear()
-    _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 32}")
+    _train(tmp_path / "unet", *common, "model.name=UNet-S", TINY_UNET)
     names = {q for q, _ in compiled}
     assert {ResBlock.forward.__qualname__, AttentionBlock.forward.__qualname__} <= names
     assert all(q.endswith(".forward") and "UNet." not in q for q in names)
@@ -628,7 +629,7 @@ def test_channels_last_and_cudnn_benchmark_options(tmp_path, monkeypatch):
     real = UNet.set_channels_last
     monkeypatch.setattr(UNet, "set_channels_last", lambda self, enable=True: (seen.append(enable), real(self, enable)))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    unet = ("model.name=UNet-S", "model.overrides={model_channels: 32}", "train.max_steps=1", "train.ckpt_every=1",
+    unet = ("model.name=UNet-S", TINY_UNET, "train.max_steps=1", "train.ckpt_every=1",
             "sample.grid_size=0")
     _train(tmp_path / "off", *unet)
     assert seen == [] and torch.backends.cudnn.benchmark is False
@@ -644,7 +645,7 @@ def test_channels_last_default_is_on_for_unets_compiled_on_cuda():
     from dit.models import create_model
     from dit.train import use_channels_last
 
-    unet = create_model("UNet-S", model_channels=32, num_res_blocks=1)
+    unet = create_model("UNet-S", model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
     dit = create_model("DiT-S/4", input_size=8, depth=1)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
     compiled = load_config(None, ["model.compile=true"])
@@ -668,7 +669,7 @@ def test_moment_norm_applies_to_compiled_unets_only(tmp_path, monkeypatch):
                         lambda self, enable=True, kernels=False: (seen.append((enable, kernels)), real(self, enable,
                                                                                                      kernels)))
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    unet = ("model.name=UNet-S", "model.overrides={model_channels: 32}", "train.max_steps=1", "train.ckpt_every=1",
+    unet = ("model.name=UNet-S", TINY_UNET, "train.max_steps=1", "train.ckpt_every=1",
             "sample.grid_size=0")
     _train(tmp_path / "eager", *unet)
     assert seen == []
@@ -764,7 +765,7 @@ def test_fused_training_option_runs_the_fused_block_forward_when_compiled(tmp_pa
     _train(tmp_path / "off", *common, "model.compile=true", "model.fused_training=false")
     _train(tmp_path / "eager", *common)
     assert not calls
-    summary = _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 32}",
+    summary = _train(tmp_path / "unet", *common, "model.name=UNet-S", TINY_UNET,
                      "model.compile=true")
     assert summary["steps"] == 1 and not calls  # a UNet has no fused DiT block to run
 
@@ -797,7 +798,7 @@ def test_fused_attention_option_reaches_compiled_models(tmp_path, monkeypatch):
     _train(tmp_path / "eager", *common, "model.fused_attention=true")
     assert len(seen) == n
     calls.clear()
-    _train(tmp_path / "unet", *common, "model.name=UNet-S", "model.overrides={model_channels: 64}",
+    _train(tmp_path / "unet", *common, "model.name=UNet-S", TINY_UNET.replace("32", "64"),
            "model.compile=true", "model.fused_attention=true")
     assert seen[-1] == ("UNet", True) and calls
 

@@ -497,17 +497,19 @@ class UNet(nn.Module):
         return self.out_conv(_group_norm(h, self.out_norm, self.moment_norm, silu=True))  # (N, out_channels, H, W)
 
 
-# Registered sizes for 32x32x4 latents: ADM shapes (4 levels 32/16/8/4, channel_mult (1, 2, 2, 2), 64-channel heads),
-# width and depth chosen so that forward FLOPs match DiT-{S,B,L,XL}/2 within 5% (docs/unet.md; tests/test_unet.py
-# checks it against the real DiT models). Attention at 16x16, 8x8 and 4x4 (factors 2, 4, 8); UNet-S drops the 16x16
-# one, which alone would cost ~9% of its FLOPs.
+# Registered sizes for 32x32x4 latents: ADM shapes (4 levels 32/16/8/4, 64-channel heads), width, depth and channel
+# multipliers chosen so that forward FLOPs match DiT-{S,B,L,XL}/2 within 5% (docs/unet.md; tests/test_unet.py checks
+# it against the real DiT models). Attention at 16x16, 8x8 and 4x4 (factors 2, 4, 8). UNet-S uses ADM's 128 px
+# multipliers (1, 1, 2, 3) at 128 channels, attention at 8x8 and 4x4 only: its convolutions are then 128 channels
+# wide or more (full tensor-core tiles), which trains 1.22x faster than (1, 2, 2, 2) at 96 channels for the same
+# FLOPs, with 1.7x the parameters (docs/benchmarks.md, run 23).
 _SIZES: dict[str, dict] = {
-    "S": dict(model_channels=96, num_res_blocks=4, attention_resolutions=(4, 8)),
-    "B": dict(model_channels=224, num_res_blocks=2, attention_resolutions=(2, 4, 8)),
-    "L": dict(model_channels=384, num_res_blocks=3, attention_resolutions=(2, 4, 8)),
-    "XL": dict(model_channels=416, num_res_blocks=4, attention_resolutions=(2, 4, 8)),
+    "S": dict(model_channels=128, channel_mult=(1, 1, 2, 3), num_res_blocks=3, attention_resolutions=(4, 8)),
+    "B": dict(model_channels=224, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4, 8)),
+    "L": dict(model_channels=384, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(2, 4, 8)),
+    "XL": dict(model_channels=416, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attention_resolutions=(2, 4, 8)),
 }
-_COMMON = dict(input_size=32, in_channels=4, channel_mult=(1, 2, 2, 2), num_head_channels=64, learn_sigma=True)
+_COMMON = dict(input_size=32, in_channels=4, num_head_channels=64, learn_sigma=True)
 
 for _size, _cfg in _SIZES.items():
     register_model(f"UNet-{_size}", cls=UNet, **_COMMON, **_cfg, num_classes=1000)
