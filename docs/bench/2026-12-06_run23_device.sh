@@ -27,8 +27,10 @@ for name in "$@"; do
     unset ov
 done
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-# Third call: the GPU tests at the new UNet-S widths, then the trainer (UNet's fastest settings, README) for DiT-S/2
-# and the re-defined UNet-S:
-#   set -o pipefail; python3 -m pytest -q -rfE -p no:cacheprovider tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_unet.py -k gpu
-#   python3 tools/bench_trainer.py --models DiT-S/2 --steps 300 --skip 60 model.compile_mode=reduce-overhead
-#   python3 tools/bench_trainer.py --models UNet-S --steps 300 --skip 60 model.compile=true train.cudnn_benchmark=true train.cuda_graph=true --timeout 360
+# Third and fourth calls (2026-12-07 00:21 UTC, one warm H100): the GPU tests at the new UNet-S widths, the trainer
+# (the UNet's fastest settings, README) for the re-defined UNet-S and for DiT-S/2, and a 256-wide UNet-B candidate:
+#   python3 -m pytest -q -rfE -p no:cacheprovider tests/test_norm_kernels.py tests/test_attention_kernels.py tests/test_unet.py -k gpu
+#   python3 tools/bench_trainer.py --models UNet-S --steps 300 --skip 60 model.compile=true train.cudnn_benchmark=true train.cuda_graph=true --timeout 300
+#   python3 tools/bench_trainer.py --models DiT-S/2 --steps 300 --skip 60 model.compile_mode=reduce-overhead --timeout 110
+#   B="--models UNet-B --variants fast-sgclgkfa --iters 10 --warmup 3 --train-only"
+#   python3 tools/benchmark.py $B [--model-overrides "{model_channels: 256, num_res_blocks: 3, channel_mult: [1, 1, 2, 2], attention_resolutions: [2, 4, 8]}"]
