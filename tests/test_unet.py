@@ -372,6 +372,20 @@ def test_flops_match_dit(size):
     assert abs(unet / dit - 1) < 0.08, f"UNet-{size}: {unet:.1f} GFLOP vs DiT-{size}/2 {dit:.1f}"
 
 
+def test_unet_s_convolutions_fill_tensor_core_tiles():
+    """UNet-S's shape was chosen for speed (docs/benchmarks.md, run 23): apart from the input and output convolutions,
+    every convolution's output width is a multiple of 128, unlike its former 96-channel shape."""
+    def widths(**overrides):
+        with torch.device("meta"):
+            model = create_model("UNet-S", **overrides)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[0].in_channels == 4 and convs[-1].out_channels == 8  # latents in, (eps, sigma) out
+        return {m.out_channels for m in convs[:-1]}
+
+    assert widths() == {128, 256, 384}
+    assert 96 in widths(model_channels=96, channel_mult=(1, 2, 2, 2), num_res_blocks=4)
+
+
 def test_compile_blocks_shares_graphs_between_equal_blocks():
     """UNet regional compilation: blocks of equal shape share a compiled graph (fewer graphs than blocks), the
     per-function graph limit is raised so none falls back to eager, and outputs and gradients equal eager."""
