@@ -499,10 +499,10 @@ class UNet(nn.Module):
 
 # Registered sizes for 32x32x4 latents: ADM shapes (4 levels 32/16/8/4, 64-channel heads), width, depth and channel
 # multipliers chosen so that forward FLOPs match DiT-{S,B,L,XL}/2 within 5% (docs/unet.md; tests/test_unet.py checks
-# it against the real DiT models). Attention at 16x16, 8x8 and 4x4 (factors 2, 4, 8). UNet-S uses ADM's 128 px
-# multipliers (1, 1, 2, 3) at 128 channels, attention at 8x8 and 4x4 only: its convolutions are then 128 channels
-# wide or more (full tensor-core tiles), which trains 1.22x faster than (1, 2, 2, 2) at 96 channels for the same
-# FLOPs, with 1.7x the parameters (docs/benchmarks.md, run 23).
+# it against the real DiT models). Attention at 16x16, 8x8 and 4x4 (factors 2, 4, 8). UNet-S takes the first four of
+# ADM's 128 px multipliers, (1, 1, 2, 3), at 128 channels, with attention at 8x8 and 4x4 only: its convolutions are
+# then multiples of 128 wide (full tensor-core tiles), which trains 1.22x faster than (1, 2, 2, 2) at 96 channels for
+# the same FLOPs, with 1.7x the parameters (docs/benchmarks.md, run 23).
 _SIZES: dict[str, dict] = {
     "S": dict(model_channels=128, channel_mult=(1, 1, 2, 3), num_res_blocks=3, attention_resolutions=(4, 8)),
     "B": dict(model_channels=224, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4, 8)),
