@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.diffusion import create_diffusion
@@ -338,6 +339,27 @@ def unknown_names_error(option: str, names: list[str], valid) -> str | None:
     if unknown or not names:
         return f"{option}: unknown {', '.join(map(repr, unknown)) or 'none given'}; valid: {', '.join(valid)}"
     return None
+
+
+def parse_model_overrides(text: str | None, models: list[str]) -> dict:
+    """``--model-overrides`` (a YAML mapping of constructor keywords, or None) as a dict, checked by building every
+    model with it on the meta device (no memory); a one-line ValueError for YAML that is not a mapping or for
+    keywords a model does not take."""
+    if text is None:
+        return {}
+    try:
+        overrides = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--model-overrides: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model-overrides: expected a YAML mapping such as \"{{depth: 6}}\", got {text!r}")
+    for name in models:
+        try:
+            with torch.device("meta"):
+                create_model(name, **overrides)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ValueError(f"--model-overrides {text!r} for {name}: {' '.join(str(e).split())}") from None
+    return overrides
 
 
 def _prepare(name: str, variant: str, device: torch.device, overrides: dict):

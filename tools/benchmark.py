@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.benchmark import (VARIANTS, kernel_table, markdown_table, plot, plot_kernel_breakdown,  # noqa: E402
-                           run_benchmarks, sampling_table, unknown_names_error)
+                           parse_model_overrides, run_benchmarks, sampling_table, unknown_names_error)
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--model-overrides", default=None, metavar="YAML",
-                   help="constructor keywords for every model, a YAML mapping, e.g. \"{model_channels: 128, "
+                   help="constructor keywords for every model, a YAML mapping, e.g. \"{model_channels: 96, "
                         "num_res_blocks: 4}\" (a variant of a registered size, GFLOPs and MFU counted on it)")
     p.add_argument("--out", type=Path, default=Path("docs/bench/latest.md"))
     p.add_argument("--plot", type=Path, default=Path("docs/bench/latest.png"))
@@ -65,7 +65,10 @@ def main() -> None:
                   unknown_names_error("--variants", variants, VARIANTS)):
         if error:
             p.error(error)
-    a.overrides = {"input_size": a.input_size, **_model_overrides(p, a.model_overrides, models)}
+    try:
+        a.overrides = {"input_size": a.input_size, **parse_model_overrides(a.model_overrides, models)}
+    except ValueError as e:
+        p.error(str(e))
     if a.sampling:
         return sampling_main(a, models, variants)
     if a.step_ops:
@@ -86,31 +89,6 @@ def main() -> None:
     if a.profile:
         plot_kernel_breakdown(results, a.plot.with_name(a.plot.stem + "_kernels.png"))
     print(table)
-
-
-def _model_overrides(p: argparse.ArgumentParser, text: str | None, models: list[str]) -> dict:
-    """``--model-overrides`` as a dict, checked by building every model with it on the meta device (no memory): a
-    one-line usage error for YAML that is not a mapping or keywords a model does not take."""
-    if text is None:
-        return {}
-    import torch
-    import yaml
-
-    from dit.models import create_model
-
-    try:
-        overrides = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        p.error(f"--model-overrides: not valid YAML ({' '.join(str(e).split())})")
-    if not isinstance(overrides, dict):
-        p.error(f"--model-overrides: expected a YAML mapping such as \"{{depth: 6}}\", got {text!r}")
-    for name in models:
-        try:
-            with torch.device("meta"):
-                create_model(name, **overrides)
-        except (TypeError, ValueError, AssertionError) as e:
-            p.error(f"--model-overrides {text!r} for {name}: {' '.join(str(e).split())}")
-    return overrides
 
 
 def step_ops_main(a: argparse.Namespace, models: list[str]) -> None:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import quack_gemm
 from .fp8 import E4M3
-from .kernels import add_layernorm_modulate, check_choice, layernorm_modulate
+from .kernels import add_layernorm_modulate, layernorm_modulate
 from .layers import (
     Attention,
     CrossAttention,
@@ -346,7 +346,7 @@ class DiT(nn.Module):
         fc2 forward and input-gradient GEMMs, GELU epilogues included; the weight gradients stay cuBLAS's). Used
         on the paths of ``set_fused_attention`` and ``set_mlp_epilogues``; "quack" needs an sm90+ GPU and the
         quack-kernels package (a one-line ValueError otherwise). Same formulas, fp32 accumulation."""
-        check_choice("gemm backend", name, quack_gemm.BACKENDS)
+        quack_gemm.check_backend(name)
         for block in self.blocks:
             block.attn.gemm_backend = name
             block.mlp.gemm_backend = name

@@ -87,12 +87,6 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None  # CUDA wheels ship it on Linux, not everywhere
 
 
-def check_choice(kind: str, name: str, choices: tuple[str, ...]) -> None:
-    """A one-line ValueError unless ``name`` is one of ``choices``, e.g. "gemm backend 'x': expected one of ..."."""
-    if name not in choices:
-        raise ValueError(f"{kind} {name!r}: expected one of {', '.join(choices)}")
-
-
 def _use_triton(x: torch.Tensor) -> bool:
     # float64 (exact parity tests) stays on the reference: the kernels accumulate in fp32
     return x.is_cuda and x.dtype != torch.float64 and has_triton()

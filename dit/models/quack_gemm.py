@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels import _acc, check_choice, linear_gelu_ref
+from .kernels import _acc, linear_gelu_ref
 
 BACKENDS = ("cublas", "quack")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -53,10 +53,12 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-def check_backend(name: str, device: torch.device | str) -> None:
-    """Raise a one-line ValueError unless the GEMM backend ``name`` can run on ``device``."""
-    check_choice("gemm backend", name, BACKENDS)
-    if name == "quack":
+def check_backend(name: str, device: torch.device | str | None = None) -> None:
+    """Raise a one-line ValueError unless ``name`` is a GEMM backend that can run on ``device`` (without a device:
+    unless it is one of ``BACKENDS``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "quack" and device is not None:
         reason = unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"gemm backend 'quack': {reason}")
