@@ -26,7 +26,10 @@ from dit.models import create_model
 from dit.models.layers import Mlp, linear_gelu_tanh
 from dit.utils.cuda_graph import StepGraph
 
-# Variants: name -> (description). Each is built by ``_prepare``.
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the autocast dtypes run_benchmarks takes
+
+# Variants: name -> (description). Each is built by ``_prepare``; "bf16" in a name is the autocast dtype, fp16 with
+# run_benchmarks(amp_dtype=torch.float16) (tools/benchmark.py --amp-dtype fp16).
 VARIANTS = {
     "ref-tf32": "as the official repo ships: fp32 weights, TF32 matmuls, eager, foreach AdamW",
     "eager-bf16": "baseline: bf16 autocast, eager, foreach AdamW",
@@ -120,7 +123,8 @@ class Result:
     fwd_img_s: float = float("nan")
     fwd_peak_gib: float = float("nan")
     fwd_mfu: float = float("nan")
-    rel_err: float = float("nan")  # bf16 variant output vs fp32 eager output, ||a - b|| / ||b||
+    rel_err: float = float("nan")  # the variant's output (autocast in `amp`) vs fp32 eager output, ||a - b|| / ||b||
+    amp: str = "bf16"  # the autocast dtype of every variant but ref-tf32 (run_benchmarks' amp_dtype)
     compile_s: float = 0.0
     # --profile: GPU kernel time per training step by category (ms), the step's wall time, the top kernels
     train_kernels_ms: dict = dataclasses.field(default_factory=dict)
@@ -367,7 +371,9 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
     torch.backends.cudnn.allow_tf32 = variant == "ref-tf32"
     torch.backends.cudnn.benchmark = variant in ("fast-bm", "fast-sgclbm", "fast-sgclgn", "fast-sgclgk",
                                                  "fast-sgclgkfa")
-    model = create_model(name, **overrides)
+    with torch.random.fork_rng(devices=[]):  # the same weights for every variant (and run), the caller's RNG untouched
+        torch.manual_seed(0)
+        model = create_model(name, **overrides)
     _randomise_zero_init(model)
     model = model.to(device)
     if variant in _CHANNELS_LAST:
@@ -531,14 +537,15 @@ def _bench_one(
     do_fwd: bool = True,
     profile: bool = False,
     profile_top: int = 12,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> Result:
     model, fwd, autocast = _prepare(name, variant, device, overrides)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
-    res = Result(model=name, variant=variant, params_m=params, gflops=gflops)
+    res = Result(model=name, variant=variant, params_m=params, gflops=gflops, amp=AMP_NAMES[amp_dtype])
     gen = torch.Generator(device=device).manual_seed(0)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=autocast)
     C, S = model.in_channels, model.input_size
     # channels-last measured slower for the UNet in eager mode (docs/unet.md); fast-cl tries it compiled
     mf = torch.channels_last if variant in _CHANNELS_LAST else torch.contiguous_format
@@ -611,12 +618,18 @@ def _bench_one(
             if not kernel.fused:
                 raise ValueError(f"variant {variant}: the AdamW kernel does not run here ({kernel.reason})")
             if variant in _COMPUTE_WEIGHTS:
-                kernel.keep_compute_copies(model.set_compute_weights(torch.bfloat16))
+                kernel.keep_compute_copies(model.set_compute_weights(amp_dtype))
             step_fn = kernel.step
+        # fp16: a static loss scale keeps the small gradients representable; the fused optimizers divide it out as
+        # they read the gradients (the trainer's GradScaler does the same with a dynamic scale). The unfused
+        # baselines step on unscaled fp16 gradients: the same kernels, so the same timing.
+        loss_scale = None
+        if amp_dtype == torch.float16 and autocast and fused:
+            loss_scale = opt.grad_scale = torch.tensor(2.0**12, device=device)
 
         def update(t):
             loss = loss_fn(x, t, cond)
-            loss.backward()
+            (loss if loss_scale is None else loss * loss_scale).backward()
             step_fn()
             opt.zero_grad(set_to_none=True)
 
@@ -668,7 +681,7 @@ def markdown_table(results: list[Result], baseline: str = "eager-bf16") -> str:
         tr = r.train_img_s / b.train_img_s if b and b.train_img_s == b.train_img_s else float("nan")
         fr = r.fwd_img_s / b.fwd_img_s if b and b.fwd_img_s == b.fwd_img_s else float("nan")
         rows.append(
-            f"| {r.model} | {r.variant} | {r.params_m:.1f} | {r.gflops:.1f} | {r.train_img_s:,.0f} | {tr:.2f} "
+            f"| {r.model} | {r.variant}{'' if r.amp == 'bf16' else f' ({r.amp})'} | {r.params_m:.1f} | {r.gflops:.1f} | {r.train_img_s:,.0f} | {tr:.2f} "
             f"| {r.train_mfu:.1%} | {r.train_peak_gib:.1f} | {r.fwd_img_s:,.0f} | {fr:.2f} | {r.fwd_mfu:.1%} "
             f"| {r.rel_err:.1e} |"
         )
@@ -800,8 +813,10 @@ def run_benchmarks(
     do_fwd: bool = True,
     do_train: bool = True,
     profile_top: int = 12,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[dict, list[Result]]:
-    """Measure every (model, variant) pair; returns (environment incl. matmul ceiling, results)."""
+    """Measure every (model, variant) pair, every variant but ref-tf32 under autocast in ``amp_dtype`` (bf16 or
+    fp16); returns (environment incl. matmul ceiling, results)."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
@@ -818,7 +833,7 @@ def run_benchmarks(
                 r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
                               ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
                               iters=iters, profile=profile, do_fwd=do_fwd, do_train=do_train,
-                              profile_top=profile_top)
+                              profile_top=profile_top, amp_dtype=amp_dtype)
             except torch.cuda.OutOfMemoryError:
                 print(f"[bench] {name} {v}: out of memory", flush=True)
                 torch.cuda.empty_cache()

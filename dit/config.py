@@ -189,8 +189,8 @@ class TrainConfig:
     # torch's fused AdamW to fp32 rounding); false: torch's fused AdamW, then a separate EMA pass
     fused_adamw_ema: bool = True
     # CUDA, one process: capture the whole step (forward, backward, clipping, the AdamW + EMA kernel) in one CUDA
-    # graph after train.cuda_graph_warmup direct steps (dit/utils/cuda_graph.py). Needs grad_accum_steps=1,
-    # mixed_precision no or bf16, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
+    # graph after train.cuda_graph_warmup direct steps (dit/utils/cuda_graph.py; fp16's loss scale is updated on the
+    # device). Needs grad_accum_steps=1, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
     cuda_graph: bool = False
     cuda_graph_warmup: int = 2
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
@@ -431,8 +431,6 @@ def validate(cfg: Config, source: str = "config") -> None:
                           f"compile_mode={cfg.model.compile_mode!r}")
     if t.cuda_graph:
         need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
-                "train.mixed_precision no or bf16 (fp16's grad scaler decides on the host)":
-                    t.mixed_precision != "fp16",
                 "train.fused_adamw_ema=true (the optimizer kernel that reads its learning rate from the device)":
                     t.fused_adamw_ema,
                 "model.compile_mode default or max-autotune-no-cudagraphs (the others make CUDA graphs of their own)":

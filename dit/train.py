@@ -702,7 +702,10 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=tc.max_steps * tc.global_batch_size, initial=images_seen, unit="img", unit_scale=True,
                disable=not (is_main and cfg.run.progress), dynamic_ncols=True)  # progress in images seen
     log_file = open(log_path, "a") if is_main else None
-    fused_skip = tc.mixed_precision != "fp16" and bool(inner_opt.defaults.get("fused"))
+    fused_skip = bool(inner_opt.defaults.get("fused"))  # the optimizer takes grad_scale / found_inf tensors
+    # fp16: the loss scale (Accelerate's GradScaler) is applied by accelerator.backward; with a fused optimizer the
+    # trainer unscales in the optimizer's kernel and updates the scale itself (update_loss_scale), on the device.
+    scaler = accelerator.scaler if tc.mixed_precision == "fp16" else None
     bad_in_a_row, bad_total, first_loss, last_ckpt, last_grid = 0, 0, None, None, None
     pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, (5,) device stats, lr, images_seen)
     window: dict[str, list[float]] = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
@@ -727,16 +730,17 @@ def train(cfg: Config) -> dict:
     # The blocks' GEMMs read bf16 copies of their weights that the optimizer kernel writes with each update, instead
     # of casting every fp32 weight on every step (model.compute_weights). One process only: DDP would broadcast the
     # copies (buffers) on every step.
-    copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision == "bf16"
+    copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision in ("bf16", "fp16")
                  and getattr(raw_model, "fused_training", False) and hasattr(raw_model, "set_compute_weights")
                  and not cfg.model.grad_checkpointing)  # checkpointed blocks take the plain path, which casts
     if cfg.model.compute_weights and not copies_ok:
         raise ConfigError("model.compute_weights=true needs a DiT with model.fused_training (model.compile=true), one "
-                          "process, train.mixed_precision=bf16, the AdamW + EMA kernel (CUDA, "
+                          "process, train.mixed_precision bf16 or fp16, the AdamW + EMA kernel (CUDA, "
                           "train.fused_adamw_ema=true) and no model.grad_checkpointing; unset it to let the trainer "
                           "decide")
     if copies_ok and cfg.model.compute_weights is not False:
-        adamw_ema.keep_compute_copies(raw_model.set_compute_weights(torch.bfloat16))
+        amp_dtype = torch.float16 if tc.mixed_precision == "fp16" else torch.bfloat16
+        adamw_ema.keep_compute_copies(raw_model.set_compute_weights(amp_dtype))
     ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
 
     def flush() -> None:
@@ -797,26 +801,29 @@ def train(cfg: Config) -> dict:
                 if fsdp:  # a replicated DTensor -> plain ()
                     grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
                 elif fused_skip:
-                    grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt)  # ()
+                    loss_scale = None if scaler is None else scaler._scale  # (), made by the backward's scale()
+                    grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt, loss_scale)  # ()
                 else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
                     accelerator.unscale_gradients()  # fp16: clip the true gradients
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
                 stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
                 if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
                     stats = accelerator.reduce(stats, reduction="mean")
-                if tc.mixed_precision == "fp16":  # the grad scaler skips steps with inf grads itself
-                    bad = ~torch.isfinite(stats[0])
+                # A non-finite loss or gradient norm (under fp16 also a loss-scale overflow: the norm is of the
+                # unscaled gradients) skips the update and the EMA's.
+                bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
+                if fused_skip:
+                    inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
+                    if adamw_ema is not None:  # the EMA update rides in the same kernel (its weights set before)
+                        adamw_ema.launch()
+                    else:  # directly: under fp16 Accelerate's wrapper would run GradScaler.step (a host sync)
+                        inner_opt.step()
+                    if scaler is not None:
+                        update_loss_scale(scaler, bad)
+                elif scaler is not None:  # GradScaler.step skips steps with inf grads itself, and updates the scale
                     optimizer.step()
-                else:
-                    bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
-                    if fused_skip:
-                        inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
-                        if adamw_ema is not None:  # the EMA update rides in the same kernel (its weights set before)
-                            adamw_ema.launch()
-                        else:
-                            optimizer.step()
-                    elif not bool(bad):  # no fused AdamW on this device: one host sync per step
-                        optimizer.step()
+                elif not bool(bad):  # no fused AdamW on this device: one host sync per step
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return sums, stats, bad
 
@@ -932,19 +939,37 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 @torch.no_grad()
-def clip_in_fused_step(params: list[nn.Parameter], max_norm: float | None,
-                       optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """Gradient-norm clipping folded into the next step of a fused Adam/AdamW ``optimizer``; returns the norm ().
+def clip_in_fused_step(params: list[nn.Parameter], max_norm: float | None, optimizer: torch.optim.Optimizer,
+                       loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient-norm clipping (and fp16 unscaling) folded into the next step of a fused Adam/AdamW ``optimizer``;
+    returns the norm of the true (unscaled) gradients ().
 
     The fused kernel divides every gradient by the optimizer's ``grad_scale`` tensor as it reads it (the hook
     GradScaler uses), so setting it to ``max(1, (norm + 1e-6) / max_norm)`` applies ``clip_grad_norm_``'s factor
     ``min(1, max_norm / (norm + 1e-6))`` without its separate read + write pass over all gradients (2 ms per step on
-    DiT-XL/2's 675M parameters, docs/benchmarks.md). ``max_norm=None``: only the norm, no clipping.
+    DiT-XL/2's 675M parameters, docs/benchmarks.md). ``max_norm=None``: only the norm, no clipping. ``loss_scale``
+    (one element): the gradients are ``loss_scale`` times the true ones (fp16's GradScaler); the divisor includes it.
     """
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)  # ()
+    divisor = None if loss_scale is None else loss_scale.float().reshape(())  # ()
+    if divisor is not None:
+        norm = norm.float() / divisor
     if max_norm is not None:
-        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0)  # type: ignore[attr-defined]
+        clip = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0)  # ()
+        divisor = clip if divisor is None else divisor * clip
+    if divisor is not None:
+        optimizer.grad_scale = divisor  # type: ignore[attr-defined]
     return norm
+
+
+@torch.no_grad()
+def update_loss_scale(scaler: torch.amp.GradScaler, overflow: torch.Tensor) -> None:
+    """``GradScaler.update``'s dynamic policy for a step that bypassed ``GradScaler.step`` (a fused optimizer took the
+    scale and the overflow flag itself): back the scale off on an overflow (``overflow``: () bool), grow it after
+    ``growth_interval`` clean steps in a row. On the scaler's own device tensors, so checkpoints (its state dict)
+    see it, with no host sync, so a CUDA graph of the step can hold it."""
+    torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, overflow.float().reshape(()),
+                             scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval())
 
 
 @torch.no_grad()

@@ -30,10 +30,14 @@ def regional_twin(ref, *inputs):
     return twin, out_ref, out, counter, n
 
 
-def assert_training_gradients_match_fp32(configure, dtype):
-    """GPU: a small DiT-S/2 (2 blocks, width 256, 64-wide heads, zero-initialised layers randomised) with
-    ``configure(model)`` applied runs forward and backward under ``dtype`` autocast, eager and compiled: every
-    parameter gradient must be as close to the fp32 model's as the plain model's in ``dtype`` (within 2x, or 1e-2)."""
+SMALL_DIT = dict(input_size=32, hidden_size=256, depth=2, num_heads=4, num_classes=10)  # 64-wide heads
+
+
+def assert_training_gradients_match_fp32(configure, dtype, name="DiT-S/2", **overrides):
+    """GPU: a small model (by default a DiT-S/2 of 2 blocks, width 256, 64-wide heads; ``name`` / ``overrides``
+    another, with 10 classes at 32x32), zero-initialised layers randomised, with ``configure(model)`` applied runs
+    forward and backward under ``dtype`` autocast, eager and compiled: every parameter gradient must be as close to
+    the fp32 model's as the plain model's in ``dtype`` (within 2x, or 1e-2)."""
     import copy
 
     import torch
@@ -43,7 +47,7 @@ def assert_training_gradients_match_fp32(configure, dtype):
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    ref_model = create_model("DiT-S/2", input_size=32, hidden_size=256, depth=2, num_heads=4, num_classes=10)
+    ref_model = create_model(name, **(overrides or SMALL_DIT))
     _randomise_zero_init(ref_model)
     ref_model = ref_model.to(dev).eval()
     model = copy.deepcopy(ref_model)

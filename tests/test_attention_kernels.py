@@ -210,11 +210,28 @@ def test_gpu_forward_falls_back_to_memory_efficient_attention(monkeypatch):
 
 
 @_NEED_GPU
-def test_gpu_dit_gradients_through_fused_attention_match_fp32():
-    """Every parameter gradient of a DiT (head dim 64) trained in bf16 through qkv_attention, eager and compiled,
-    with the other fused training kernels, is as close to the fp32 gradient as the plain bf16 model's."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_dit_gradients_through_fused_attention_match_fp32(dtype):
+    """Every parameter gradient of a DiT (head dim 64) trained in bf16 or fp16 through qkv_attention, eager and
+    compiled, with the other fused training kernels, is as close to the fp32 gradient as the plain model's in that
+    dtype."""
     def configure(model):
         model.set_fused_attention(True)
         model.fused_training = True
 
-    assert_training_gradients_match_fp32(configure, torch.bfloat16)
+    assert_training_gradients_match_fp32(configure, dtype)
+
+
+@_NEED_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_unet_gradients_through_its_training_kernels_match_fp32(dtype):
+    """The UNet's training path on the GPU (channels-last, GroupNorm + AdaGN + SiLU in the Triton kernels, the
+    attention's Triton backward) in bf16 or fp16: every parameter gradient as close to the fp32 gradient as the plain
+    model's in that dtype, eager and compiled."""
+    def configure(model):
+        model.set_channels_last(True)
+        model.set_moment_norm(True, kernels=True)
+        model.set_fused_attention(True)
+
+    assert_training_gradients_match_fp32(configure, dtype, "UNet-S", model_channels=64, channel_mult=(1, 2),
+                                         num_res_blocks=1, attention_resolutions=(2,), num_classes=10)

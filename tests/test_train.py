@@ -444,7 +444,10 @@ def test_ema_update_unless_skip_is_a_no_op_on_device():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e3, None])
-def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm, loss_scale):
+    """Clipping (and fp16's unscaling: gradients of a loss scaled by a power of two) through the fused AdamW's
+    grad_scale equals clip_grad_norm_ on the true gradients, then the same step."""
     from dit.train import clip_in_fused_step
 
     torch.manual_seed(0)
@@ -453,12 +456,13 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
     folded.load_state_dict(ref.state_dict())
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True) for m in (ref, folded)]
     x = torch.randn(16, 5)
+    scale = None if loss_scale is None else torch.tensor([loss_scale])
     for step in range(3):
         for m in (ref, folded):
             m.zero_grad()
-            (m(x) ** 2).sum().mul(step + 1).backward()
+            (m(x) ** 2).sum().mul(step + 1).mul(loss_scale if m is folded and loss_scale else 1.0).backward()
         want = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), max_norm or math.inf)
-        got = clip_in_fused_step(list(folded.parameters()), max_norm, opts[1])
+        got = clip_in_fused_step(list(folded.parameters()), max_norm, opts[1], scale)
         torch.testing.assert_close(got, want)
         if max_norm == 0.05:
             assert want > 10 * max_norm  # the clip really scales the gradients down
@@ -466,6 +470,70 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
             opt.step()
         for a, b in zip(ref.parameters(), folded.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_update_loss_scale_follows_grad_scaler():
+    """The device-side loss-scale update (for steps that bypass GradScaler.step) makes the same scale sequence as
+    GradScaler's own step + update, over clean steps (growth after the interval) and overflows (back-off)."""
+    from dit.train import update_loss_scale
+
+    overflows = [False, False, False, True, False, True, True, False, False, False, False]
+    scales = {}
+    for how in ("grad_scaler", "ours"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        p = nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([p], lr=0.1)
+        seen = []
+        for overflow in overflows:
+            scaler.scale(p.sum()).backward()  # creates the scale tensors on the first call, as in the trainer
+            if overflow:
+                p.grad.fill_(math.inf)
+            if how == "ours":
+                update_loss_scale(scaler, torch.tensor(overflow))
+            else:
+                scaler.step(opt)
+                scaler.update()
+            seen.append(scaler.get_scale())
+            opt.zero_grad()
+        scales[how] = seen
+    assert scales["ours"] == scales["grad_scaler"]
+    assert scales["ours"][:4] == [2.0**10, 2.0**10, 2.0**11, 2.0**10]  # grew after 3 clean steps, backed off
+
+
+def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatch):
+    """mixed_precision=fp16 with the fused AdamW (the loss scale divided out in its kernel, the scale updated on the
+    device) trains as Accelerate's GradScaler path does with an unfused AdamW: same losses, true gradient norms,
+    skipped overflow steps, weights, EMA and saved loss scale, with clipping active."""
+    import accelerate
+
+    class ScaledOnCpu(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.native_amp = True
+            # grows every 2 clean steps until the 5th step's fp16 gradients overflow (skipped, backed off)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledOnCpu)  # dit.train imports it when train() runs
+    common = ("train.mixed_precision=fp16", "train.grad_clip=0.1", "sample.grid_size=0", "train.log_every=1")
+    fused = _train(tmp_path / "fused", *common)
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **{**k, "fused": None}))
+    plain = _train(tmp_path / "plain", *common)
+    la, lb = _log(tmp_path / "fused"), _log(tmp_path / "plain")
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in la]), torch.tensor([r["loss"] for r in lb]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in la]),
+                               torch.tensor([r["grad_norm"] for r in lb]), rtol=1e-5, atol=1e-6)
+    assert [r["skipped"] for r in la] == [r["skipped"] for r in lb]
+    assert 0 < fused["bad_steps"] == plain["bad_steps"] < 6  # overflows at the start, then updates
+    assert max(r["grad_norm"] for r in la if not r["skipped"]) > 0.1  # the clip acted
+    ca, cb = (torch.load(d / "checkpoints" / "step_0000006.pt", weights_only=True) for d in (tmp_path / "fused",
+                                                                                              tmp_path / "plain"))
+    for key in ("model", "ema"):
+        for name in ca[key]:
+            # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3)
+            torch.testing.assert_close(ca[key][name], cb[key][name], rtol=1e-5, atol=5e-6, msg=f"{key} {name}")
+    assert ca["scaler"] == cb["scaler"] and ca["scaler"]["scale"] == 2.0**21
 
 
 def test_trainer_clip_in_the_fused_step_is_exact_when_inactive_and_acts_when_active(tmp_path):
@@ -860,10 +928,11 @@ def test_cuda_graph_settings_are_checked(tmp_path):
     """train.cuda_graph names every setting it cannot work with (config), and the machine it needs (trainer)."""
     from dit.config import ConfigError
 
-    with pytest.raises(ConfigError, match="grad_accum_steps=1.*fp16.*fused_adamw_ema.*compile_mode"):
+    with pytest.raises(ConfigError, match="grad_accum_steps=1; train.fused_adamw_ema.*compile_mode"):
         load_config(None, tiny_overrides(tmp_path) + [
-            "train.cuda_graph=true", "train.grad_accum_steps=2", "train.mixed_precision=fp16",
-            "train.fused_adamw_ema=false", "model.compile=true", "model.compile_mode=reduce-overhead"])
+            "train.cuda_graph=true", "train.grad_accum_steps=2", "train.fused_adamw_ema=false", "model.compile=true",
+            "model.compile_mode=reduce-overhead"])
+    load_config(None, tiny_overrides(tmp_path) + ["train.cuda_graph=true", "train.mixed_precision=fp16"])  # fine
     with pytest.raises(ConfigError, match="cuda_graph_warmup >= 1"):
         load_config(None, tiny_overrides(tmp_path) + ["train.cuda_graph=true", "train.cuda_graph_warmup=0"])
     if not torch.cuda.is_available():
@@ -872,17 +941,19 @@ def test_cuda_graph_settings_are_checked(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monkeypatch, compiled):
+def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monkeypatch, compiled, precision):
     """The whole step in one CUDA graph gives the same losses, weights, EMA and optimizer state as direct steps, with
     a warm-up + cosine LR, the EMA warm-up, active clipping and label dropout (all of which change per step inside the
     replayed graph); and 3 graphed steps + resume == 6 straight. Eager: bit for bit. Compiled: Inductor's embedding
-    backward adds with atomics in no fixed order (docs/architecture.md), so two compiled runs agree to ~1e-9 only."""
+    backward adds with atomics in no fixed order (docs/architecture.md), so two compiled runs agree to ~1e-9 only.
+    fp16: the loss scale, updated on the device inside the graph, is saved and resumed too."""
     from dit.optim import AdamWEMA
 
     if AdamWEMA(torch.optim.AdamW([nn.Parameter(torch.zeros(4, device="cuda"))], fused=True)).reason is not None:
         pytest.skip("no Triton for the one-pass AdamW + EMA kernel")
-    extra = ["train.mixed_precision=bf16", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.min_lr=1e-4",
+    extra = [f"train.mixed_precision={precision}", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.min_lr=1e-4",
              "train.grad_clip=0.05", "sample.grid_size=0", "train.tf32=false", f"model.compile={str(compiled).lower()}"]
     graph = ["train.cuda_graph=true", "train.cuda_graph_warmup=1"]
 
@@ -904,6 +975,7 @@ def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monke
         for pid, st in ca["opt"]["state"].items():
             for k, v in st.items():
                 same(v, cb["opt"]["state"][pid][k], f"opt {pid} {k}")
+        assert ca.get("scaler") == cb.get("scaler") and ("scaler" in ca) == (precision == "fp16")
         if not compiled:
             assert sa["weights_digest"] == sb["weights_digest"]
 

@@ -107,11 +107,13 @@ def main() -> int:
             row = {"model": name, "batch": batch, "step_ms": 1e3 * step_s, "img_s": batch / step_s,
                    "startup_s": startup_s,
                    "peak_mem_gib": summary.get("peak_mem_gib"), "last_loss": summary.get("last_loss"),
+                   "skipped_steps": summary.get("bad_steps"),  # non-finite (fp16: loss-scale overflow) steps
                    "overrides": a.overrides, "steps_measured": len(times),  # one log row per step
                    "env": env}  # device, versions, date of the measurement
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
-                  f"{row['peak_mem_gib'] or float('nan'):.1f} GiB, start-up {startup_s:.0f} s", flush=True)
+                  f"{row['peak_mem_gib'] or float('nan'):.1f} GiB, start-up {startup_s:.0f} s, last loss "
+                  f"{row['last_loss'] or float('nan'):.4f}, {row['skipped_steps']} skipped steps", flush=True)
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1))

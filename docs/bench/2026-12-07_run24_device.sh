@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run 24's device calls: fp16 autocast (train.mixed_precision=fp16) in the trainer's fast path, one H100.
+#   bash docs/bench/2026-12-07_run24_device.sh tests     # GPU tests of the fp16 paths, then the numerics (harness)
+#   bash docs/bench/2026-12-07_run24_device.sh trainer   # trainer img/s, bf16 against fp16, same machine
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+case "$1" in
+tests)
+    timeout 260 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_train.py tests/test_attention_kernels.py \
+        tests/test_cublaslt.py -k "cuda_graph_step or fp16 or gradients_through or training_gradients" 2>&1 \
+        | tail -15 | tee "$OUT/gpu_tests.txt"
+    # The output's error against fp32 (same randomised weights), plain autocast and the fast forward paths.
+    for amp in bf16 fp16; do
+        timeout 150 python3 tools/benchmark.py --models UNet-S,UNet-B,DiT-S/2,DiT-XL/2 --variants eager-bf16 \
+            --fwd-only --iters 3 --warmup 1 --amp-dtype $amp --json "$OUT/numerics_eager_$amp.json" \
+            --out "$OUT/numerics_eager_$amp.md" --plot /tmp/n.png 2>&1 | grep "^\[bench\] [UD]"
+    done
+    for amp in bf16 fp16; do  # the residual stream in the autocast dtype (fp16: 3 more mantissa bits than bf16)
+        timeout 120 python3 tools/benchmark.py --models DiT-XL/2 --variants fast-bf16r --fwd-only --iters 5 \
+            --warmup 2 --amp-dtype $amp --json "$OUT/numerics_lpr_$amp.json" --out "$OUT/numerics_lpr_$amp.md" \
+            --plot /tmp/n.png 2>&1 | grep "^\[bench\] [UD]"
+    done ;;
+trainer)
+    U="--models UNet-S --steps 300 --skip 60 model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
+    X="--models DiT-XL/2 --steps 160 --skip 50"
+    timeout 130 python3 tools/bench_trainer.py $U --json "$OUT/trainer_unet_s_bf16.json" --timeout 125 | grep "^\[trainer\].*img/s"
+    timeout 130 python3 tools/bench_trainer.py $U train.mixed_precision=fp16 --json "$OUT/trainer_unet_s_fp16.json" --timeout 125 | grep "^\[trainer\].*img/s"
+    timeout 140 python3 tools/bench_trainer.py $X model.compile_mode=reduce-overhead --json "$OUT/trainer_xl_bf16.json" --timeout 135 | grep "^\[trainer\].*img/s"
+    timeout 140 python3 tools/bench_trainer.py $X train.cuda_graph=true train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr.json" --timeout 135 | grep "^\[trainer\]" ;;
+*) echo "usage: $0 tests|trainer" >&2; exit 2 ;;
+esac
