@@ -177,6 +177,9 @@ class TrainConfig:
     # EMA warm-up: decay_k = min(ema_decay, (1 + k) / (10 + k)) at update k. Without it a short run's EMA is still
     # mostly the zero-output initialisation (0.999 ** 782 = 46% after 782 steps) and samples look like noise.
     ema_warmup: bool = True
+    # fp16 keeps 3 more mantissa bits than bf16 at the same tensor-core speed, with a dynamic loss scale (GradScaler;
+    # in the fused step updated on the device): the UNets' output is 1.4e-3 - 1.9e-3 from fp32 in fp16 against
+    # 1.1e-2 - 1.5e-2 in bf16 (docs/benchmarks.md, run 24). bf16 needs no loss scale and cannot overflow.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # Shard parameters, gradients and optimizer state across processes (FSDP2, dit/fsdp.py) instead of replicating
     # them (DDP): per-GPU memory for weights + grads + Adam drops from 16 to 16/N bytes per parameter, for models too
