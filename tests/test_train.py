@@ -506,14 +506,14 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
     skipped overflow steps, weights, EMA and saved loss scale, with clipping active."""
     import accelerate
 
-    class ScaledOnCpu(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
+    class Scaled(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.native_amp = True
             # grows every 2 clean steps until the 5th step's fp16 gradients overflow (skipped, backed off)
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**20, growth_interval=2)
 
-    monkeypatch.setattr(accelerate, "Accelerator", ScaledOnCpu)  # dit.train imports it when train() runs
+    monkeypatch.setattr(accelerate, "Accelerator", Scaled)  # dit.train imports it when train() runs
     common = ("train.mixed_precision=fp16", "train.grad_clip=0.1", "sample.grid_size=0", "train.log_every=1")
     fused = _train(tmp_path / "fused", *common)
     real = torch.optim.AdamW
