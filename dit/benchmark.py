@@ -681,7 +681,8 @@ def markdown_table(results: list[Result], baseline: str = "eager-bf16") -> str:
         tr = r.train_img_s / b.train_img_s if b and b.train_img_s == b.train_img_s else float("nan")
         fr = r.fwd_img_s / b.fwd_img_s if b and b.fwd_img_s == b.fwd_img_s else float("nan")
         rows.append(
-            f"| {r.model} | {r.variant}{'' if r.amp == 'bf16' else f' ({r.amp})'} | {r.params_m:.1f} | {r.gflops:.1f} | {r.train_img_s:,.0f} | {tr:.2f} "
+            f"| {r.model} | {r.variant}{'' if r.amp == 'bf16' else f' ({r.amp})'} | {r.params_m:.1f} | {r.gflops:.1f} "
+            f"| {r.train_img_s:,.0f} | {tr:.2f} "
             f"| {r.train_mfu:.1%} | {r.train_peak_gib:.1f} | {r.fwd_img_s:,.0f} | {fr:.2f} | {r.fwd_mfu:.1%} "
             f"| {r.rel_err:.1e} |"
         )

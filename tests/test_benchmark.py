@@ -265,6 +265,27 @@ def test_benchmark_tool_measures_a_model_with_overrides(tmp_path):
     assert row["train_img_s"] > 0 and over in (tmp_path / "r.md").read_text()  # the command is in the report
 
 
+def test_benchmark_tool_runs_sampling_and_keeps_amp_dtype_to_training(tmp_path):
+    """--sampling goes through the tool's own wiring to a report (a 1-block DiT on CPU); --amp-dtype fp16 is refused
+    there with a usage error (it applies to the training / forward measurements only)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
+    args = [sys.executable, str(tool), "--sampling", "--models", "DiT-S/8", "--variants", "eager-bf16",
+            "--model-overrides", "{depth: 1, hidden_size: 32, num_heads: 2}", "--input-size", "8",
+            "--sampling-batch", "2", "--sampling-steps", "2", "--iters", "1", "--warmup", "0",
+            "--json", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[sampling] DiT-S/8 eager-bf16: guided step" in out.stdout and (tmp_path / "s.json").exists()
+    assert json.loads((tmp_path / "s.json").read_text())
+    out = subprocess.run(args + ["--amp-dtype", "fp16"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--amp-dtype fp16 applies to the training / forward" in out.stderr
+
+
 def test_bench_trainer_runs_the_real_trainer(tmp_path):
     """tools/bench_trainer.py: tools/train.py on synthetic latents in a subprocess; the median step time after --skip
     steps becomes img/s; a run stopped by --timeout still reports the steps it logged."""

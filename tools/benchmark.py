@@ -74,6 +74,7 @@ def main() -> None:
         p.error(str(e))
     if a.amp_dtype != "bf16" and (a.sampling or a.step_ops):
         p.error("--amp-dtype fp16 applies to the training / forward measurements, not --sampling or --step-ops")
+    amp_dtype = next(dtype for dtype, name in AMP_NAMES.items() if name == a.amp_dtype)
     if a.sampling:
         return sampling_main(a, models, variants)
     if a.step_ops:
@@ -82,7 +83,7 @@ def main() -> None:
     env, results = run_benchmarks(models, variants, train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides=a.overrides,
                                   json_out=a.json, profile=a.profile, do_fwd=not a.train_only, do_train=not a.fwd_only,
-                                  profile_top=a.profile_top, amp_dtype={v: k for k, v in AMP_NAMES.items()}[a.amp_dtype])
+                                  profile_top=a.profile_top, amp_dtype=amp_dtype)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
     if kernel_table(results):  # --profile on a GPU
         table += "\n\nGPU kernel time per training step (ms):\n\n" + kernel_table(results)
@@ -146,7 +147,7 @@ def sampling_main(a: argparse.Namespace, models: list[str], variants: list[str])
             try:
                 r = bench_sampling(name, v, device=device, batch=a.sampling_batch, steps=a.sampling_steps,
                                    overrides=a.overrides, profile=a.profile,
-                                   profile_top=a.profile_top, amp_dtype={v: k for k, v in AMP_NAMES.items()}[a.amp_dtype])
+                                   profile_top=a.profile_top)
             except Exception as e:  # one broken variant must not cost the rest of a (paid) GPU session
                 print(f"[sampling] {name} {v}: FAILED {type(e).__name__}: {' '.join(str(e).split())[:300]}",
                       flush=True)
