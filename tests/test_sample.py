@@ -384,3 +384,30 @@ def test_tool_compile_gives_the_eager_samples(ckpt, tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1  # the second run really went through torch.compile
     diff = np.abs(grids[0] - grids[1])
     assert grids[0].std() > 0 and diff.max() <= 2 and (diff > 1).mean() < 0.01
+
+
+def test_precision_picks_the_autocast_dtype_on_cuda_and_fp8_refuses_fp16(monkeypatch):
+    """--precision bf16 / fp16 run the network under that autocast dtype on CUDA and return float32; fp32 (and any
+    CPU run) calls the network as is; an unknown name lists the valid ones; --fp8 refuses fp16 (its GEMMs write bf16)."""
+    import contextlib
+
+    import dit.sample as S
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_autocast(device_type, dtype):
+        seen.append((device_type, dtype))
+        yield
+
+    monkeypatch.setattr(S.torch, "autocast", fake_autocast)
+    net = lambda x, t: x.half()  # noqa: E731
+    cuda = torch.device("cuda")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        out = S._autocast_model(net, cuda, name)(torch.ones(2), torch.zeros(2))
+        assert seen[-1] == ("cuda", dtype) and out.dtype == torch.float32
+    assert S._autocast_model(net, cuda, "fp32") is net and S._autocast_model(net, torch.device("cpu"), "fp16") is net
+    with pytest.raises(ValueError, match="--precision: expected one of bf16, fp16, fp32, got 'fp8'"):
+        S._autocast_model(net, cuda, "fp8")
+    with pytest.raises(ValueError, match="--fp8: runs with --precision bf16"):
+        S.float8_for_sampling(None, cuda, precision="fp16")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from dit.sample import (SAMPLERS, compile_for_sampling, float8_for_sampling, guidance_interval_summary,
+from dit.sample import (PRECISIONS, SAMPLERS, compile_for_sampling, float8_for_sampling, guidance_interval_summary,
                         load_sampling_setup, parse_class_labels, parse_guidance_interval, sample_images, sample_to_npz,
                         save_grid)
 
@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="facebookresearch/DiT guidance convention (doubled noise/batch, 3 guided channels); "
                    "default for official checkpoints with ddpm/ddim")
     p.add_argument("--no-official-cfg", dest="official_cfg", action="store_false")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="network precision on GPU (default bf16; fp32 with --official-cfg); CPU is always fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="network precision on GPU (default bf16; fp32 with --official-cfg; fp16 is 8x closer to fp32 "
+                        "than bf16 at the same speed class, e.g. for UNets); CPU is always fp32")
     p.add_argument("--use-model-weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--num-samples", type=int, default=None, help="write this many samples to --npz instead of a grid")
     p.add_argument("--npz", default=None, help="output .npz (arr_0 uint8 NHWC, labels); parts kept in <npz>.parts/")
