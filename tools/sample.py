@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default for official checkpoints with ddpm/ddim")
     p.add_argument("--no-official-cfg", dest="official_cfg", action="store_false")
     p.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                   help="network precision on GPU (default bf16; fp32 with --official-cfg; fp16 is 8x closer to fp32 "
-                        "than bf16 at the same speed class, e.g. for UNets); CPU is always fp32")
+                   help="network precision on GPU (default bf16; fp32 with --official-cfg; fp16 keeps the output "
+                        "about 8x closer to fp32 than bf16, docs/sampling.md); CPU is always fp32")
     p.add_argument("--use-model-weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--num-samples", type=int, default=None, help="write this many samples to --npz instead of a grid")
     p.add_argument("--npz", default=None, help="output .npz (arr_0 uint8 NHWC, labels); parts kept in <npz>.parts/")
