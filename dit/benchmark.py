@@ -24,12 +24,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit.diffusion import create_diffusion
 from dit.models import create_model
 from dit.models.layers import Mlp, linear_gelu_tanh
+from dit.utils import AUTOCAST_DTYPES
 from dit.utils.cuda_graph import StepGraph
 
-AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the autocast dtypes run_benchmarks takes
-
 # Variants: name -> (description). Each is built by ``_prepare``; "bf16" in a name is the autocast dtype, fp16 with
-# run_benchmarks(amp_dtype=torch.float16) (tools/benchmark.py --amp-dtype fp16).
+# run_benchmarks(amp="fp16") (tools/benchmark.py --amp-dtype fp16).
 VARIANTS = {
     "ref-tf32": "as the official repo ships: fp32 weights, TF32 matmuls, eager, foreach AdamW",
     "eager-bf16": "baseline: bf16 autocast, eager, foreach AdamW",
@@ -124,7 +123,7 @@ class Result:
     fwd_peak_gib: float = float("nan")
     fwd_mfu: float = float("nan")
     rel_err: float = float("nan")  # the variant's output (autocast in `amp`) vs fp32 eager output, ||a - b|| / ||b||
-    amp: str = "bf16"  # the autocast dtype of every variant but ref-tf32 (run_benchmarks' amp_dtype)
+    amp: str = "bf16"  # the autocast dtype of every variant but ref-tf32 (run_benchmarks' amp)
     compile_s: float = 0.0
     # --profile: GPU kernel time per training step by category (ms), the step's wall time, the top kernels
     train_kernels_ms: dict = dataclasses.field(default_factory=dict)
@@ -537,12 +536,13 @@ def _bench_one(
     do_fwd: bool = True,
     profile: bool = False,
     profile_top: int = 12,
-    amp_dtype: torch.dtype = torch.bfloat16,
+    amp: str = "bf16",
 ) -> Result:
     model, fwd, autocast = _prepare(name, variant, device, overrides)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
-    res = Result(model=name, variant=variant, params_m=params, gflops=gflops, amp=AMP_NAMES[amp_dtype])
+    res = Result(model=name, variant=variant, params_m=params, gflops=gflops, amp=amp)
+    amp_dtype = AUTOCAST_DTYPES[amp]
     gen = torch.Generator(device=device).manual_seed(0)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=autocast)
@@ -814,10 +814,12 @@ def run_benchmarks(
     do_fwd: bool = True,
     do_train: bool = True,
     profile_top: int = 12,
-    amp_dtype: torch.dtype = torch.bfloat16,
+    amp: str = "bf16",
 ) -> tuple[dict, list[Result]]:
-    """Measure every (model, variant) pair, every variant but ref-tf32 under autocast in ``amp_dtype`` (bf16 or
-    fp16); returns (environment incl. matmul ceiling, results)."""
+    """Measure every (model, variant) pair, every variant but ref-tf32 under autocast in ``amp`` (an
+    ``AUTOCAST_DTYPES`` name: bf16 or fp16); returns (environment incl. matmul ceiling, results)."""
+    if amp not in AUTOCAST_DTYPES:
+        raise ValueError(f"amp: expected one of {', '.join(AUTOCAST_DTYPES)}, got {amp!r}")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
@@ -834,7 +836,7 @@ def run_benchmarks(
                 r = bench_one(name, v, device=device, train_batch=tb, fwd_batch=fwd_batch,
                               ceiling_tflops=env["matmul_tflops"], overrides=overrides or {}, warmup=warmup,
                               iters=iters, profile=profile, do_fwd=do_fwd, do_train=do_train,
-                              profile_top=profile_top, amp_dtype=amp_dtype)
+                              profile_top=profile_top, amp=amp)
             except torch.cuda.OutOfMemoryError:
                 print(f"[bench] {name} {v}: out of memory", flush=True)
                 torch.cuda.empty_cache()

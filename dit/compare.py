@@ -44,6 +44,7 @@ import torch
 
 from dit import checkpointing
 from dit.config import Config, load_config, parse_override, to_dict, validate
+from dit.utils import AUTOCAST_DTYPES
 
 logger = logging.getLogger("dit.compare")
 
@@ -488,7 +489,7 @@ def evaluate_checkpoint(ckpt: Path, cfg: Config, settings: CompareSettings, eval
     num_classes = max(1, len(state["class_names"]))
     labels = torch.arange(settings.num_samples) % num_classes  # balanced labels, the same for every model
     mp = state["config"]["train"]["mixed_precision"]
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp) if device.type == "cuda" else None
+    autocast = AUTOCAST_DTYPES.get(mp) if device.type == "cuda" else None
     result: dict[str, Any] = {"key": key, "step": step, "images_seen": int(state["images_seen"]), "metrics": {}}
     scales = [1.0] + ([scale] if scale != 1.0 else [])
     for s in scales:

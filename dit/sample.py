@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit.utils import AUTOCAST_DTYPES
+
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # facebookresearch/DiT sample.py
 OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"
 OFFICIAL_VAE_SCALE = 0.18215
@@ -418,7 +420,7 @@ def guidance_interval_summary(setup: SamplingSetup, *, sampler: str | None = Non
 
 # --precision -> the network's autocast dtype on CUDA (None: fp32). fp16 keeps 3 more mantissa bits than bf16: the
 # UNets' output is 1.4e-3 - 1.9e-3 from fp32 in fp16 against 1.1e-2 - 1.5e-2 in bf16 (docs/benchmarks.md, run 24).
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISIONS: dict[str, torch.dtype | None] = {**AUTOCAST_DTYPES, "fp32": None}
 
 
 def _autocast_model(model: Callable, device: torch.device, precision: str) -> Callable:

@@ -31,6 +31,7 @@ from dit.config import Config, ConfigError, flatten, save_config, to_dict
 from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
+from dit.utils import AUTOCAST_DTYPES
 from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, buffer_pairs, copy_buffers, ema_decay_at, shard_pairs
 
@@ -730,7 +731,7 @@ def train(cfg: Config) -> dict:
     # The blocks' GEMMs read bf16 copies of their weights that the optimizer kernel writes with each update, instead
     # of casting every fp32 weight on every step (model.compute_weights). One process only: DDP would broadcast the
     # copies (buffers) on every step.
-    copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision in ("bf16", "fp16")
+    copies_ok = (adamw_ema is not None and world == 1 and tc.mixed_precision in AUTOCAST_DTYPES
                  and getattr(raw_model, "fused_training", False) and hasattr(raw_model, "set_compute_weights")
                  and not cfg.model.grad_checkpointing)  # checkpointed blocks take the plain path, which casts
     if cfg.model.compute_weights and not copies_ok:
@@ -739,8 +740,7 @@ def train(cfg: Config) -> dict:
                           "train.fused_adamw_ema=true) and no model.grad_checkpointing; unset it to let the trainer "
                           "decide")
     if copies_ok and cfg.model.compute_weights is not False:
-        amp_dtype = torch.float16 if tc.mixed_precision == "fp16" else torch.bfloat16
-        adamw_ema.keep_compute_copies(raw_model.set_compute_weights(amp_dtype))
+        adamw_ema.keep_compute_copies(raw_model.set_compute_weights(AUTOCAST_DTYPES[tc.mixed_precision]))
     ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
 
     def flush() -> None:

@@ -35,14 +35,14 @@ def test_run_benchmarks_on_tiny_models(tmp_path):
 
 
 def test_fp16_autocast_measures_about_eight_times_smaller_errors_than_bf16(tmp_path):
-    """amp_dtype=float16 (tools/benchmark.py --amp-dtype fp16) runs the variants under fp16 autocast: fp16 keeps 3
+    """amp="fp16" (tools/benchmark.py --amp-dtype fp16) runs the variants under fp16 autocast: fp16 keeps 3
     more mantissa bits than bf16, so the output's error against fp32 falls by about 8x (the UNets' bf16 error is over
     the 1e-2 bound of issue #7, docs/benchmarks.md); the report marks the rows."""
     tiny = {"input_size": 8, **TINY_UNET}
     errs = {}
-    for amp in (torch.bfloat16, torch.float16):
+    for amp in ("bf16", "fp16"):
         _, (r,) = run_benchmarks(["UNet-S"], ["eager-bf16"], train_batch=2, fwd_batch=2, iters=1, warmup=0,
-                                 overrides=tiny, amp_dtype=amp)
+                                 overrides=tiny, amp=amp)
         errs[r.amp] = r.rel_err
         assert r.train_img_s > 0
     assert 0 < errs["fp16"] < errs["bf16"] / 3, errs

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.benchmark import (AMP_NAMES, VARIANTS, kernel_table, markdown_table, plot, plot_kernel_breakdown,  # noqa: E402
+from dit.benchmark import (VARIANTS, kernel_table, markdown_table, plot, plot_kernel_breakdown,  # noqa: E402
                            parse_model_overrides, run_benchmarks, sampling_table, unknown_names_error)
+from dit.utils import AUTOCAST_DTYPES  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
                    help="skip the forward measurements and the numerics check (shorter exploratory runs)")
     p.add_argument("--fwd-only", action="store_true",
                    help="skip the training measurements (numerics check and forward img/s only)")
-    p.add_argument("--amp-dtype", choices=list(AMP_NAMES.values()), default="bf16",
+    p.add_argument("--amp-dtype", choices=list(AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype of every variant but ref-tf32 (fp16: a static loss scale in the training "
                         "steps; the trainer's train.mixed_precision=fp16 uses a dynamic one)")
     p.add_argument("--sampling", action="store_true", help="measure sampling (see above) instead of training")
@@ -74,7 +75,6 @@ def main() -> None:
         p.error(str(e))
     if a.amp_dtype != "bf16" and (a.sampling or a.step_ops):
         p.error("--amp-dtype fp16 applies to the training / forward measurements, not --sampling or --step-ops")
-    amp_dtype = next(dtype for dtype, name in AMP_NAMES.items() if name == a.amp_dtype)
     if a.sampling:
         return sampling_main(a, models, variants)
     if a.step_ops:
@@ -83,7 +83,7 @@ def main() -> None:
     env, results = run_benchmarks(models, variants, train_batch=tb, fwd_batch=a.fwd_batch,
                                   iters=a.iters, warmup=a.warmup, overrides=a.overrides,
                                   json_out=a.json, profile=a.profile, do_fwd=not a.train_only, do_train=not a.fwd_only,
-                                  profile_top=a.profile_top, amp_dtype=amp_dtype)
+                                  profile_top=a.profile_top, amp=a.amp_dtype)
     table = markdown_table(results) + "\n\n" + sampling_table(results, env["matmul_tflops"])
     if kernel_table(results):  # --profile on a GPU
         table += "\n\nGPU kernel time per training step (ms):\n\n" + kernel_table(results)
