@@ -529,10 +529,14 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
     assert max(r["grad_norm"] for r in la if not r["skipped"]) > 0.1  # the clip acted
     ca, cb = (torch.load(d / "checkpoints" / "step_0000006.pt", weights_only=True) for d in (tmp_path / "fused",
                                                                                               tmp_path / "plain"))
+    errors = {}  # (key, name) -> (max |a - b|, |a - b| / |b| over the tensor)
     for key in ("model", "ema"):
         for name in ca[key]:
-            # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3)
-            torch.testing.assert_close(ca[key][name], cb[key][name], rtol=1e-5, atol=5e-6, msg=f"{key} {name}")
+            a, b = ca[key][name].double(), cb[key][name].double()
+            errors[key, name] = ((a - b).abs().max().item(), ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    worst = sorted(errors.items(), key=lambda kv: -kv[1][0])[:5]
+    # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3)
+    assert max(e[0] for e in errors.values()) < 5e-6, worst
     assert ca["scaler"] == cb["scaler"] and ca["scaler"]["scale"] == 2.0**21
 
 

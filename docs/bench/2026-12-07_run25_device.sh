@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run 25's device calls (one H100): run 24's unmeasured fp16 training speeds.
+#   bash docs/bench/2026-12-07_run25_device.sh xl     # the fp16 step test on the GPU; DiT-XL/2 trainer bf16 vs fp16
+#   bash docs/bench/2026-12-07_run25_device.sh unet   # UNet-S trainer, bf16 vs fp16
+#   bash docs/bench/2026-12-07_run25_device.sh xl2    # the fp16 step test's errors; DiT-XL/2 bf16 with the step graph
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+case "$1" in
+xl)
+    X="--models DiT-XL/2 --steps 160 --skip 50"
+    timeout 140 python3 tools/bench_trainer.py $X model.compile_mode=reduce-overhead --json "$OUT/trainer_xl_bf16.json" --timeout 135 | grep "^\[trainer\]"
+    timeout 140 python3 tools/bench_trainer.py $X train.cuda_graph=true train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr.json" --timeout 135 | grep "^\[trainer\]"
+    timeout 140 python3 tools/bench_trainer.py $X train.cuda_graph=true train.mixed_precision=fp16 --json "$OUT/trainer_xl_fp16.json" --timeout 135 | grep "^\[trainer\]"
+    timeout 120 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_train.py -k "fp16" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
+    ;;
+unet)
+    U="--models UNet-S --steps 300 --skip 60 model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
+    timeout 230 python3 tools/bench_trainer.py $U --json "$OUT/trainer_unet_s_bf16.json" --timeout 225 | grep "^\[trainer\]"
+    timeout 230 python3 tools/bench_trainer.py $U train.mixed_precision=fp16 --json "$OUT/trainer_unet_s_fp16.json" --timeout 225 | grep "^\[trainer\]"
+    ;;
+xl2)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "fp16_in_the_fused" 2>&1 \
+        | grep -v "^  " | tail -30 | tee "$OUT/gpu_test_fp16_step.txt"
+    X="--models DiT-XL/2 --steps 160 --skip 50 train.cuda_graph=true"
+    timeout 140 python3 tools/bench_trainer.py $X --json "$OUT/trainer_xl_bf16_sg.json" --timeout 135 | grep "^\[trainer\].*img/s"
+    timeout 140 python3 tools/bench_trainer.py $X model.low_precision_residual=true --json "$OUT/trainer_xl_bf16_lpr.json" --timeout 135 | grep "^\[trainer\].*img/s"
+    timeout 140 python3 tools/bench_trainer.py $X train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr_b.json" --timeout 135 | grep "^\[trainer\].*img/s"
+    ;;
+*) echo "usage: $0 xl|unet|xl2" >&2; exit 2 ;;
+esac
