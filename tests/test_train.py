@@ -529,14 +529,25 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
     assert max(r["grad_norm"] for r in la if not r["skipped"]) > 0.1  # the clip acted
     ca, cb = (torch.load(d / "checkpoints" / "step_0000006.pt", weights_only=True) for d in (tmp_path / "fused",
                                                                                               tmp_path / "plain"))
-    errors = {}  # (key, name) -> (max |a - b|, |a - b| / |b| over the tensor)
-    for key in ("model", "ema"):
-        for name in ca[key]:
-            a, b = ca[key][name].double(), cb[key][name].double()
-            errors[key, name] = ((a - b).abs().max().item(), ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
-    worst = sorted(errors.items(), key=lambda kv: -kv[1][0])[:5]
-    # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3)
-    assert max(e[0] for e in errors.values()) < 5e-6, worst
+
+    def max_error(x: dict, y: dict) -> tuple[float, list]:  # over the weights and the EMA: max |x - y|, the worst 3
+        errors = {(k, n): (x[k][n].double() - y[k][n].double()).abs().max().item()
+                  for k in ("model", "ema") for n in x[k]}
+        return max(errors.values()), sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+    # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3). On a GPU the
+    # plain path is also compared with itself: cuDNN's and cuBLAS's fp16 kernels may not repeat a run bit for bit,
+    # and Adam's normalised steps carry that noise into the weights; the two paths may differ by a few times it.
+    bound = 5e-6
+    if torch.cuda.is_available():
+        _train(tmp_path / "plain_again", *common)
+        again = torch.load(tmp_path / "plain_again" / "checkpoints" / "step_0000006.pt", weights_only=True)
+        floor, _ = max_error(cb, again)
+        bound += 4 * floor
+        print(f"fp16 step test: plain vs plain again, max |difference| {floor:.3g}")
+    error, worst = max_error(ca, cb)
+    print(f"fp16 step test: fused vs plain, max |difference| {error:.3g} (bound {bound:.3g}); worst {worst}")
+    assert error < bound, worst
     assert ca["scaler"] == cb["scaler"] and ca["scaler"]["scale"] == 2.0**21
 
 

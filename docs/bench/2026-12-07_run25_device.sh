@@ -3,6 +3,7 @@
 #   bash docs/bench/2026-12-07_run25_device.sh xl     # the fp16 step test on the GPU; DiT-XL/2 trainer bf16 vs fp16
 #   bash docs/bench/2026-12-07_run25_device.sh unet   # UNet-S trainer, bf16 vs fp16
 #   bash docs/bench/2026-12-07_run25_device.sh xl2    # the fp16 step test's errors; DiT-XL/2 bf16 with the step graph
+#   bash docs/bench/2026-12-07_run25_device.sh short  # xl2's first two steps (what the device time left allowed)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,11 +22,12 @@ unet)
     timeout 230 python3 tools/bench_trainer.py $U --json "$OUT/trainer_unet_s_bf16.json" --timeout 225 | grep "^\[trainer\]"
     timeout 230 python3 tools/bench_trainer.py $U train.mixed_precision=fp16 --json "$OUT/trainer_unet_s_fp16.json" --timeout 225 | grep "^\[trainer\]"
     ;;
-xl2)
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "fp16_in_the_fused" 2>&1 \
+xl2|short)
+    timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/test_train.py -k "fp16_in_the_fused" 2>&1 \
         | grep -v "^  " | tail -30 | tee "$OUT/gpu_test_fp16_step.txt"
     X="--models DiT-XL/2 --steps 160 --skip 50 train.cuda_graph=true"
     timeout 140 python3 tools/bench_trainer.py $X --json "$OUT/trainer_xl_bf16_sg.json" --timeout 135 | grep "^\[trainer\].*img/s"
+    [ "$1" = short ] && exit 0
     timeout 140 python3 tools/bench_trainer.py $X model.low_precision_residual=true --json "$OUT/trainer_xl_bf16_lpr.json" --timeout 135 | grep "^\[trainer\].*img/s"
     timeout 140 python3 tools/bench_trainer.py $X train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr_b.json" --timeout 135 | grep "^\[trainer\].*img/s"
     ;;
