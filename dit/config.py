@@ -33,9 +33,10 @@ class ModelConfig:
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT paper: 0.1)
     overrides: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
-    # DiTs only: keep the residual stream in bf16 under bf16 autocast instead of fp32 (DiT.set_low_precision_residual).
-    # +4.8% training img/s on DiT-S/2; output error vs fp32 6.8e-3 (S/2) but 1.3e-2 (XL/2), over the 1e-2 target
-    # (docs/benchmarks.md, run 5). Off: the official numerics (fp32 stream).
+    # DiTs only: keep the residual stream in the autocast dtype (bf16/fp16) instead of fp32
+    # (DiT.set_low_precision_residual). bf16: +4.8% training img/s on DiT-S/2, output error vs fp32 6.8e-3 (S/2) but
+    # 1.3e-2 (XL/2), over the 1e-2 target (docs/benchmarks.md, run 5); fp16 (train.mixed_precision=fp16): DiT-XL/2
+    # 1.9e-3 - 2.4e-3, 1.01x the bf16 default's img/s (run 25). Off: the official numerics (fp32 stream).
     low_precision_residual: bool = False
     # DiTs with model.compile=true: train with DiTBlock.forward_fused, each residual update + LayerNorm + modulation
     # in one Triton kernel, forward and backward (dit.models.kernels). Same results to fp32 rounding; +5.3% img/s
@@ -61,8 +62,8 @@ class ModelConfig:
     # (`pip install quack-kernels`; DiT.set_gemm_backend, dit.models.quack_gemm) instead of cuBLAS/cuBLASLt. Same
     # formulas, fp32 accumulation; each kernel compiles on its first call (docs/benchmarks.md, run 20).
     gemm_backend: Literal["cublas", "quack"] = "cublas"
-    # DiTs with model.fused_training, one process, bf16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
-    # read a bf16 copy of each weight that the optimizer kernel writes with its update
+    # DiTs with model.fused_training, one process, bf16/fp16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
+    # read a bf16/fp16 copy of each weight that the optimizer kernel writes with its update
     # (DiT.set_compute_weights) instead of casting every fp32 weight on every step. Same values. None (the default):
     # on wherever that holds (and without model.grad_checkpointing); false: the casts (docs/benchmarks.md, run 18).
     compute_weights: bool | None = None
@@ -179,7 +180,8 @@ class TrainConfig:
     ema_warmup: bool = True
     # fp16 keeps 3 more mantissa bits than bf16 at the same tensor-core speed, with a dynamic loss scale (GradScaler;
     # in the fused step updated on the device): the UNets' output is 1.4e-3 - 1.9e-3 from fp32 in fp16 against
-    # 1.1e-2 - 1.5e-2 in bf16 (docs/benchmarks.md, run 24). bf16 needs no loss scale and cannot overflow.
+    # 1.1e-2 - 1.5e-2 in bf16 (docs/benchmarks.md, run 24), and UNet-S trains as fast in fp16 (run 25), so the UNet
+    # configs use it. bf16 needs no loss scale and has fp32's range (fp16 overflows past 65,504).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # Shard parameters, gradients and optimizer state across processes (FSDP2, dit/fsdp.py) instead of replicating
     # them (DDP): per-GPU memory for weights + grads + Adam drops from 16 to 16/N bytes per parameter, for models too

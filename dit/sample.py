@@ -60,7 +60,8 @@ class SamplingSetup:
     """Everything needed to sample from a checkpoint.
 
     ``source``: ``"ours"`` (trainer checkpoint) or ``"official"`` (facebookresearch/DiT weights, no metadata).
-    ``defaults``: sampler / steps / cfg_scale the checkpoint suggests (its training config, or the official ones).
+    ``defaults``: sampler / steps / cfg_scale (and for ours the GPU precision, bf16 or the fp16 it trained in) the
+    checkpoint suggests (its training config, or the official ones).
     """
 
     model: nn.Module
@@ -157,6 +158,8 @@ def load_sampling_setup(ckpt: str | os.PathLike | None, *, model_name: str | Non
                     "cfg_scale": float(sample_cfg.get("cfg_scale", 4.0))}
         if sample_cfg.get("guidance_interval") is not None:  # sample.guidance_interval, in sigma units
             defaults["guidance_interval"] = tuple(float(v) for v in sample_cfg["guidance_interval"])
+        # A model trained in fp16 (the UNet configs) samples in fp16 too: bf16 would put its output 1e-2 from fp32.
+        defaults["precision"] = "fp16" if (cfg.get("train") or {}).get("mixed_precision") == "fp16" else "bf16"
         setup = SamplingSetup(
             model=model, autoencoder=None, diffusion_kwargs=dict(obj.get("diffusion") or {}), source="ours",
             model_name=name, class_names=list(obj.get("class_names") or []),

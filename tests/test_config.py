@@ -45,7 +45,8 @@ def test_paper_configs_match_dit_recipe():
         t = load_config(ROOT / "configs" / name).train
         assert (t.lr, t.weight_decay, t.global_batch_size, t.ema_decay, t.max_steps) == (1e-4, 0.0, 256, 0.9999,
                                                                                          400_000)
-        assert t.mixed_precision == "bf16"
+        # the UNets in fp16: in bf16 their output is over 1e-2 from fp32 (docs/benchmarks.md, run 24)
+        assert t.mixed_precision == ("fp16" if name.startswith("unet") else "bf16")
         assert load_config(ROOT / "configs" / name).model.learn_sigma
 
 

@@ -68,7 +68,8 @@ def test_tool_writes_grid_of_the_right_size(ckpt, tmp_path, capsys):
 
 def test_same_seed_same_images_and_ema_default(ckpt):
     setup = load_sampling_setup(ckpt)
-    assert setup.model_name == "DiT-S/2" and setup.defaults == {"sampler": "ddim", "steps": 3, "cfg_scale": 2.0}
+    assert setup.model_name == "DiT-S/2" and setup.defaults == {"sampler": "ddim", "steps": 3, "cfg_scale": 2.0,
+                                                                       "precision": "bf16"}
     a = sample_images(setup, labels=[0, 1], seed=3, sampler="ddpm", steps=2)
     b = sample_images(setup, labels=[0, 1], seed=3, sampler="ddpm", steps=2)
     c = sample_images(setup, labels=[0, 1], seed=4, sampler="ddpm", steps=2)
@@ -411,3 +412,24 @@ def test_precision_picks_the_autocast_dtype_on_cuda_and_fp8_refuses_fp16(monkeyp
         S._autocast_model(net, cuda, "fp8")
     with pytest.raises(ValueError, match="--fp8: runs with --precision bf16"):
         S.float8_for_sampling(None, cuda, precision="fp16")
+
+
+def test_tool_samples_in_the_precision_the_checkpoint_trained_in(tmp_path, monkeypatch):
+    """Without --precision, a checkpoint trained in fp16 (the UNet configs) samples in fp16 and any other in bf16;
+    --fp8 (bf16 GEMMs) and --official-cfg (fp32) keep their own; --precision wins."""
+    tool = load_tool("sample")
+    chosen = []
+    monkeypatch.setattr(tool, "sample_images", lambda setup, **kw: chosen.append(kw["precision"]) or np.zeros(
+        (1, 4, 4, 3), np.uint8))
+    monkeypatch.setattr(tool, "float8_for_sampling", lambda *a, **k: None)
+    fp16, bf16 = _our_ckpt(tmp_path / "fp16.pt"), _our_ckpt(tmp_path / "bf16.pt")
+    for path, mp in ((fp16, "fp16"), (bf16, "bf16")):
+        obj = torch.load(path, weights_only=False)
+        obj["config"]["train"] = {"mixed_precision": mp}
+        torch.save(obj, path)
+    assert load_sampling_setup(fp16).defaults["precision"] == "fp16"
+    out = ["--out", str(tmp_path / "g.png"), "--device", "cpu", "--steps", "2"]
+    for extra in (["--ckpt", str(fp16)], ["--ckpt", str(bf16)], ["--ckpt", str(fp16), "--fp8"],
+                  ["--ckpt", str(fp16), "--official-cfg"], ["--ckpt", str(bf16), "--precision", "fp16"]):
+        tool.main(extra + out)
+    assert chosen == ["fp16", "bf16", "bf16", "fp32", "fp16"]

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default for official checkpoints with ddpm/ddim")
     p.add_argument("--no-official-cfg", dest="official_cfg", action="store_false")
     p.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                   help="network precision on GPU (default bf16; fp32 with --official-cfg; fp16 keeps the output "
-                        "about 8x closer to fp32 than bf16, docs/sampling.md); CPU is always fp32")
+                   help="network precision on GPU (default: fp16 for a checkpoint trained in fp16, else bf16; fp32 "
+                        "with --official-cfg; bf16 with --fp8; fp16 keeps the output about 8x closer to fp32 than "
+                        "bf16, docs/sampling.md); CPU is always fp32")
     p.add_argument("--use-model-weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--num-samples", type=int, default=None, help="write this many samples to --npz instead of a grid")
     p.add_argument("--npz", default=None, help="output .npz (arr_0 uint8 NHWC, labels); parts kept in <npz>.parts/")
@@ -96,7 +97,10 @@ def _run(args: argparse.Namespace):
     official = args.official_cfg
     if official is None:
         official = setup.source == "official" and sampler in ("ddpm", "ddim")
-    precision = args.precision or ("fp32" if official else "bf16")
+    if args.precision is not None:
+        precision = args.precision
+    else:  # the FP8 GEMMs write bf16; an fp16-trained checkpoint of ours samples in fp16
+        precision = "fp32" if official else "bf16" if args.fp8 else setup.defaults.get("precision", "bf16")
     if args.fp8:  # calibrated in the precision the sampler will run in, before compiling
         float8_for_sampling(setup, device, precision=precision)
     if args.compile:
