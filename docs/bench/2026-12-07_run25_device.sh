@@ -4,6 +4,7 @@
 #   bash docs/bench/2026-12-07_run25_device.sh unet   # UNet-S trainer, bf16 vs fp16
 #   bash docs/bench/2026-12-07_run25_device.sh xl2    # the fp16 step test's errors; DiT-XL/2 bf16 with the step graph
 #   bash docs/bench/2026-12-07_run25_device.sh short  # xl2's first two steps (what the device time left allowed)
+#   bash docs/bench/2026-12-07_run25_device.sh profile  # not run yet: where DiT-XL/2's 2% in fp16 goes (harness)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,5 +32,11 @@ xl2|short)
     timeout 140 python3 tools/bench_trainer.py $X model.low_precision_residual=true --json "$OUT/trainer_xl_bf16_lpr.json" --timeout 135 | grep "^\[trainer\].*img/s"
     timeout 140 python3 tools/bench_trainer.py $X train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr_b.json" --timeout 135 | grep "^\[trainer\].*img/s"
     ;;
-*) echo "usage: $0 xl|unet|xl2" >&2; exit 2 ;;
+profile)
+    for amp in bf16 fp16; do
+        timeout 200 python3 tools/benchmark.py --models DiT-XL/2 --variants fast-cw --iters 10 --warmup 3 --train-only \
+            --profile --amp-dtype $amp --json "$OUT/xl_profile_$amp.json" --out "$OUT/xl_profile_$amp.md" \
+            --plot "$OUT/xl_profile_$amp.png" 2>&1 | grep "^\[bench\]" | tail -25
+    done ;;
+*) echo "usage: $0 xl|unet|xl2|short|profile" >&2; exit 2 ;;
 esac
