@@ -55,6 +55,8 @@ VARIANTS = {
                 "of torch's fused AdamW",
     "fast-cw": "as fast-fao, with the blocks' weights also kept in bf16 by that kernel and read by their GEMMs "
                "instead of a cast per step (DiT.set_compute_weights, the trainer's model.compute_weights)",
+    "fast-cwr": "as fast-cw, with the DiT's residual stream in the autocast dtype (as fast-bf16r; in fp16 the "
+                "fastest DiT-XL/2 trainer setting within the 1e-2 numerics bound, docs/benchmarks.md run 25)",
     "fast-quack": "as fast-cw, with the blocks' forward and input-gradient GEMMs (GELU epilogues included) on "
                   "QuACK's CuTe DSL kernels (DiT.set_gemm_backend('quack'), the trainer's model.gemm_backend=quack)",
     "fast-sg": "as fast-lnk (UNets: fast-cg), with the whole training step (compiled forward + backward and the "
@@ -328,7 +330,8 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 # Variants that build on one another (VARIANTS' "as ..."): each group holds its base and everything derived from it.
-_COMPUTE_WEIGHTS = ("fast-cw", "fast-quack")  # the optimizer kernel's bf16 weight copies
+_COMPUTE_WEIGHTS = ("fast-cw", "fast-cwr", "fast-quack")  # the optimizer kernel's bf16 weight copies
+_LOW_PRECISION_RESIDUAL = ("fast-bf16r", "fast-cwr")  # the DiT's residual stream in the autocast dtype
 _OPTIMIZER_KERNEL = ("fast-fao", *_COMPUTE_WEIGHTS)  # the trainer's AdamW kernel
 _FUSED_ATTENTION = ("fast-fa", *_OPTIMIZER_KERNEL)  # cuDNN / Triton attention on the packed qkv
 _MLP_EPILOGUES = ("fast-mlp", "fast-mlpq", *_FUSED_ATTENTION)  # cuBLASLt GELU epilogues
@@ -430,9 +433,9 @@ def _prepare(name: str, variant: str, device: torch.device, overrides: dict):
         model.fused_training = True
     if variant.startswith("fast-sg") and hasattr(model, "fused_training"):  # DiTs: as fast-lnk; UNets: as fast-cg
         model.fused_training = True
-    if variant == "fast-bf16r":
+    if variant in _LOW_PRECISION_RESIDUAL:
         if not hasattr(model, "set_low_precision_residual"):
-            raise ValueError(f"variant fast-bf16r: {name} has no low-precision residual option (DiTs only)")
+            raise ValueError(f"variant {variant}: {name} has no low-precision residual option (DiTs only)")
         model.set_low_precision_residual(True)
     # dynamic=False: the numerics check (batch 8) and the timed runs use different batch sizes; a dynamic-shape
     # recompile of the whole loss failed on DiT-XL/2 in torch 2.11 (symbolic batch size in randn).

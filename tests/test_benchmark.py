@@ -50,7 +50,8 @@ def test_fp16_autocast_measures_about_eight_times_smaller_errors_than_bf16(tmp_p
     assert "| UNet-S | fast (fp16) |" in markdown_table([row])
 
 
-def test_variants_set_model_options_bf16_residual_unfused_gelu_and_fused_training():
+def test_variants_set_model_options_bf16_residual_unfused_gelu_and_fused_training(monkeypatch):
+    import dit.models.cublaslt
     from dit.benchmark import _prepare
     from dit.models.layers import Mlp
 
@@ -58,6 +59,10 @@ def test_variants_set_model_options_bf16_residual_unfused_gelu_and_fused_trainin
     model, _, autocast = _prepare("DiT-S/4", "fast-bf16r", torch.device("cpu"), tiny)
     assert model.low_precision_residual and autocast
     assert not _prepare("DiT-S/4", "fast-cg", torch.device("cpu"), tiny)[0].low_precision_residual
+    with monkeypatch.context() as m:  # the trainer's stack (CUDA's GELU epilogues, on the CPU as their reference)
+        m.setattr(dit.models.cublaslt, "gelu_epilogues_available", lambda device: True)
+        cwr = _prepare("DiT-S/4", "fast-cwr", torch.device("cpu"), tiny)[0]
+    assert cwr.low_precision_residual and cwr.fused_training and cwr.blocks[0].attn.fused_attention
     with pytest.raises(ValueError, match="fast-bf16r: UNet-S has no low-precision residual option"):
         _prepare("UNet-S", "fast-bf16r", torch.device("cpu"), {})
     # the GELU-epilogue ablation: every transformer MLP back on the two-kernel path, the default keeps the fused one

@@ -4,7 +4,8 @@
 #   bash docs/bench/2026-12-07_run25_device.sh unet   # UNet-S trainer, bf16 vs fp16
 #   bash docs/bench/2026-12-07_run25_device.sh xl2    # the fp16 step test's errors; DiT-XL/2 bf16 with the step graph
 #   bash docs/bench/2026-12-07_run25_device.sh short  # xl2's first two steps (what the device time left allowed)
-#   bash docs/bench/2026-12-07_run25_device.sh profile  # not run yet: where DiT-XL/2's 2% in fp16 goes (harness)
+#   bash docs/bench/2026-12-07_run25_device.sh profile  # not run yet: where DiT-XL/2's 2% in fp16 goes (harness),
+#                                                       # and the fp16 residual stream's step (fast-cwr)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -34,7 +35,8 @@ xl2|short)
     ;;
 profile)
     for amp in bf16 fp16; do
-        timeout 200 python3 tools/benchmark.py --models DiT-XL/2 --variants fast-cw --iters 10 --warmup 3 --train-only \
+        V=fast-cw; [ $amp = fp16 ] && V=fast-cw,fast-cwr
+        timeout 280 python3 tools/benchmark.py --models DiT-XL/2 --variants $V --iters 10 --warmup 3 --train-only \
             --profile --amp-dtype $amp --json "$OUT/xl_profile_$amp.json" --out "$OUT/xl_profile_$amp.md" \
             --plot "$OUT/xl_profile_$amp.png" 2>&1 | grep "^\[bench\]" | tail -25
     done ;;
