@@ -2,6 +2,7 @@
 # Run 25's device calls (one H100): run 24's unmeasured fp16 training speeds.
 #   bash docs/bench/2026-12-07_run25_device.sh xl     # the fp16 step test on the GPU; DiT-XL/2 trainer bf16 vs fp16
 #   bash docs/bench/2026-12-07_run25_device.sh unet   # UNet-S trainer, bf16 vs fp16
+#   bash docs/bench/2026-12-07_run25_device.sh unetb  # not run yet: UNet-B trainer, bf16 vs fp16 (its config's fp16)
 #   bash docs/bench/2026-12-07_run25_device.sh xl2    # the fp16 step test's errors; DiT-XL/2 bf16 with the step graph
 #   bash docs/bench/2026-12-07_run25_device.sh short  # xl2's first two steps (what the device time left allowed)
 #   bash docs/bench/2026-12-07_run25_device.sh profile  # not run yet: where DiT-XL/2's 2% in fp16 goes (harness),
@@ -33,6 +34,11 @@ xl2|short)
     timeout 140 python3 tools/bench_trainer.py $X model.low_precision_residual=true --json "$OUT/trainer_xl_bf16_lpr.json" --timeout 135 | grep "^\[trainer\].*img/s"
     timeout 140 python3 tools/bench_trainer.py $X train.mixed_precision=fp16 model.low_precision_residual=true --json "$OUT/trainer_xl_fp16_lpr_b.json" --timeout 135 | grep "^\[trainer\].*img/s"
     ;;
+unetb)
+    U="--models UNet-B --steps 200 --skip 50 model.compile=true train.cudnn_benchmark=true train.cuda_graph=true"
+    timeout 280 python3 tools/bench_trainer.py $U --json "$OUT/trainer_unet_b_bf16.json" --timeout 275 | grep "^\[trainer\].*img/s"
+    timeout 280 python3 tools/bench_trainer.py $U train.mixed_precision=fp16 --json "$OUT/trainer_unet_b_fp16.json" --timeout 275 | grep "^\[trainer\].*img/s"
+    ;;
 profile)
     for amp in bf16 fp16; do
         V=fast-cw; [ $amp = fp16 ] && V=fast-cw,fast-cwr
@@ -40,5 +46,5 @@ profile)
             --profile --amp-dtype $amp --json "$OUT/xl_profile_$amp.json" --out "$OUT/xl_profile_$amp.md" \
             --plot "$OUT/xl_profile_$amp.png" 2>&1 | grep "^\[bench\]" | tail -25
     done ;;
-*) echo "usage: $0 xl|unet|xl2|short|profile" >&2; exit 2 ;;
+*) echo "usage: $0 xl|unet|unetb|xl2|short|profile" >&2; exit 2 ;;
 esac
