@@ -1,6 +1,9 @@
-"""Launched by tests/test_train.py: ``accelerate launch --num_processes 2 --cpu tests/ddp_train_script.py OUT``.
+"""Launched by tests/test_train.py: ``accelerate launch --num_processes 2 --cpu tests/ddp_train_script.py OUT [fp16]``.
 
 Trains a tiny DiT for a few steps on every rank and writes ``OUT/rank<k>.json`` with the rank's weight digest.
+``fp16``: under fp16 autocast with a dynamic loss scale that overflows once (Accelerate's GradScaler, forced onto the
+CPU as in test_fp16_in_the_fused_step_equals_the_grad_scaler_path), to check that every rank skips the same steps and
+keeps the same scale.
 """
 
 from __future__ import annotations
@@ -18,6 +21,19 @@ from dit.train import train  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    cfg = load_config(None, tiny_overrides(out / "run") + ["train.max_steps=3", "train.grad_accum_steps=2"])
+    extra = ["train.max_steps=3", "train.grad_accum_steps=2"]
+    if sys.argv[2:] == ["fp16"]:
+        import accelerate
+        import torch
+
+        class Scaled(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**20, growth_interval=2)
+
+        accelerate.Accelerator = Scaled  # dit.train imports it when train() runs
+        extra = ["train.max_steps=6", "train.mixed_precision=fp16", "train.grad_clip=0.1", "train.ckpt_every=6"]
+    cfg = load_config(None, tiny_overrides(out / "run") + extra)
     summary = train(cfg)
     (out / f"rank{summary['rank']}.json").write_text(json.dumps(summary))

@@ -357,7 +357,11 @@ def test_cli_missing_data_path_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_two_processes_end_with_identical_weights(tmp_path, precision):
+    """DDP over two CPU processes (gloo): the ranks end with the same weights; only rank 0 writes checkpoints. fp16:
+    the loss scale (updated on each rank's device by the fused step) stays the same on both, and both skip the
+    overflow steps, so the weights stay identical through them."""
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
         pytest.skip("accelerate launcher not installed")
     launcher = str(Path(sys.executable).parent / "accelerate")
@@ -366,17 +370,21 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no",
-                          str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path)],
+                          str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path),
+                          *(["fp16"] if precision == "fp16" else [])],
                          capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert (s0["rank"], s1["rank"]) == (0, 1)
     assert s0["world_size"] == s1["world_size"] == 2
-    assert s0["steps"] == s1["steps"] == 3
+    assert s0["steps"] == s1["steps"] == (6 if precision == "fp16" else 3)
     assert s0["weights_digest"] == s1["weights_digest"]
     assert s0["checkpoint"] and s1["checkpoint"] is None  # only the main process writes
     state = torch.load(s0["checkpoint"], weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
+    if precision == "fp16":
+        assert 0 < s0["bad_steps"] == s1["bad_steps"] < 6  # overflows skipped on both ranks, then updates
+        assert state["scaler"]["scale"] == 2.0**21  # grew twice, backed off at the overflow (as in one process)
 
 
 # --------------------------------------------------------------------------------------------------------------------
