@@ -160,12 +160,32 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_resume_is_exact(tmp_path, monkeypatch, fp8):
+def _grad_scaler_on_any_device(monkeypatch, init_scale: float = 2.0**20) -> None:
+    """Let train.mixed_precision=fp16 run with a dynamic loss scale here too (Accelerate gives fp16 autocast and a
+    GradScaler on GPUs only): one that starts at ``init_scale`` and grows every 2 clean steps, so that the tiny
+    model's fp16 gradients overflow at the 5th step (skipped, scale backed off)."""
+    import accelerate
+
+    class Scaled(accelerate.Accelerator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_interval=2)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Scaled)  # dit.train imports it when train() runs
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp8", "fp16"])
+def test_resume_is_exact(tmp_path, monkeypatch, mode):
     """6 steps straight == 3 steps, killed right after the checkpoint, then resumed to 6: same losses step for step,
-    same weights, EMA and optimizer state. Covers grad accumulation, warm-up + cosine LR, flips, label dropout; and
-    FP8 training (its GEMMs hit on every step: counted)."""
+    same weights, EMA and optimizer state. Covers grad accumulation, warm-up + cosine LR, flips, label dropout; FP8
+    training (its GEMMs hit on every step: counted); and fp16's loss scale, which grows before the checkpoint and
+    backs off at an overflow after it."""
+    fp8 = mode == "fp8"
     extra = ["train.grad_accum_steps=2", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.min_lr=1e-4"]
+    if mode == "fp16":
+        _grad_scaler_on_any_device(monkeypatch, init_scale=2.0**21)  # overflows at step 5 with 2 micro-batches
+        extra.append("train.mixed_precision=fp16")
     if fp8:
         from dit.models import fp8 as fp8_mod
 
@@ -175,7 +195,8 @@ def test_resume_is_exact(tmp_path, monkeypatch, fp8):
         monkeypatch.setattr(fp8_mod._Float8MatmulRowwise, "apply", lambda *a: (calls.append(1), real_apply(*a))[1])
     a, b = tmp_path / "a", tmp_path / "b"
     summary = _train(a, *extra)
-    assert summary["steps"] == 6 and summary["images_seen"] == 48 and summary["bad_steps"] == 0
+    assert summary["steps"] == 6 and summary["images_seen"] == 48
+    assert summary["bad_steps"] == (1 if mode == "fp16" else 0)  # fp16: the overflow comes after the checkpoint
 
     real_save = checkpointing.save_checkpoint
 
@@ -205,6 +226,7 @@ def test_resume_is_exact(tmp_path, monkeypatch, fp8):
             assert torch.equal(v, sb["opt"]["state"][pid][k]), (pid, k)
     assert sa["data_state"] == sb["data_state"] and sa["lr_scheduler"] == sb["lr_scheduler"]
     assert summary["weights_digest"] == resumed["weights_digest"]
+    assert sa.get("scaler") == sb.get("scaler")  # fp16: scale and growth tracker
     if fp8:  # 2 blocks x 4 GEMMs x 2 micro-batches per step, 6 + 3 + 3 steps (sample grids run without autograd too)
         assert len(calls) >= 12 * 2 * 4 * 2, len(calls)
 
@@ -512,16 +534,7 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
     """mixed_precision=fp16 with the fused AdamW (the loss scale divided out in its kernel, the scale updated on the
     device) trains as Accelerate's GradScaler path does with an unfused AdamW: same losses, true gradient norms,
     skipped overflow steps, weights, EMA and saved loss scale, with clipping active."""
-    import accelerate
-
-    class Scaled(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.native_amp = True
-            # grows every 2 clean steps until the 5th step's fp16 gradients overflow (skipped, backed off)
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**20, growth_interval=2)
-
-    monkeypatch.setattr(accelerate, "Accelerator", Scaled)  # dit.train imports it when train() runs
+    _grad_scaler_on_any_device(monkeypatch)
     # On a GPU, cuDNN's convolution backward (the patch embedding) may use atomics; ask for its repeatable algorithms.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     common = ("train.mixed_precision=fp16", "train.grad_clip=0.1", "sample.grid_size=0", "train.log_every=1")
