@@ -24,15 +24,9 @@ if __name__ == "__main__":
     extra = ["train.max_steps=3", "train.grad_accum_steps=2"]
     if sys.argv[2:] == ["fp16"]:
         import accelerate
-        import torch
+        from helpers import scaled_accelerator
 
-        class Scaled(accelerate.Accelerator):  # Accelerate runs fp16 autocast + GradScaler on GPUs only
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.native_amp = True
-                self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**20, growth_interval=2)
-
-        accelerate.Accelerator = Scaled  # dit.train imports it when train() runs
+        accelerate.Accelerator = scaled_accelerator(2.0**20)  # overflows at step 5, as in one process
         extra = ["train.max_steps=6", "train.mixed_precision=fp16", "train.grad_clip=0.1", "train.ckpt_every=6"]
     cfg = load_config(None, tiny_overrides(out / "run") + extra)
     summary = train(cfg)

@@ -74,3 +74,20 @@ def assert_training_gradients_match_fp32(configure, dtype, name="DiT-S/2", **ove
             err = ((got[name] - r).norm() / r.norm()).item()
             low_err = ((low[name] - r).norm() / r.norm()).item()
             assert err < max(2 * low_err, 1e-2), (dtype, compiled, name, err, low_err)
+
+
+def scaled_accelerator(init_scale: float = 2.0**20):
+    """An ``accelerate.Accelerator`` subclass that runs train.mixed_precision=fp16 with a dynamic loss scale on any
+    device (Accelerate gives fp16 autocast and a GradScaler on GPUs only): the scale starts at ``init_scale`` and grows
+    every 2 clean steps, so a tiny model's fp16 gradients overflow within a few steps (skipped, scale backed off).
+    Install it as ``accelerate.Accelerator``: dit.train imports that name when train() runs."""
+    import accelerate
+    import torch
+
+    class Scaled(accelerate.Accelerator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_interval=2)
+
+    return Scaled

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import scaled_accelerator
 import pytest
 import torch
 from torch import nn
@@ -161,18 +162,11 @@ class _Killed(Exception):
 
 
 def _grad_scaler_on_any_device(monkeypatch, init_scale: float = 2.0**20) -> None:
-    """Let train.mixed_precision=fp16 run with a dynamic loss scale here too (Accelerate gives fp16 autocast and a
-    GradScaler on GPUs only): one that starts at ``init_scale`` and grows every 2 clean steps, so that the tiny
-    model's fp16 gradients overflow at the 5th step (skipped, scale backed off)."""
+    """train.mixed_precision=fp16 with a dynamic loss scale on the CPU too (helpers.scaled_accelerator); with the
+    default ``init_scale`` the tiny model's fp16 gradients overflow at the 5th step."""
     import accelerate
 
-    class Scaled(accelerate.Accelerator):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.native_amp = True
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_interval=2)
-
-    monkeypatch.setattr(accelerate, "Accelerator", Scaled)  # dit.train imports it when train() runs
+    monkeypatch.setattr(accelerate, "Accelerator", scaled_accelerator(init_scale))
 
 
 @pytest.mark.parametrize("mode", ["fp32", "fp8", "fp16"])
