@@ -330,7 +330,7 @@ def _randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 # Variants that build on one another (VARIANTS' "as ..."): each group holds its base and everything derived from it.
-_COMPUTE_WEIGHTS = ("fast-cw", "fast-cwr", "fast-quack")  # the optimizer kernel's bf16 weight copies
+_COMPUTE_WEIGHTS = ("fast-cw", "fast-cwr", "fast-quack")  # the optimizer kernel's 16-bit weight copies
 _LOW_PRECISION_RESIDUAL = ("fast-bf16r", "fast-cwr")  # the DiT's residual stream in the autocast dtype
 _OPTIMIZER_KERNEL = ("fast-fao", *_COMPUTE_WEIGHTS)  # the trainer's AdamW kernel
 _FUSED_ATTENTION = ("fast-fa", *_OPTIMIZER_KERNEL)  # cuDNN / Triton attention on the packed qkv

@@ -950,12 +950,12 @@ def clip_in_fused_step(params: list[nn.Parameter], max_norm: float | None, optim
     DiT-XL/2's 675M parameters, docs/benchmarks.md). ``max_norm=None``: only the norm, no clipping. ``loss_scale``
     (one element): the gradients are ``loss_scale`` times the true ones (fp16's GradScaler); the divisor includes it.
     """
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)  # ()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True).float()  # ()
     divisor = None if loss_scale is None else loss_scale.float().reshape(())  # ()
     if divisor is not None:
-        norm = norm.float() / divisor
+        norm = norm / divisor
     if max_norm is not None:
-        clip = ((norm.float() + 1e-6) / max_norm).clamp_min(1.0)  # ()
+        clip = ((norm + 1e-6) / max_norm).clamp_min(1.0)  # ()
         divisor = clip if divisor is None else divisor * clip
     if divisor is not None:
         optimizer.grad_scale = divisor  # type: ignore[attr-defined]

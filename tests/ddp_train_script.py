@@ -2,8 +2,7 @@
 
 Trains a tiny DiT for a few steps on every rank and writes ``OUT/rank<k>.json`` with the rank's weight digest.
 ``fp16``: under fp16 autocast with a dynamic loss scale that overflows once (Accelerate's GradScaler, forced onto the
-CPU as in test_fp16_in_the_fused_step_equals_the_grad_scaler_path), to check that every rank skips the same steps and
-keeps the same scale.
+CPU by helpers.scaled_accelerator), to check that every rank skips the same steps and keeps the same scale.
 """
 
 from __future__ import annotations
