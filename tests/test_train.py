@@ -552,16 +552,11 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
                   for k in ("model", "ema") for n in x[k]}
         return max(errors.values()), sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
-    # fused vs foreach AdamW round differently; the fp16 forward passes carry that on (steps are 1e-3). On a GPU the
-    # plain path is also compared with itself: GPU kernels (atomics) need not repeat a run bit for bit, and Adam's
-    # normalised steps carry that noise into the weights; the two paths may differ by a few times it.
-    bound = 5e-6
-    if torch.cuda.is_available():
-        _train(tmp_path / "plain_again", *common)
-        again = torch.load(tmp_path / "plain_again" / "checkpoints" / "step_0000006.pt", weights_only=True)
-        floor, _ = max_error(cb, again)
-        bound += 4 * floor
-        print(f"fp16 step test: plain vs plain again, max |difference| {floor:.3g}")
+    # Fused and foreach AdamW round differently (2e-10 after step 1). Once the weights differ by that much a 16-bit
+    # rounding in a later forward can flip, and Adam turns the gradient's change into a few % of a step (lr 1e-3) in
+    # some weights: 1.2e-6 here on the CPU, 2.8e-5 with the GPU's fp16 kernels (docs/benchmarks.md run 26; bf16 on
+    # the CPU: 1.2e-5). A step applied or missed moves the weights by about lr, 1e-3 (Adam's steps are normalised).
+    bound = 1e-4 if torch.cuda.is_available() else 5e-6
     error, worst = max_error(ca, cb)
     print(f"fp16 step test: fused vs plain, max |difference| {error:.3g} (bound {bound:.3g}); worst {worst}")
     assert error < bound, worst
