@@ -773,9 +773,12 @@ def train(cfg: Config) -> dict:
                     if math.isfinite(row[k]):
                         window[k].append(row[k])
             if bad_in_a_row >= tc.max_bad_steps:
+                fixes = "lower train.lr, set train.grad_clip, or use mixed_precision=bf16 instead of fp16"
+                if cfg.model.low_precision_residual and tc.mixed_precision == "fp16":
+                    fixes = ("set model.low_precision_residual=false (an fp16 residual stream overflows past "
+                             f"65,504), {fixes}")
                 raise TrainingAborted(f"aborting at step {step_i}: {bad_in_a_row} non-finite steps in a row "
-                                      f"(train.max_bad_steps={tc.max_bad_steps}); lower train.lr, set "
-                                      f"train.grad_clip, or use mixed_precision=bf16 instead of fp16")
+                                      f"(train.max_bad_steps={tc.max_bad_steps}); {fixes}")
         if is_main:
             log_file.flush()
 

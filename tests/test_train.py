@@ -305,8 +305,13 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     assert math.isnan(log[1]["loss"]) and all(math.isfinite(r["loss"]) for r in log if not r["skipped"])
     bad_calls.clear()
     bad_calls.update(range(3, 100))
-    with pytest.raises(TrainingAborted, match=r"3 non-finite steps in a row \(train.max_bad_steps=3\)"):
+    with pytest.raises(TrainingAborted, match=r"3 non-finite steps in a row \(train.max_bad_steps=3\); lower"):
         _train(tmp_path / "abort", "train.max_steps=10", "train.max_bad_steps=3")
+    # with the opt-in fp16 residual stream the first fix named is turning it off (it is what overflows first)
+    _grad_scaler_on_any_device(monkeypatch)
+    with pytest.raises(TrainingAborted, match=r"max_bad_steps=3\); set model.low_precision_residual=false"):
+        _train(tmp_path / "abort16", "train.max_steps=10", "train.max_bad_steps=3", "train.mixed_precision=fp16",
+               "model.low_precision_residual=true")
 
 
 def test_trains_from_latent_shards_with_flips(tmp_path):
