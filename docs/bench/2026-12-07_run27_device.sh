@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run 27's device calls (one H100), in priority order; none run yet.
+#   bash docs/bench/2026-12-07_run27_device.sh check    # the fp16 step test on the GPU with run 26's bound; run 26's
+#                                                       # fused-vs-plain probe per step (~2 min)
+#   bash docs/bench/2026-12-07_run27_device.sh clocks   # DiT-XL/2 fast-cw, bf16 then fp16, with the SM clock and the
+#                                                       # power sampled: is fp16's 1.5% the clock under 700 W? (~5 min)
+#   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+case "$1" in
+check)
+    timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/test_train.py -k "fp16_in_the_fused" 2>&1 \
+        | grep -v "^  " | tail -6 | tee "$OUT/gpu_test_fp16_step.txt"
+    timeout 150 python3 docs/bench/2026-12-07_run26_fp16_step_probe.py 2>&1 | grep "^\[probe\]" | tee "$OUT/probe.txt"
+    ;;
+clocks)
+    for amp in bf16 fp16; do
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 > "$OUT/clocks_$amp.csv" &
+        smi=$!
+        timeout 240 python3 tools/benchmark.py --models DiT-XL/2 --variants fast-cw --iters 60 --warmup 5 --train-only \
+            --amp-dtype $amp --json "$OUT/xl_$amp.json" 2>&1 | grep "^| DiT"
+        kill $smi
+        # the timed steps draw the most power: the samples above 500 W
+        python3 -c "import sys; r=[tuple(map(float, l.split(','))) for l in open(sys.argv[1]) if l.strip()]; \
+b=[x for x in r if x[1] > 500]; print(sys.argv[2], len(b), 'busy samples: SM clock', round(sum(x[0] for x in b)/max(len(b),1)), \
+'MHz, power', round(sum(x[1] for x in b)/max(len(b),1)), 'W')" "$OUT/clocks_$amp.csv" $amp | tee -a "$OUT/clocks.txt"
+    done ;;
+memsets)
+    for amp in bf16; do
+        timeout 280 python3 docs/bench/2026-12-07_run27_memset_probe.py --amp $amp 2>&1 | grep "^\[memsets\]" \
+            | tee "$OUT/memsets_$amp.txt"
+    done ;;
+*) echo "usage: $0 check|clocks|memsets" >&2; exit 2 ;;
+esac
