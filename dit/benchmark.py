@@ -26,6 +26,7 @@ from dit.models import create_model
 from dit.models.layers import Mlp, linear_gelu_tanh
 from dit.utils import AUTOCAST_DTYPES
 from dit.utils.cuda_graph import StepGraph
+from dit.utils.profiling import KERNEL_CATEGORIES, summarize
 
 # Variants: name -> (description). Each is built by ``_prepare``; "bf16" in a name is the autocast dtype, fp16 with
 # run_benchmarks(amp="fp16") (tools/benchmark.py --amp-dtype fp16).
@@ -98,19 +99,6 @@ VARIANTS = {
     "fast-at": "as fast-cg, with max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape, "
                "epilogues (bias, GELU, residual) fused into the chosen GEMMs",
 }
-
-# Kernel-name fragments -> category, first match wins (``kernel_breakdown``). cuBLAS/CUTLASS GEMMs on Hopper are named
-# nvjet_*, sm90_xmma_*, cutlass*; Triton GEMM templates chosen by max-autotune are triton_tem_*.
-KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("gemm/conv", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_", "sm80_", "cublas", "conv")),
-    ("optimizer", ("adam", "multi_tensor")),
-    ("fused elementwise/norm (Triton)", ("triton",)),
-    # cuDNN's NCHW <-> NHWC conversions around every convolution of a channels-first model
-    ("layout transposes", ("nchwtonhwc", "nhwctonchw")),
-    ("copies/casts", ("copy", "cast", "memcpy", "memset", "fill")),
-)
-
 
 @dataclasses.dataclass
 class Result:
@@ -203,90 +191,23 @@ def attention_errors(n: int, t: int, heads: int, dh: int, seed: int = 0) -> dict
     return errs
 
 
-def kernel_category(name: str) -> str:
-    low = name.lower()
-    for cat, keys in KERNEL_CATEGORIES:
-        if any(k in low for k in keys):
-            return cat
-    return "other"
-
-
-def _annotation(name: str) -> bool:
-    """GPU-side profiler annotations (e.g. "Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels counted
-    already: they are not activities of their own."""
-    return "#" in name or name.startswith("ProfilerStep")
-
-
 def kernel_breakdown(fn: Callable[[], object], device: torch.device, iters: int = 3, top: int = 12,
                      gaps: dict | None = None) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
     """Profile ``iters`` calls of ``fn``: device kernel ms per call by ``KERNEL_CATEGORIES`` (plus ``wall`` = CUDA-event
     ms per call and ``idle`` = wall - sum of kernels, i.e. where the GPU waited), and the ``top`` kernels as
     (name, ms per call, launches per call). ``gaps``: a dict to fill with ``timeline_gaps`` of the same profile (which
     activities the idle time precedes). Call after warm-up (compiled graphs built). GPU only."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = time_back_to_back(fn, iters, warmup=0)
-    cats: dict[str, float] = {}
-    kernels = []
-    for e in prof.key_averages():
-        if e.device_type != DeviceType.CUDA or _annotation(e.key):
-            continue
-        ms = e.self_device_time_total / 1e3 / iters  # us -> ms per call
-        cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
-        kernels.append((e.key[:120], ms, round(e.count / iters)))
+    cats, kernels, timeline = summarize(prof, iters, top=top)
     if gaps is not None:
-        timeline = [(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-                    if e.device_type() == DeviceType.CUDA and not e.is_user_annotation() and not _annotation(e.name())]
-        gaps.update(timeline_gaps(timeline, iters=iters) if timeline else {})
-    cats = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+        gaps.update(timeline)
     cats["idle"] = wall - sum(cats.values())
     cats["wall"] = wall
-    kernels.sort(key=lambda k: -k[1])
-    return cats, kernels[:top]
-
-
-GAP_BUCKETS_US = (2.0, 5.0, 20.0, 100.0)  # upper bounds of the gap-size buckets of ``timeline_gaps`` (last: open)
-
-
-def timeline_gaps(events: list[tuple[int, int, str]], iters: int = 1, top: int = 25) -> dict:
-    """Where the GPU sits idle between kernels. ``events``: (start_ns, end_ns, name) of every device activity (kernels,
-    memsets, copies) over ``iters`` steps. Overlapping activities are merged; each gap between busy intervals is
-    charged to the activity that ends it. Returns per-step figures: ``busy_ms``, ``gap_ms``, ``buckets`` {"<2us":
-    [count, ms], ..., ">=100us": [count, ms]}, ``before`` [(name, ms)] (the names that most often wait), and
-    ``largest`` [(us, previous name, next name)]."""
-    events = sorted(events)
-    labels = [f"<{GAP_BUCKETS_US[0]:g}us"] + [f"{a:g}-{b:g}us" for a, b in zip(GAP_BUCKETS_US, GAP_BUCKETS_US[1:])]
-    labels.append(f">={GAP_BUCKETS_US[-1]:g}us")
-    buckets = {k: [0, 0.0] for k in labels}
-    before: dict[str, float] = {}
-    gaps = []
-    busy = 0.0
-    end, last = None, ""
-    for start, stop, name in events:
-        if end is not None and start > end:
-            us = (start - end) / 1e3
-            k = labels[sum(us >= b for b in GAP_BUCKETS_US)]
-            buckets[k][0] += 1
-            buckets[k][1] += us / 1e3
-            before[name] = before.get(name, 0.0) + us / 1e3
-            gaps.append((us, last, name))
-        if end is None or start > end:
-            busy += (stop - start) / 1e6
-        elif stop > end:
-            busy += (stop - end) / 1e6
-        if end is None or stop > end:
-            end, last = stop, name
-    per = 1.0 / iters
-    return {
-        "busy_ms": busy * per,
-        "gap_ms": sum(g for g, *_ in gaps) / 1e3 * per,
-        "buckets": {k: [round(c * per, 2), ms * per] for k, (c, ms) in buckets.items()},
-        "before": sorted(((n, ms * per) for n, ms in before.items()), key=lambda kv: -kv[1])[:top],
-        "largest": sorted(gaps, reverse=True)[:top],
-    }
+    return cats, kernels
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192) -> float:

@@ -235,6 +235,12 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on the main process
     cpu_threads: int | None = None  # torch intra-op threads (None = torch's default); 1 helps on busy small CPUs
+    # Profile steps profile_from + 1 ... profile_from + profile_steps (main process; 0 = off) with torch.profiler:
+    # GPU time per step by kernel category, the top kernels and where the GPU idles go to <out_dir>/profile.json and
+    # the log, the trace (Perfetto, chrome://tracing) to <out_dir>/profile_trace.json.gz. Start after compilation
+    # (e.g. profile_from=50); the log's step_time of that interval includes the profiler's overhead.
+    profile_steps: int = 0
+    profile_from: int = 0
 
 
 @dataclass
@@ -416,7 +422,8 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be positive, got {v}")
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.sample_every": t.sample_every,
                    "sample.grid_size": cfg.sample.grid_size,
-                   "train.milestone_every": t.milestone_every, "data.num_workers": cfg.data.num_workers}.items():
+                   "train.milestone_every": t.milestone_every, "data.num_workers": cfg.data.num_workers,
+                   "run.profile_steps": cfg.run.profile_steps, "run.profile_from": cfg.run.profile_from}.items():
         if v < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:

@@ -31,7 +31,7 @@ from dit.config import Config, ConfigError, flatten, save_config, to_dict
 from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
-from dit.utils import AUTOCAST_DTYPES
+from dit.utils import AUTOCAST_DTYPES, profiling
 from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, buffer_pairs, copy_buffers, ema_decay_at, shard_pairs
 
@@ -839,8 +839,14 @@ def train(cfg: Config) -> dict:
                               f"process(es)")
         graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup)
 
+    # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps
+    profile_window = (cfg.run.profile_from, cfg.run.profile_from + cfg.run.profile_steps) if (
+        cfg.run.profile_steps and is_main) else None
+    profiler = None
     try:
         while step < tc.max_steps:
+            if profile_window is not None and step == profile_window[0]:
+                profiler = profiling.start(device)
             sums = torch.zeros(3, device=device)  # loss, mse, vb summed over the micro-batches, on the device
             stats = bad = None
             if adamw_ema is not None:  # read by the kernel on the device (and so by a CUDA graph of the step)
@@ -871,6 +877,9 @@ def train(cfg: Config) -> dict:
                             images_seen))
             if is_main:
                 bar.update(tc.global_batch_size)
+            if profiler is not None and step == profile_window[1]:
+                logger.info(profiling.finish(profiler, device, (profile_window[0] + 1, step), out_dir))
+                profiler = None
             log_now = step % tc.log_every == 0 or step == tc.max_steps
             save_now = step % tc.ckpt_every == 0 or step == tc.max_steps or (
                 tc.milestone_every > 0 and step % tc.milestone_every == 0)
@@ -895,6 +904,8 @@ def train(cfg: Config) -> dict:
             if (tc.sample_every > 0 and step % tc.sample_every == 0) or step == tc.max_steps:
                 last_grid = draw_samples(step) or last_grid
     finally:
+        if profiler is not None:  # the run ended inside the window
+            profiler.stop()
         stream.close()  # stops the DataLoader workers, if any
         bar.close()
         if log_file is not None:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dit.benchmark import Result, kernel_category, kernel_table, markdown_table, run_benchmarks, sampling_budget
+from dit.benchmark import Result, kernel_table, markdown_table, run_benchmarks, sampling_budget
+from dit.utils.profiling import kernel_category
 
 TINY_UNET = {"model_channels": 32, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1}  # UNet-S, narrow
 
@@ -323,7 +324,7 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
 
 
 def test_timeline_gaps_merges_overlaps_and_charges_gaps_to_the_next_activity():
-    from dit.benchmark import timeline_gaps
+    from dit.utils.profiling import timeline_gaps
 
     us = 1000  # ns
     events = [

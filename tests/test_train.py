@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -602,6 +603,21 @@ def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:
         return d
 
     monkeypatch.setattr(dit.diffusion, "create_diffusion", poisoned)
+
+
+def test_profile_steps_cover_exactly_the_chosen_steps(tmp_path):
+    """run.profile_steps=2 after run.profile_from=1 profiles steps 2-3 of 4: a summary (CPU ops here, GPU kernels by
+    category on CUDA) and a Chrome trace with exactly two optimizer steps in it; a negative value is a config error."""
+    from dit.config import ConfigError
+
+    _train(tmp_path, "train.max_steps=4", "run.profile_from=1", "run.profile_steps=2", "sample.grid_size=0")
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["steps"] == [2, 3]
+    assert report["top"] and any("mm" in name for name, _, _ in report["top"])  # the network's GEMMs
+    events = json.load(gzip.open(tmp_path / "profile_trace.json.gz"))["traceEvents"]
+    assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in events) == 2
+    with pytest.raises(ConfigError, match="run.profile_steps must be >= 0"):
+        load_config(None, tiny_overrides(tmp_path / "bad") + ["run.profile_steps=-1"])
 
 
 def test_skipped_step_leaves_weights_ema_and_optimizer_untouched(tmp_path, monkeypatch):

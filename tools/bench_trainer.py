@@ -8,7 +8,8 @@ Each model trains in its own process (fresh compile caches and GPU memory) from 
 ``data.source=latents`` on random bf16 latents (``--latent-shape``, default 4x32x32 as sd-vae at 256 px, 1000
 classes), no sample grids and no checkpoint before the last step. Reported: the median host time per step over the
 log intervals after the first ``--skip`` steps (compilation), as img/s, the peak GPU memory, and the start-up: the time
-the first ``--skip`` steps took beyond as many steady-state steps (compilation, CUDA-graph capture).
+the first ``--skip`` steps took beyond as many steady-state steps (compilation, CUDA-graph capture). ``--profile N``
+adds where the GPU time of N steps after ``--skip`` goes (by kernel category, and the idle time between kernels).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> int:
     p.add_argument("--count", type=int, default=8192, help="synthetic latents (kept in memory)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per model; on expiry the run is stopped and the steps logged so far are reported")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps after --skip (the trainer's run.profile_steps): GPU time per step by "
+                        "kernel category and idle time, printed and kept in --json")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
     a = p.parse_args()
@@ -78,6 +82,8 @@ def main() -> int:
                    "train.mixed_precision=bf16", "model.compile=true", f"train.global_batch_size={batch}",
                    f"train.max_steps={a.steps}", f"train.log_every={a.log_every}",
                    f"train.ckpt_every={10 * a.steps}", "run.progress=false", "run.tensorboard=false", *a.overrides]
+            if a.profile:
+                cmd += [f"run.profile_from={a.skip}", f"run.profile_steps={a.profile}"]
             print(f"[trainer] {name} batch {batch}: {' '.join(cmd[2:])}", flush=True)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -110,6 +116,11 @@ def main() -> int:
                    "skipped_steps": summary.get("bad_steps"),  # non-finite (fp16: loss-scale overflow) steps
                    "overrides": a.overrides, "steps_measured": len(times),  # one log row per step
                    "env": env}  # device, versions, date of the measurement
+            if (out / "profile.json").exists():
+                row["profile"] = json.loads((out / "profile.json").read_text())
+                cats = ", ".join(f"{k} {v:.2f}" for k, v in row["profile"]["device_ms_per_step"].items())
+                print(f"[trainer] {name}: profile, GPU ms per step: {cats}; idle between kernels "
+                      f"{row['profile']['gaps'].get('gap_ms', float('nan')):.2f}", flush=True)
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
                   f"{row['peak_mem_gib'] or float('nan'):.1f} GiB, start-up {startup_s:.0f} s, last loss "

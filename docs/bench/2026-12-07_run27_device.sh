@@ -5,6 +5,8 @@
 #   bash docs/bench/2026-12-07_run27_device.sh clocks   # DiT-XL/2 fast-cw, bf16 then fp16, with the SM clock and the
 #                                                       # power sampled: is fp16's 1.5% the clock under 700 W? (~5 min)
 #   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
+#   bash docs/bench/2026-12-07_run27_device.sh trainer  # the trainer's DiT-XL/2 step profiled (run.profile_steps): where
+#                                                       # its 5 ms over the harness's step go (~3 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -33,5 +35,9 @@ memsets)
         timeout 280 python3 docs/bench/2026-12-07_run27_memset_probe.py --amp $amp 2>&1 | grep "^\[memsets\]" \
             | tee "$OUT/memsets_$amp.txt"
     done ;;
-*) echo "usage: $0 check|clocks|memsets" >&2; exit 2 ;;
+trainer)
+    timeout 200 python3 tools/bench_trainer.py --models DiT-XL/2 --steps 100 --skip 50 --profile 5 \
+        --json "$OUT/trainer_xl_profile.json" --timeout 195 | grep "^\[trainer\]"
+    ;;
+*) echo "usage: $0 check|clocks|memsets|trainer" >&2; exit 2 ;;
 esac
