@@ -151,6 +151,7 @@ def test_kernel_categories_and_table():
     assert kernel_category("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout transposes"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>") == "attention"
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kernel_category("triton_dit_attn_bwd_dkdv") == "attention"  # ours, in Triton (dit/models/attention_triton.py)
     assert kernel_category("triton_per_fused_native_layer_norm_add_mul_12") == "fused elementwise/norm (Triton)"
     assert kernel_category("void at::native::(anonymous namespace)::fused_adamw_kernel") == "optimizer"
     assert kernel_category("something_else") == "other"

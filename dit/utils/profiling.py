@@ -10,7 +10,7 @@ from __future__ import annotations
 # Kernel-name fragments -> category, first match wins. cuBLAS/CUTLASS GEMMs on Hopper are named nvjet_*, sm90_xmma_*,
 # cutlass*; Triton GEMM templates chosen by max-autotune are triton_tem_*.
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "_attn_")),  # _attn_: our Triton backward (attention_triton)
     ("gemm/conv", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_", "sm80_", "cublas", "conv")),
     ("optimizer", ("adam", "multi_tensor")),
     ("fused elementwise/norm (Triton)", ("triton",)),
