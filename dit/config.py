@@ -426,6 +426,9 @@ def validate(cfg: Config, source: str = "config") -> None:
                    "run.profile_steps": cfg.run.profile_steps, "run.profile_from": cfg.run.profile_from}.items():
         if v < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
+    if cfg.run.profile_steps and cfg.run.profile_from + cfg.run.profile_steps > t.max_steps:
+        raise ConfigError(f"{source}: run.profile_from + run.profile_steps ({cfg.run.profile_from} + "
+                          f"{cfg.run.profile_steps}) must be <= train.max_steps ({t.max_steps})")
     if cfg.model.compile_mode != "default" and not cfg.model.compile:
         raise ConfigError(f"{source}: model.compile_mode={cfg.model.compile_mode!r} needs model.compile=true")
     if cfg.model.norm_kernels and (not cfg.model.moment_norm or cfg.model.channels_last is False):

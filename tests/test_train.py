@@ -618,6 +618,8 @@ def test_profile_steps_cover_exactly_the_chosen_steps(tmp_path):
     assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in events) == 2
     with pytest.raises(ConfigError, match="run.profile_steps must be >= 0"):
         load_config(None, tiny_overrides(tmp_path / "bad") + ["run.profile_steps=-1"])
+    with pytest.raises(ConfigError, match=r"run.profile_from \+ run.profile_steps \(5 \+ 2\) must be <= "):
+        load_config(None, tiny_overrides(tmp_path / "bad") + ["run.profile_from=5", "run.profile_steps=2"])
 
 
 def test_skipped_step_leaves_weights_ema_and_optimizer_untouched(tmp_path, monkeypatch):

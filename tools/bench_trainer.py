@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from dit.benchmark import environment, unknown_names_error  # noqa: E402
 from dit.data.latents import make_synthetic_latents  # noqa: E402
 from dit.models import list_models  # noqa: E402
+from dit.utils import profiling  # noqa: E402
 
 
 def _read_log(path: Path) -> list[dict]:
@@ -61,6 +62,8 @@ def main() -> int:
     a = p.parse_args()
     if a.skip >= a.steps:
         p.error(f"--skip ({a.skip}) must be smaller than --steps ({a.steps})")
+    if a.profile < 0 or a.skip + a.profile > a.steps:
+        p.error(f"--profile ({a.profile}) must be >= 0 and fit after --skip ({a.skip}) within --steps ({a.steps})")
     try:
         shape = tuple(int(s) for s in a.latent_shape.split(","))
         assert len(shape) == 3 and min(shape) > 0
@@ -118,9 +121,8 @@ def main() -> int:
                    "env": env}  # device, versions, date of the measurement
             if (out / "profile.json").exists():
                 row["profile"] = json.loads((out / "profile.json").read_text())
-                cats = ", ".join(f"{k} {v:.2f}" for k, v in row["profile"]["device_ms_per_step"].items())
-                print(f"[trainer] {name}: profile, GPU ms per step: {cats}; idle between kernels "
-                      f"{row['profile']['gaps'].get('gap_ms', float('nan')):.2f}", flush=True)
+                print(f"[trainer] {name}: profile of steps {a.skip + 1}-{a.skip + a.profile}: "
+                      f"{profiling.describe(row['profile'])}", flush=True)
             rows.append(row)
             print(f"[trainer] {name}: {row['step_ms']:.1f} ms/step = {row['img_s']:,.0f} img/s, peak "
                   f"{row['peak_mem_gib'] or float('nan'):.1f} GiB, start-up {startup_s:.0f} s, last loss "

@@ -126,9 +126,12 @@ def finish(prof, device, steps: tuple[int, int], out_dir) -> str:
     report = {"steps": list(steps), "device": str(device), "device_ms_per_step": cats, "top": top, "gaps": gaps}
     (out_dir / "profile.json").write_text(json.dumps(report, indent=1) + "\n")
     prof.export_chrome_trace(str(out_dir / "profile_trace.json.gz"))
-    if cats:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in cats.items())
-        line = f"GPU ms per step: {parts}; idle between kernels {gaps.get('gap_ms', 0.0):.2f}"
-    else:
-        line = "no GPU activity; top CPU ops (ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v, _ in top[:5])
-    return f"profile of steps {steps[0]}-{steps[1]}: {line} ({out_dir / 'profile.json'})"
+    return f"profile of steps {steps[0]}-{steps[1]}: {describe(report)} ({out_dir / 'profile.json'})"
+
+
+def describe(report: dict) -> str:
+    """One line of a ``finish`` report: GPU ms per step by category and the idle time, or the top CPU ops."""
+    if report["device_ms_per_step"]:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in report["device_ms_per_step"].items())
+        return f"GPU ms per step: {parts}; idle between kernels {report['gaps'].get('gap_ms', 0.0):.2f}"
+    return "no GPU activity; top CPU ops (ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v, _ in report["top"][:5])
