@@ -3,10 +3,7 @@
 #   bash docs/bench/2026-12-07_run24_device.sh tests     # GPU tests of the fp16 paths, then the numerics (harness)
 #   bash docs/bench/2026-12-07_run24_device.sh trainer   # trainer img/s, bf16 against fp16, same machine
 #   bash docs/bench/2026-12-07_run24_device.sh all       # the essentials of both in one call
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 case "$1" in
 tests)
     timeout 260 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_train.py tests/test_attention_kernels.py \

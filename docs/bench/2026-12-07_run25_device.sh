@@ -7,11 +7,7 @@
 #   bash docs/bench/2026-12-07_run25_device.sh short  # xl2's first two steps (what the device time left allowed)
 #   bash docs/bench/2026-12-07_run25_device.sh profile  # not run yet: where DiT-XL/2's 2% in fp16 goes (harness),
 #                                                       # and the fp16 residual stream's step (fast-cwr)
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+source "$(dirname "$0")/device_env.sh"
 case "$1" in
 xl)
     X="--models DiT-XL/2 --steps 160 --skip 50"

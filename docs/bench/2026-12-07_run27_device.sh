@@ -7,11 +7,7 @@
 #   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh trainer  # the trainer's DiT-XL/2 step profiled (run.profile_steps): where
 #                                                       # its 5 ms over the harness's step go (~3 min)
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+source "$(dirname "$0")/device_env.sh"
 case "$1" in
 check)
     timeout 100 python3 -m pytest -q -s -p no:cacheprovider tests/test_train.py -k "fp16_in_the_fused" 2>&1 \
