@@ -7,6 +7,13 @@ sits idle (``timeline_gaps``). On a machine without a GPU the categories are emp
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
 # Kernel-name fragments -> category, first match wins. cuBLAS/CUTLASS GEMMs on Hopper are named nvjet_*, sm90_xmma_*,
 # cutlass*; Triton GEMM templates chosen by max-autotune are triton_tem_*.
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -78,8 +85,6 @@ def summarize(prof, steps: int, top: int = 12) -> tuple[dict[str, float], list[t
     """A finished ``torch.profiler.profile`` over ``steps`` steps -> (device ms per step by category, most expensive
     first; the ``top`` kernels as (name, ms per step, launches per step); ``timeline_gaps`` of the device activities,
     {} without any). Without device activities (a CPU run) the top list holds the CPU ops by self time instead."""
-    from torch.autograd import DeviceType
-
     cats: dict[str, float] = {}
     kernels, cpu_ops = [], []
     for e in prof.key_averages():
@@ -101,8 +106,6 @@ def summarize(prof, steps: int, top: int = 12) -> tuple[dict[str, float], list[t
 
 def start(device) -> object:
     """A started ``torch.profiler.profile`` of the host and, on CUDA, the device; ``finish`` ends it."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
     prof.start()
@@ -112,11 +115,6 @@ def start(device) -> object:
 def finish(prof, device, steps: tuple[int, int], out_dir) -> str:
     """Stop ``prof`` (after the device has finished the profiled steps ``(first, last)``), write the summary to
     ``out_dir/profile.json`` and the trace to ``out_dir/profile_trace.json.gz``; returns a one-line summary."""
-    import json
-    from pathlib import Path
-
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     prof.stop()
