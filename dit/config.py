@@ -278,12 +278,21 @@ def _type_name(tp: Any) -> str:
 _NO_MATCH = object()
 
 
+# The spellings YAML 1.1 (PyYAML) reads as booleans, so `train.mixed_precision=no` reaches us as False.
+_YAML_BOOLS = {False: {"no", "n", "off", "false"}, True: {"yes", "y", "on", "true"}}
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """``value`` converted to annotation ``tp``, or ``_NO_MATCH``. Only lossless, unsurprising conversions:
-    int -> float, and numeric strings -> float (PyYAML reads ``1e-4`` without a dot as a string)."""
+    int -> float, numeric strings -> float (PyYAML reads ``1e-4`` without a dot as a string), and a YAML boolean
+    -> the string choice it was spelled as (``no``, ``off``)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return value if value in typing.get_args(tp) else _NO_MATCH
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off (yes/on) as False (True): map back to the choice
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+            return spelled[0] if len(spelled) == 1 else _NO_MATCH
+        return value if value in choices else _NO_MATCH
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):  # exact matches first, so 3 stays an int in "int | float"
             if _coerce_exact(value, arg):

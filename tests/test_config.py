@@ -101,6 +101,20 @@ def test_wrong_type_names_key(override, key):
     assert f"{key} must be" in msg and "\n" not in msg
 
 
+def test_choices_yaml_reads_as_booleans(tmp_path):
+    """YAML 1.1 reads ``no`` and ``off`` as False: a choice spelled so still means that choice, on the command line
+    and in a file, and a boolean that names no choice is still an error."""
+    cfg = load_config(None, ["train.mixed_precision=bf16", "train.mixed_precision=no", "model.fp8_training=off"])
+    assert (cfg.train.mixed_precision, cfg.model.fp8_training) == ("no", "off")
+    cfg = load_config(_write(tmp_path, "train:\n  mixed_precision: No\n"))
+    assert cfg.train.mixed_precision == "no"
+    assert load_config(None, ["data.in_memory=false"]).data.in_memory is False  # a real bool field stays a bool
+    with pytest.raises(ConfigError, match=r"train.mixed_precision must be one of .*got True"):
+        load_config(None, ["train.mixed_precision=yes"])
+    with pytest.raises(ConfigError, match=r"sample.sampler must be one of .*got False"):
+        load_config(None, ["sample.sampler=off"])
+
+
 def test_wrong_type_in_yaml(tmp_path):
     p = _write(tmp_path, "train:\n  global_batch_size: lots\n")
     with pytest.raises(ConfigError, match=r"cfg.yaml: train.global_batch_size must be an int, got 'lots'"):
