@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def main() -> int:
                    help="seconds per model; on expiry the run is stopped and the steps logged so far are reported")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N steps after --skip (the trainer's run.profile_steps): GPU time per step by "
-                        "kernel category and idle time, printed and kept in --json")
+                        "kernel category and idle time, printed and kept in --json (the Perfetto trace beside it)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
     a = p.parse_args()
@@ -121,6 +122,11 @@ def main() -> int:
                    "env": env}  # device, versions, date of the measurement
             if (out / "profile.json").exists():
                 row["profile"] = json.loads((out / "profile.json").read_text())
+                trace = out / "profile_trace.json.gz"
+                if a.json is not None and trace.exists():  # the run's folder is temporary
+                    kept = a.json.with_name(f"{a.json.stem}_{name.replace('/', '_')}_trace.json.gz")
+                    shutil.copyfile(trace, kept)
+                    row["profile_trace"] = str(kept)
                 print(f"[trainer] {name}: profile of steps {a.skip + 1}-{a.skip + a.profile}: "
                       f"{profiling.describe(row['profile'])}", flush=True)
             rows.append(row)

@@ -7,6 +7,8 @@
 #   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh trainer  # the trainer's DiT-XL/2 step profiled (run.profile_steps): where
 #                                                       # its 5 ms over the harness's step go (~3 min)
+#   bash docs/bench/2026-12-07_run27_device.sh idle     # after `trainer` (9 ms idle per step): the same with a CUDA
+#                                                       # graph (trace kept), and with Python's GC off (~5 min)
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 check)
@@ -35,5 +37,13 @@ trainer)
     timeout 200 python3 tools/bench_trainer.py --models DiT-XL/2 --steps 100 --skip 50 --profile 5 \
         --json "$OUT/trainer_xl_profile.json" --timeout 195 | grep "^\[trainer\]"
     ;;
-*) echo "usage: $0 check|clocks|memsets|trainer" >&2; exit 2 ;;
+idle)
+    bt="python3 tools/bench_trainer.py --models DiT-XL/2 --steps 80 --skip 40 --timeout 150"
+    $bt --profile 3 --json "$OUT/trainer_xl_graph.json" train.cuda_graph=true | grep "^\[trainer\]"
+    gcoff="$(dirname "$0")/2026-12-07_run27_gcoff"
+    PYTHONPATH="$gcoff:${PYTHONPATH:-}" $bt --profile 3 --json "$OUT/trainer_xl_gcoff.json" | grep "^\[trainer\]"
+    PYTHONPATH="$gcoff:${PYTHONPATH:-}" $bt --json "$OUT/trainer_xl_graph_gcoff.json" train.cuda_graph=true \
+        | grep "^\[trainer\]"
+    ;;
+*) echo "usage: $0 check|clocks|memsets|trainer|idle" >&2; exit 2 ;;
 esac
