@@ -295,7 +295,8 @@ def test_benchmark_tool_runs_sampling_and_keeps_amp_dtype_to_training(tmp_path):
 
 def test_bench_trainer_runs_the_real_trainer(tmp_path):
     """tools/bench_trainer.py: tools/train.py on synthetic latents in a subprocess; the median step time after --skip
-    steps becomes img/s; a run stopped by --timeout still reports the steps it logged."""
+    steps becomes img/s; a run stopped by --timeout still reports the steps it logged; --profile's steps are left
+    out of the median."""
     import json
     import subprocess
     import sys
@@ -304,7 +305,8 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_trainer.py"
     common = [sys.executable, str(tool), "--models", "DiT-S/2", "--log-every", "2", "--count", "64",
               "--batch-small", "4", "--latent-shape", "4,8,8",
-              "model.overrides={depth: 1, hidden_size: 32, num_heads: 2}", "model.compile=false", 'train.mixed_precision="no"', "run.cpu_threads=1"]
+              "model.overrides={depth: 1, hidden_size: 32, num_heads: 2}", "model.compile=false",
+              "train.mixed_precision=no", "run.cpu_threads=1"]
     out = subprocess.run(common + ["--steps", "8", "--skip", "4", "--json", str(tmp_path / "a.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -322,6 +324,15 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     (row,) = json.loads((tmp_path / "b.json").read_text())
     assert row["steps_measured"] >= 2 and row["img_s"] > 0
+    # --profile 2 after --skip 2: steps 3-4 are profiled, their log interval is left out of the median (steps 5-8
+    # remain), and the trace is kept beside --json.
+    out = subprocess.run(common + ["--steps", "8", "--skip", "2", "--profile", "2", "--json", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "c.json").read_text())
+    assert row["steps_measured"] == 4 and row["profile"]["steps"] == [3, 4]
+    trace = Path(row["profile_trace"])
+    assert trace == tmp_path / "c_DiT-S_2_trace.json.gz" and trace.stat().st_size > 0
 
 
 def test_timeline_gaps_merges_overlaps_and_charges_gaps_to_the_next_activity():
