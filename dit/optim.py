@@ -35,7 +35,7 @@ def _kernel():
 
     @triton.jit
     def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
-                      beta1, beta2, eps, log2_beta1, log2_beta2,
+                      log2_betas_ptr, beta1, beta2, eps,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
                       COPY_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
@@ -75,8 +75,11 @@ def _kernel():
         lr = tl.load(hyper_ptr)
         wd_factor = tl.load(hyper_ptr + 1)  # 1 - lr * weight_decay
         ema_w = tl.load(hyper_ptr + 2)
-        bc1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 - beta1^t
-        bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # sqrt(1 - beta2^t)
+        # In float64: 1 - 0.999^t cancels all but the last bits of beta2^t, and in float32 (exp2.approx, 2e-7
+        # relative error) that made the first steps' updates up to 1e-4 off torch's (run 27).
+        t = step.to(tl.float64)
+        bc1 = (1.0 - tl.exp2(t * tl.load(log2_betas_ptr))).to(tl.float32)  # 1 - beta1^t
+        bc2_sqrt = tl.sqrt((1.0 - tl.exp2(t * tl.load(log2_betas_ptr + 1))).to(tl.float32))  # sqrt(1 - beta2^t)
         # AdamW (Loshchilov & Hutter 2019, Algorithm 2) in torch's form: decoupled decay, then the Adam step
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * g * g
@@ -129,6 +132,7 @@ class AdamWEMA:
         self._tables: dict[int, tuple] = {}  # group -> (addresses, device table, aligned)
         self._dummy_step: torch.Tensor | None = None
         self._hyper: dict[int, torch.Tensor] = {}  # group -> (3,) fp32 device: lr, 1 - lr * weight_decay, EMA weight
+        self._log2_betas: dict[tuple, torch.Tensor] = {}  # (group, beta1, beta2) -> (2,) fp64 device: log2 of each
         self._graph_sources: list[torch.Tensor] = []  # pinned tables a CUDA graph copies from on every replay
         self._copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its compute-dtype copy)
         self._copies: dict[int, torch.Tensor] = {}  # id(parameter) -> copy
@@ -299,11 +303,14 @@ class AdamWEMA:
             self._blocks[gi] = (owner.to(device, torch.int32), index.to(device, torch.int32))
         owner, index = self._blocks[gi]
         beta1, beta2 = group["betas"]
+        log2_betas = self._log2_betas.get((gi, beta1, beta2))
+        if log2_betas is None:  # made once (before any CUDA-graph capture: the graph's warm-up steps run this)
+            self._log2_betas[(gi, beta1, beta2)] = log2_betas = torch.tensor(
+                [math.log2(b) if b > 0 else -math.inf for b in (beta1, beta2)], dtype=torch.float64, device=device)
         kernel[(owner.numel(),)](
             table, owner, index, found_inf if found_inf is not None else table,
-            grad_scale if grad_scale is not None else table, self._hyper[gi],
+            grad_scale if grad_scale is not None else table, self._hyper[gi], log2_betas,
             beta1, beta2, group["eps"],
-            math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
             COPY_DTYPE=None if self.copy_dtype is None else getattr(triton.language, str(self.copy_dtype)[6:]),
             ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)

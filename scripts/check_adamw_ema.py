@@ -46,6 +46,8 @@ def main() -> None:
         grads = [torch.randn(p.shape, device=dev, generator=gen) * 1e-2 for p in ref[1]]
         skip = torch.tensor(float(step == 3), device=dev)
         w = 1.0 - min(0.9999, (1 + step) / (10 + step))  # the trainer's warm-up decay: w >= 0.5 at first
+        runs = ((ref, "ref"), (mine, "mine"))
+        before = {tag: [p.detach().clone() for p in run[1]] for run, tag in runs}
         for (model, params, ema, opt, fused), tag in ((ref, "ref"), (mine, "mine")):
             for i, (p, g) in enumerate(zip(params, grads)):
                 p.grad = None if (step == 2 and i == 0) else g.clone()
@@ -56,10 +58,14 @@ def main() -> None:
                 torch._foreach_lerp_(ema, [p.detach() for p in params], [(1 - skip) * w] * len(ema))
             else:
                 fused.step(w)
+        # the update itself (the weights hide its errors: lr 1e-3 against weights of 1e-2 and more), e.g. the
+        # bias corrections' in the first steps; a skipped step moves nothing (0)
+        moved = {tag: [p.detach() - b for p, b in zip(run[1], before[tag])] for run, tag in runs}
+        update_diff = rel(moved["mine"], moved["ref"]) if step != 3 else 0.0
         print(f"[adamw_ema] step {step}: rel. diff params {rel(mine[1], ref[1]):.1e}, "
               f"exp_avg {rel([mine[3].state[p]['exp_avg'] for p in mine[1]], [ref[3].state[p]['exp_avg'] for p in ref[1]]):.1e}, "
               f"exp_avg_sq {rel([mine[3].state[p]['exp_avg_sq'] for p in mine[1]], [ref[3].state[p]['exp_avg_sq'] for p in ref[1]]):.1e}, "
-              f"ema {rel(mine[2], ref[2]):.1e}", flush=True)
+              f"ema {rel(mine[2], ref[2]):.1e}, this step's update {update_diff:.1e}", flush=True)
     steps_m = [mine[3].state[p]["step"].item() for p in mine[1]]
     steps_r = [ref[3].state[p]["step"].item() for p in ref[1]]
     print(f"[adamw_ema] step counters equal: {steps_m == steps_r} (first {steps_m[0]}, param 0 {steps_m[0]}, "

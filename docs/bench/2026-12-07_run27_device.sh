@@ -7,6 +7,8 @@
 #   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh trainer  # the trainer's DiT-XL/2 step profiled (run.profile_steps): where
 #                                                       # its 5 ms over the harness's step go (~3 min)
+#   bash docs/bench/2026-12-07_run27_device.sh adamw    # the AdamW + EMA kernel's update against torch's after the
+#                                                       # float64 bias corrections, then `check` (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh idle     # after `trainer` (9 ms idle per step): the same with a CUDA
 #                                                       # graph (trace kept), and with Python's GC off (~5 min)
 source "$(dirname "$0")/device_env.sh"
@@ -45,5 +47,9 @@ idle)
     PYTHONPATH="$gcoff:${PYTHONPATH:-}" $bt --json "$OUT/trainer_xl_graph_gcoff.json" train.cuda_graph=true \
         | grep "^\[trainer\]"
     ;;
-*) echo "usage: $0 check|clocks|memsets|trainer|idle" >&2; exit 2 ;;
+adamw)  # after the fix to the kernel's bias corrections (float64): its update against torch's, then `check` again
+    timeout 150 python3 scripts/check_adamw_ema.py --model DiT-XL/2 --steps 5 2>&1 | grep "^\[adamw_ema\]" \
+        | tee "$OUT/check_adamw_ema.txt"
+    bash "$0" check ;;
+*) echo "usage: $0 check|clocks|memsets|trainer|idle|adamw" >&2; exit 2 ;;
 esac
