@@ -35,7 +35,7 @@ def _kernel():
 
     @triton.jit
     def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
-                      log2_betas_ptr, beta1, beta2, eps,
+                      betas_ptr, eps,
                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
                       COPY_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
@@ -75,11 +75,15 @@ def _kernel():
         lr = tl.load(hyper_ptr)
         wd_factor = tl.load(hyper_ptr + 1)  # 1 - lr * weight_decay
         ema_w = tl.load(hyper_ptr + 2)
-        # In float64: 1 - 0.999^t cancels all but the last bits of beta2^t, and in float32 (exp2.approx, 2e-7
-        # relative error) that made the first steps' updates up to 1e-4 off torch's (run 27).
+        # The betas rounded to float32 (0.999 -> 0.99900001) for the moments, and the log2 of those same values in
+        # float64 for the bias corrections: 1 - 0.999^t cancels all but the last bits of beta2^t, so float32 there
+        # (exp2.approx, 2e-7 relative error) put the first steps' updates up to 1e-4 off torch's, and the exact 0.999
+        # beside the float32 moments 7e-6 (run 27). One value for both: v / (1 - beta2^1) = g^2 exactly at step 1.
+        beta1 = tl.load(betas_ptr).to(tl.float32)
+        beta2 = tl.load(betas_ptr + 1).to(tl.float32)
         t = step.to(tl.float64)
-        bc1 = (1.0 - tl.exp2(t * tl.load(log2_betas_ptr))).to(tl.float32)  # 1 - beta1^t
-        bc2_sqrt = tl.sqrt((1.0 - tl.exp2(t * tl.load(log2_betas_ptr + 1))).to(tl.float32))  # sqrt(1 - beta2^t)
+        bc1 = (1.0 - tl.exp2(t * tl.load(betas_ptr + 2))).to(tl.float32)  # 1 - beta1^t
+        bc2_sqrt = tl.sqrt((1.0 - tl.exp2(t * tl.load(betas_ptr + 3))).to(tl.float32))  # sqrt(1 - beta2^t)
         # AdamW (Loshchilov & Hutter 2019, Algorithm 2) in torch's form: decoupled decay, then the Adam step
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * g * g
@@ -132,7 +136,8 @@ class AdamWEMA:
         self._tables: dict[int, tuple] = {}  # group -> (addresses, device table, aligned)
         self._dummy_step: torch.Tensor | None = None
         self._hyper: dict[int, torch.Tensor] = {}  # group -> (3,) fp32 device: lr, 1 - lr * weight_decay, EMA weight
-        self._log2_betas: dict[tuple, torch.Tensor] = {}  # (group, beta1, beta2) -> (2,) fp64 device: log2 of each
+        # (group, beta1, beta2) -> (4,) fp64 device: the betas rounded to float32, and their log2
+        self._betas: dict[tuple, torch.Tensor] = {}
         self._graph_sources: list[torch.Tensor] = []  # pinned tables a CUDA graph copies from on every replay
         self._copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its compute-dtype copy)
         self._copies: dict[int, torch.Tensor] = {}  # id(parameter) -> copy
@@ -303,14 +308,14 @@ class AdamWEMA:
             self._blocks[gi] = (owner.to(device, torch.int32), index.to(device, torch.int32))
         owner, index = self._blocks[gi]
         beta1, beta2 = group["betas"]
-        log2_betas = self._log2_betas.get((gi, beta1, beta2))
-        if log2_betas is None:  # made once (before any CUDA-graph capture: the graph's warm-up steps run this)
-            self._log2_betas[(gi, beta1, beta2)] = log2_betas = torch.tensor(
-                [math.log2(b) if b > 0 else -math.inf for b in (beta1, beta2)], dtype=torch.float64, device=device)
+        betas = self._betas.get((gi, beta1, beta2))
+        if betas is None:  # made once (before any CUDA-graph capture: the graph's warm-up steps run this)
+            f32 = torch.tensor([beta1, beta2], dtype=torch.float32).tolist()  # the values the moments use
+            self._betas[(gi, beta1, beta2)] = betas = torch.tensor(
+                f32 + [math.log2(b) if b > 0 else -math.inf for b in f32], dtype=torch.float64, device=device)
         kernel[(owner.numel(),)](
             table, owner, index, found_inf if found_inf is not None else table,
-            grad_scale if grad_scale is not None else table, self._hyper[gi], log2_betas,
-            beta1, beta2, group["eps"],
+            grad_scale if grad_scale is not None else table, self._hyper[gi], betas, group["eps"],
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
             COPY_DTYPE=None if self.copy_dtype is None else getattr(triton.language, str(self.copy_dtype)[6:]),
             ALIGNED=aligned, FIELDS=_FIELDS, BLOCK=self.block, num_warps=self.num_warps)
