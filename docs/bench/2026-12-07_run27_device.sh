@@ -48,7 +48,7 @@ idle)
         | grep "^\[trainer\]"
     ;;
 adamw)  # after the fix to the kernel's bias corrections (float64): its update against torch's, then `check` again
-    timeout 150 python3 scripts/check_adamw_ema.py --model DiT-XL/2 --steps 5 2>&1 | grep "^\[adamw_ema\]" \
+    PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 scripts/check_adamw_ema.py --model DiT-XL/2 --steps 5 2>&1 | grep "^\[adamw_ema\]" \
         | tee "$OUT/check_adamw_ema.txt"
     bash "$0" check ;;
 *) echo "usage: $0 check|clocks|memsets|trainer|idle|adamw" >&2; exit 2 ;;
