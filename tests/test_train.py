@@ -561,9 +561,9 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
     # Fused and foreach AdamW round differently (2e-10 after step 1). Once the weights differ by that much a 16-bit
     # rounding in a later forward can flip, and Adam turns the gradient's change into a few % of a step (lr 1e-3) in
     # some weights: 1.2e-6 here on the CPU (bf16: 1.2e-5), 2.8e-5 with the GPU's fp16 kernels (docs/benchmarks.md
-    # run 26), 1.4e-5 once run 27 fixed our kernel's first steps. A step applied or missed moves the weights by about
-    # lr, 1e-3 (Adam's steps are normalised; one of these 6 updates skipped: 4.0e-3 in the weights, 3.5e-3 in the
-    # EMA, measured on the CPU).
+    # run 26), 1.4e-5 after run 27's first fix to our kernel's bias corrections. A step applied or missed moves the
+    # weights by about lr, 1e-3 (Adam's steps are normalised; one of these 6 updates skipped: 4.0e-3 in the weights,
+    # 3.5e-3 in the EMA, measured on the CPU).
     bound = 1e-4 if torch.cuda.is_available() else 5e-6
     error, worst = max_error(ca, cb)
     print(f"fp16 step test: fused vs plain, max |difference| {error:.3g} (bound {bound:.3g}); worst {worst}")
