@@ -48,7 +48,7 @@ def main() -> None:
         w = 1.0 - min(0.9999, (1 + step) / (10 + step))  # the trainer's warm-up decay: w >= 0.5 at first
         runs = ((ref, "ref"), (mine, "mine"))
         before = {tag: [p.detach().clone() for p in run[1]] for run, tag in runs}
-        for (model, params, ema, opt, fused), tag in ((ref, "ref"), (mine, "mine")):
+        for (model, params, ema, opt, fused), tag in runs:
             for i, (p, g) in enumerate(zip(params, grads)):
                 p.grad = None if (step == 2 and i == 0) else g.clone()
             clip_in_fused_step([p for p in params if p.grad is not None], 1.0, opt)
