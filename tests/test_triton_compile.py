@@ -26,14 +26,15 @@ from dit.models import kernels  # noqa: E402
 _HOPPER, _AMPERE = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
 
 
-def _compile(fn, types: dict, consts: dict, target, num_warps: int = 4, num_stages: int = 3) -> None:
-    """Compile ``fn`` with argument types ``types`` (name -> Triton type; other arguments i32) and constexprs."""
+def _compile(fn, types: dict, consts: dict, target, num_warps: int = 4, num_stages: int = 3):
+    """Compile ``fn`` with argument types ``types`` (name -> Triton type; other arguments i32) and constexprs;
+    returns the compiled kernel (its ``asm["ptx"]``)."""
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
     try:
-        triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+        return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # name the kernel and the specialisation that failed
         raise AssertionError(f"{fn.__name__} {consts} for sm{target.arch}: {type(e).__name__}: {e}") from None
 
@@ -82,12 +83,16 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
                      num_warps=warps)
     _compile(qkv, dict(src_ptr=bf16, out_ptr=bf16, part_ptr=fp32), dict(ROWS=256, BLOCK_M=64, BLOCK_C=64), target)
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
-               grad_scale_ptr=fp32, hyper_ptr=fp32, beta1="fp32", beta2="fp32", eps="fp32", log2_beta1="fp32",
-               log2_beta2="fp32")
+               grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32")
     for *flags, copy_dtype in itertools.product((False, True), (False, True), (False, True), (False, True),
                                                 (None, triton.language.bfloat16, triton.language.float16)):
         consts = dict(zip(("HAS_FOUND_INF", "HAS_GRAD_SCALE", "HAS_EMA", "ALIGNED"), flags))
-        _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096), target)
+        compiled = _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096),
+                            target)
+        # The bias corrections 1 - beta^t in float64, not through float32's ex2.approx: its 2e-7 relative error,
+        # left by the cancellation, put the first updates up to 1e-4 off (docs/benchmarks.md, run 27); the
+        # interpreter's exp2 is exact, so only the GPU code shows it.
+        assert "ex2.approx" not in compiled.asm["ptx"], consts
 
 
 @pytest.mark.parametrize("target", [_HOPPER, _AMPERE], ids=["sm90", "sm80"])
