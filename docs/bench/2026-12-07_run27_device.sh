@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run 27's device calls (one H100), in priority order; none run yet.
+# Run 27's device calls (one H100), in the order run (docs/benchmarks.md, run 27); `adamw` ran with the first fix of
+# the optimizer kernel's bias corrections: rerun it for the kept one.
 #   bash docs/bench/2026-12-07_run27_device.sh check    # the fp16 step test on the GPU with run 26's bound; run 26's
 #                                                       # fused-vs-plain probe per step (~2 min)
 #   bash docs/bench/2026-12-07_run27_device.sh clocks   # DiT-XL/2 fast-cw, bf16 then fp16, with the SM clock and the
@@ -7,10 +8,10 @@
 #   bash docs/bench/2026-12-07_run27_device.sh memsets  # which ops launch the ~280 memsets per DiT-XL/2 step (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh trainer  # the trainer's DiT-XL/2 step profiled (run.profile_steps): where
 #                                                       # its 5 ms over the harness's step go (~3 min)
-#   bash docs/bench/2026-12-07_run27_device.sh adamw    # the AdamW + EMA kernel's update against torch's after the
-#                                                       # float64 bias corrections, then `check` (~3 min)
 #   bash docs/bench/2026-12-07_run27_device.sh idle     # after `trainer` (9 ms idle per step): the same with a CUDA
 #                                                       # graph (trace kept), and with Python's GC off (~5 min)
+#   bash docs/bench/2026-12-07_run27_device.sh adamw    # the AdamW + EMA kernel's update against torch's after the
+#                                                       # float64 bias corrections, then `check` (~3 min)
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 check)
