@@ -238,7 +238,8 @@ class RunConfig:
     # Profile steps profile_from + 1 ... profile_from + profile_steps (main process; 0 = off) with torch.profiler:
     # GPU time per step by kernel category, the top kernels and where the GPU idles go to <out_dir>/profile.json and
     # the log, the trace (Perfetto, chrome://tracing) to <out_dir>/profile_trace.json.gz. Start after compilation
-    # (e.g. profile_from=50); the log's step_time of that interval includes the profiler's overhead.
+    # (e.g. profile_from=50); the log's rows of those steps are timed apart and marked "profiled" (their step_time
+    # carries the profiler's overhead).
     profile_steps: int = 0
     profile_from: int = 0
 

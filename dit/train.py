@@ -743,6 +743,11 @@ def train(cfg: Config) -> dict:
         adamw_ema.keep_compute_copies(raw_model.set_compute_weights(AUTOCAST_DTYPES[tc.mixed_precision]))
     ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
 
+    # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps, timed as a
+    # log interval of their own (flushed at both ends) so no other step's step_time carries the profiler
+    profile_window = (cfg.run.profile_from, cfg.run.profile_from + cfg.run.profile_steps) if (
+        cfg.run.profile_steps and is_main) else None
+
     def flush() -> None:
         """Read the pending steps' statistics (one host sync), write their log rows, apply the abort policy."""
         nonlocal bad_in_a_row, bad_total, first_loss, t_flush
@@ -768,6 +773,8 @@ def train(cfg: Config) -> dict:
             if is_main:
                 row = {"step": step_i, "loss": loss_v, "mse": mse_v, "vb": vb_v, "grad_norm": gnorm_v, "lr": lr_i,
                        "images_seen": seen_i, "skipped": skipped, "step_time": step_time}
+                if profile_window is not None and profile_window[0] < step_i <= profile_window[1]:
+                    row["profiled"] = True  # its step_time carries the profiler's overhead and trace export
                 log_file.write(json.dumps(row) + "\n")
                 for k in window:
                     if math.isfinite(row[k]):
@@ -839,13 +846,11 @@ def train(cfg: Config) -> dict:
                               f"process(es)")
         graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup)
 
-    # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps
-    profile_window = (cfg.run.profile_from, cfg.run.profile_from + cfg.run.profile_steps) if (
-        cfg.run.profile_steps and is_main) else None
     profiler = None
     try:
         while step < tc.max_steps:
             if profile_window is not None and step == profile_window[0]:
+                flush()
                 profiler = profiling.start(device)
             sums = torch.zeros(3, device=device)  # loss, mse, vb summed over the micro-batches, on the device
             stats = bad = None
@@ -880,6 +885,7 @@ def train(cfg: Config) -> dict:
             if profiler is not None and step == profile_window[1]:
                 logger.info(profiling.finish(profiler, device, (profile_window[0] + 1, step), out_dir))
                 profiler = None
+                flush()
             log_now = step % tc.log_every == 0 or step == tc.max_steps
             save_now = step % tc.ckpt_every == 0 or step == tc.max_steps or (
                 tc.milestone_every > 0 and step % tc.milestone_every == 0)

@@ -324,8 +324,8 @@ def test_bench_trainer_runs_the_real_trainer(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     (row,) = json.loads((tmp_path / "b.json").read_text())
     assert row["steps_measured"] >= 2 and row["img_s"] > 0
-    # --profile 2 after --skip 2: steps 3-4 are profiled, their log interval is left out of the median (steps 5-8
-    # remain), and the trace is kept beside --json.
+    # --profile 2 after --skip 2: steps 3-4 are profiled and left out of the median (steps 5-8 remain), and the
+    # trace is kept beside --json.
     out = subprocess.run(common + ["--steps", "8", "--skip", "2", "--profile", "2", "--json", str(tmp_path / "c.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

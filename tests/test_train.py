@@ -609,12 +609,15 @@ def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:
 
 def test_profile_steps_cover_exactly_the_chosen_steps(tmp_path):
     """run.profile_steps=2 after run.profile_from=1 profiles steps 2-3 of 4: a summary (CPU ops here, GPU kernels by
-    category on CUDA) and a Chrome trace with exactly two optimizer steps in it; a negative value is a config error."""
+    category on CUDA), a Chrome trace with exactly two optimizer steps in it, and their log rows marked; a negative
+    value is a config error."""
     from dit.config import ConfigError
 
     _train(tmp_path, "train.max_steps=4", "run.profile_from=1", "run.profile_steps=2", "sample.grid_size=0")
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["steps"] == [2, 3]
+    # the profiled steps are timed as an interval of their own and marked, so no other row's step_time carries them
+    assert [r.get("profiled", False) for r in _log(tmp_path)] == [False, True, True, False]
     assert report["top"] and any("mm" in name for name, _, _ in report["top"])  # the network's GEMMs
     events = json.load(gzip.open(tmp_path / "profile_trace.json.gz"))["traceEvents"]
     assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in events) == 2

@@ -9,8 +9,8 @@ Each model trains in its own process (fresh compile caches and GPU memory) from 
 classes), no sample grids and no checkpoint before the last step. Reported: the median host time per step over the
 log intervals after the first ``--skip`` steps (compilation), as img/s, the peak GPU memory, and the start-up: the time
 the first ``--skip`` steps took beyond as many steady-state steps (compilation, CUDA-graph capture). ``--profile N``
-adds where the GPU time of N steps after ``--skip`` goes (by kernel category, and the idle time between kernels); the
-log intervals holding them are left out of the median.
+adds where the GPU time of N steps after ``--skip`` goes (by kernel category, and the idle time between kernels); those
+steps are left out of the median.
 """
 
 from __future__ import annotations
@@ -106,13 +106,11 @@ def main() -> int:
                 continue
             log_path = out / "train_log.jsonl"
             log = _read_log(log_path)
-            # Step times are host time per log interval: leave out the intervals holding profiled steps (the
-            # profiler's overhead and its trace export).
-            profiled = {-(-s // a.log_every) for s in range(a.skip + 1, a.skip + a.profile + 1)}
-            times = [r["step_time"] for r in log if r["step"] > a.skip and -(-r["step"] // a.log_every) not in profiled]
+            # the profiled steps' step_time carries the profiler's overhead and trace export (the trainer marks them)
+            times = [r["step_time"] for r in log if r["step"] > a.skip and not r.get("profiled")]
             if not times:
-                print(f"[trainer] {name}: no logged steps after step {a.skip} outside the profiled log interval "
-                      f"(raise --steps)", flush=True)
+                print(f"[trainer] {name}: no logged steps after step {a.skip} outside the profiled ones (raise "
+                      f"--steps)", flush=True)
                 continue
             summary = {} if timed_out else json.loads((out / "summary.json").read_text())
             step_s = statistics.median(times)
