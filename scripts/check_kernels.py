@@ -48,6 +48,11 @@ def check_ops(dev: torch.device, g: torch.Generator) -> None:
             print(f"[check] ln-modulate {n}x{t}x{d} -> {out_dtype}: rel {rel(y.float(), yr.float()):.1e}, E4M3 codes "
                   f"differing {mismatch(y, yr):.1e}; with residual: x' {rel(x2, x2r):.1e}, y "
                   f"{rel(y2.float(), y2r.float()):.1e}, codes differing {mismatch(y2, y2r):.1e}", flush=True)
+        bias = torch.randn(d, device=dev, generator=g)  # o's linear layer's fp32 bias, added here (training)
+        x2, y2 = K.add_layernorm_modulate(x, o, ga, sh, sc, 1e-6, None, torch.bfloat16, bias)
+        x2r, y2r = (v.to(dev) for v in K.add_layernorm_modulate(*cpu, 1e-6, None, torch.bfloat16, bias.cpu()))
+        print(f"[check] add-ln-modulate with o's bias {n}x{t}x{d}: x' {rel(x2, x2r):.1e}, y "
+              f"{rel(y2.float(), y2r.float()):.1e}", flush=True)
         h = (torch.randn(n * t, 4 * d, device=dev, generator=g) * 2).bfloat16()
         y8, y8r = K.gelu_tanh_fp8(h, 30.0), K.gelu_tanh_fp8(h.cpu(), 30.0).to(dev)
         print(f"[check] gelu-fp8 {n * t}x{4 * d}: E4M3 codes differing {mismatch(y8, y8r):.1e}", flush=True)
@@ -162,16 +167,21 @@ def check_backward(dev: torch.device, g: torch.Generator) -> None:
         dxn = torch.randn(n, t, d, device=dev, generator=g) * 0.1
         mod = (torch.randn(n, 6 * d, device=dev, generator=g) * 0.5).bfloat16()
         ga, sh, sc = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
-        want = K.add_layernorm_modulate_backward(*(v.cpu().double() for v in (x, o, ga, sh, sc, dy, dxn)), 1e-6)
-        got = K.add_layernorm_modulate_backward(x, o, ga, sh, sc, dy, dxn, 1e-6)
-        errs = ", ".join(f"{k} {rel(a.cpu(), b):.1e}" for k, a, b in zip(("dx", "do", "dgate", "dshift", "dscale"),
-                                                                           got, want))
+        bias = torch.randn(d, device=dev, generator=g) * 0.1  # the fp32 bias of o's linear layer (training)
+        want = K.add_layernorm_modulate_backward(*(v.cpu().double() for v in (x, o, ga, sh, sc, dy, dxn)), 1e-6,
+                                                 bias.cpu().double())
+        got = K.add_layernorm_modulate_backward(x, o, ga, sh, sc, dy, dxn, 1e-6, bias)
+        errs = ", ".join(f"{k} {rel(a.cpu(), b):.1e}" for k, a, b in zip(("dx", "do", "dgate", "dshift", "dscale",
+                                                                            "dbias"), got, want))
         print(f"[bwd] {n}x{t}x{d} vs float64: {errs}", flush=True)
         gb = x.numel() * (4 + 2 + 2 + 4 + 4 + 2) / 1e9  # x, o, dy, dx_new in; dx, do out
         ms = _ms_per_call(lambda: compiled(x, o, ga, sh, sc, dy, dxn), dev)
         print(f"[bwd] {n}x{t}x{d} inductor: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
         ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6), dev)
         print(f"[bwd] {n}x{t}x{d} triton, default tile: {ms:.3f} ms ({gb / ms:.2f} TB/s)", flush=True)
+        ms = _ms_per_call(lambda: _add_ln_mod_bwd_triton(x, o, ga, sc, dy, dxn, 1e-6, bias), dev)
+        print(f"[bwd] {n}x{t}x{d} triton with the bias gradient, default tile: {ms:.3f} ms ({gb / ms:.2f} TB/s)",
+              flush=True)
         for sub in (1, 2, 4):
             for rpp in (16, 32, 64):
                 for warps in (2, 4, 8):

@@ -51,6 +51,12 @@ def test_layernorm_modulate_and_residual_update_match_the_formulas():
     torch.testing.assert_close(x2, x + gate[:, None] * o, rtol=0, atol=0)
     torch.testing.assert_close(y, _ln_mod_formula(x + gate[:, None] * o, shift, scale, 1e-6), rtol=1e-12, atol=1e-12)
     # the output dtype is the next GEMM's input dtype; the stream keeps its own
+    bias = torch.randn(x.shape[-1], dtype=torch.float64)  # o's linear layer's bias, left out of its GEMM
+    x2, y = add_layernorm_modulate(x, o, gate, shift, scale, 1e-6, None, torch.float64, bias)
+    torch.testing.assert_close(x2, x + gate[:, None] * (o + bias), rtol=0, atol=0)
+    torch.testing.assert_close(y, _ln_mod_formula(x2, shift, scale, 1e-6), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"add_layernorm_modulate: bias must be a dense \(16,\) vector"):
+        add_layernorm_modulate(x, o, gate, shift, scale, 1e-6, None, torch.float64, bias[:8])
     x32 = x.float()
     x2, y = add_layernorm_modulate(x32, o.float(), gate.float(), shift.float(), scale.float(), 1e-6, None,
                                    torch.bfloat16)
@@ -89,12 +95,15 @@ def test_ops_pass_torch_library_opcheck():
     gen = torch.Generator().manual_seed(3)
     x, o, gate, shift, scale = _inputs(gen, dtype=torch.float32)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
-    for args in ((xt, o, gate, shift, scale, 1e-6, 3.0, E4M3), (xt, o, gate, shift, scale, 1e-6, None, torch.float32)):
+    bias = torch.randn(x.shape[-1], generator=gen)
+    for args in ((xt, o, gate, shift, scale, 1e-6, 3.0, E4M3), (xt, o, gate, shift, scale, 1e-6, None, torch.float32),
+                 (xt, o, gate, shift, scale, 1e-6, None, torch.bfloat16, bias)):
         opcheck(add_layernorm_modulate, args)
     opcheck(layernorm_modulate, (xt, shift, scale, 1e-6, None, torch.bfloat16))
     dy = torch.randn(x.shape, generator=gen)
     for dxn in (None, torch.randn(x.shape, generator=gen)):
         opcheck(add_layernorm_modulate_backward, (xt, o, gate, shift, scale, dy, dxn, 1e-6))
+        opcheck(add_layernorm_modulate_backward, (xt, o, gate, shift, scale, dy, dxn, 1e-6, bias))
     opcheck(gelu_tanh_fp8, (torch.randn(4, 32, generator=gen), 2.0))
     opcheck(rowwise_fp8, (torch.randn(6, 48, generator=gen, dtype=torch.bfloat16),))
     opcheck(qkv_grad, tuple(torch.randn(2, 3, 5, 8, generator=gen) for _ in range(3)))
@@ -128,7 +137,8 @@ def test_deferred_residual_blocks_equal_the_plain_forward_in_float64(text):
         got, pending = h, None
         for block in m.blocks:
             got, pending = block.forward_fused(got, c, pending, torch.float64, ctx, mask)
-        o, gate = pending
+        o, gate, bias = pending
+        assert bias is None  # not training: no bias left out of a GEMM
         got = got + gate.unsqueeze(1) * o
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -137,16 +147,29 @@ def test_layernorm_ops_gradients_pass_gradcheck_in_float64():
     x, o, gate, shift, scale = (v.clone().requires_grad_() for v in _inputs(torch.Generator().manual_seed(6)))
     assert torch.autograd.gradcheck(
         lambda *a: add_layernorm_modulate(*a, 1e-6, None, torch.float64), (x, o, gate, shift, scale))
+    bias = torch.randn(x.shape[-1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda b, *a: add_layernorm_modulate(*a, 1e-6, None, torch.float64, b), (bias, x, o, gate, shift, scale))
     assert torch.autograd.gradcheck(lambda *a: layernorm_modulate(*a, 1e-6, None, torch.float64), (x, shift, scale))
     with pytest.raises(RuntimeError, match="E4M3 output has no gradient"):
         layernorm_modulate(x.float(), shift.float(), scale.float(), 1e-6, 2.0, E4M3).float().sum().backward()
 
 
 @pytest.mark.parametrize("text", [False, True])
-def test_fused_training_forward_gives_the_plain_models_gradients(text):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_fused_training_forward_gives_the_plain_models_gradients(text, kernels, monkeypatch):
     """DiT.fused_training runs forward_fused with autograd: loss and every parameter gradient equal the plain
-    forward's (float64; the ops' backward formulas against autograd through nn.LayerNorm)."""
+    forward's (float64; the ops' backward formulas against autograd through nn.LayerNorm). With the attention and
+    MLP kernels on, the attention's and the MLP's output biases leave their GEMMs for the residual updates
+    (``forward_split_bias``): their gradients then come from add_layernorm_modulate's backward."""
     m = (_randomised(context_dim=8, num_classes=0) if text else _randomised()).double().train()
+    biases = []
+    if kernels:
+        m.set_fused_attention(True)
+        m.set_mlp_epilogues(True)
+        import dit.models.dit as D
+        real = D.add_layernorm_modulate
+        monkeypatch.setattr(D, "add_layernorm_modulate", lambda *a: (biases.append(a[-1] is not None), real(*a))[1])
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (3,), generator=gen)
@@ -162,36 +185,55 @@ def test_fused_training_forward_gives_the_plain_models_gradients(text):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-12, msg=k)
+    # the attention's bias in every block (into the update before norm2, or before the cross-attention's LayerNorm);
+    # the MLP's in every block but the last, whose update goes to the final layer
+    assert sum(biases) == (2 * len(m.blocks) - 1 if kernels else 0)
 
 
 def test_backward_kernel_matches_the_formulas_in_the_triton_interpreter():
     """The Triton backward of add_layernorm_modulate (one pass, per-program column partial sums), run by Triton's
     CPU interpreter (TRITON_INTERPRET=1, so in a subprocess) against the float64 reference formulas: DiT-S's width
     (4 rows per step), an odd width and token count (masking, a partial last program), stride-0 (text) modulation
-    rows, with and without a residual gradient; and through the op with fp32 inputs, whose outputs must not alias."""
+    rows, with and without a residual gradient, with and without a bias of o (and the forward kernel with it); and
+    through the op with fp32 inputs, whose outputs must not alias."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from dit.models import kernels as K
         g = torch.Generator().manual_seed(0)
-        for n, t, d, stride0, with_dxn in [(2, 37, 72, False, True), (3, 20, 384, True, False), (1, 16, 40, False, True)]:
+        cases = [(2, 37, 72, False, True, True), (3, 20, 384, True, False, False), (1, 16, 40, False, True, False),
+                 (3, 9, 48, False, False, True)]
+        for n, t, d, stride0, with_dxn, with_bias in cases:
             x = torch.randn(n, t, d, generator=g) * 2 + 0.5
             o, dy = torch.randn(n, t, d, generator=g), torch.randn(n, t, d, generator=g)
             dxn = torch.randn(n, t, d, generator=g) if with_dxn else None
             mod = torch.randn(n, 3 * d, generator=g)
             gate, shift, scale = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:]
+            bias = torch.randn(d, generator=g) * 3 if with_bias else None  # large: a dgate without it is far off
             if stride0:
                 shift, scale = shift[0].expand(n, d), scale[0].expand(n, d)
-            got = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, rows_per_program=6)  # not a whole step
+            got = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, bias,
+                                           rows_per_program=6)  # not a whole step
             want = K.add_layernorm_modulate_backward(*(v.double() for v in (x, o, gate, shift, scale, dy)),
-                                                     dxn.double() if with_dxn else None, 1e-6)
-            for name, a, b in zip(("dx", "do", "dgate", "dshift", "dscale"), got, want):
+                                                     dxn.double() if with_dxn else None, 1e-6,
+                                                     bias.double() if with_bias else None)
+            assert (got[5] is None) == (not with_bias) and want[5].numel() == (d if with_bias else 0)
+            for name, a, b in zip(("dx", "do", "dgate", "dshift", "dscale", "dbias"), got, want):
+                if a is None:
+                    continue
+                err = ((a.double() - b).abs().max() / b.abs().max()).item()
+                assert err < 1e-5, (n, t, d, name, err)
+            # the forward kernel, with the same bias
+            got = K._ln_mod_cuda(x, o, gate, shift, scale, 1e-6, None, torch.float32, bias)
+            want = K.add_layernorm_modulate(*(v.double() for v in (x, o, gate, shift, scale)), 1e-6, None,
+                                            torch.float64, bias.double() if with_bias else None)
+            for name, a, b in zip(("x'", "y"), got, want):
                 err = ((a.double() - b).abs().max() / b.abs().max()).item()
                 assert err < 1e-5, (n, t, d, name, err)
         # through the op with fp32 inputs (training without autocast): torch checks that no output aliases another
         K._use_triton = lambda x: True
-        outs = K.add_layernorm_modulate_backward(x, o, gate, shift, scale, dy, None, 1e-6)
-        assert len({v.untyped_storage().data_ptr() for v in outs}) == 5
+        outs = K.add_layernorm_modulate_backward(x, o, gate, shift, scale, dy, None, 1e-6, bias)
+        assert len({v.untyped_storage().data_ptr() for v in outs}) == 6
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))

@@ -71,16 +71,17 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
     _, qkv = kernels._triton_qkv()
     _, adamw_ema = optim._kernel()
     fp32, bf16 = "*fp32", "*bf16"
-    ln = dict(x_ptr=fp32, o_ptr=bf16, gate_ptr=bf16, shift_ptr=bf16, scale_ptr=bf16, xout_ptr=fp32, y_ptr=bf16,
-              eps="fp32", out_scale="fp32")
-    bw = dict(x_ptr=fp32, o_ptr=bf16, dy_ptr=bf16, dxn_ptr=fp32, gate_ptr=bf16, scale_ptr=bf16, dx_ptr=fp32,
-              do_ptr=bf16, part_ptr=fp32, eps="fp32")
+    ln = dict(x_ptr=fp32, o_ptr=bf16, gate_ptr=bf16, bias_ptr=fp32, shift_ptr=bf16, scale_ptr=bf16, xout_ptr=fp32,
+              y_ptr=bf16, eps="fp32", out_scale="fp32")
+    bw = dict(x_ptr=fp32, o_ptr=bf16, dy_ptr=bf16, dxn_ptr=fp32, gate_ptr=bf16, bias_ptr=fp32, scale_ptr=bf16,
+              dx_ptr=fp32, do_ptr=bf16, part_ptr=fp32, eps="fp32")
     for block_d, sub, rpp, warps in ((512, 2, 64, 8), (2048, 1, 32, 4)):  # DiT-S (384 channels), DiT-XL (1,152)
-        for has_res in (False, True):
-            _compile(ln_modulate, ln, dict(HAS_RES=has_res, OUT_FP8=False, BLOCK_D=block_d, ROWS=4), target)
-        for has_dxn in (False, True):
-            _compile(bwd, bw, dict(HAS_DXN=has_dxn, BLOCK_D=block_d, SUB=sub, RPP=rpp, STAGES=3), target,
-                     num_warps=warps)
+        for has_res, has_bias in ((False, False), (True, False), (True, True)):
+            _compile(ln_modulate, ln, dict(HAS_RES=has_res, HAS_BIAS=has_bias, OUT_FP8=False, BLOCK_D=block_d,
+                                           ROWS=4), target)
+        for has_dxn, has_bias in itertools.product((False, True), repeat=2):
+            _compile(bwd, bw, dict(HAS_DXN=has_dxn, HAS_BIAS=has_bias, BLOCK_D=block_d, SUB=sub, RPP=rpp, STAGES=3),
+                     target, num_warps=warps)
     _compile(qkv, dict(src_ptr=bf16, out_ptr=bf16, part_ptr=fp32), dict(ROWS=256, BLOCK_M=64, BLOCK_C=64), target)
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
                grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32")
@@ -118,7 +119,7 @@ def test_fp8_kernels_compile_for_hopper():
     _, rowwise = kernels._triton_rowwise()
     fp8 = "*fp8e4nv"
     _compile(gelu_fp8, dict(h_ptr="*bf16", y_ptr=fp8, out_scale="fp32"), dict(BLOCK=1024), _HOPPER)
-    ln = dict(x_ptr="*fp32", o_ptr="*bf16", gate_ptr="*bf16", shift_ptr="*bf16", scale_ptr="*bf16",
+    ln = dict(x_ptr="*fp32", o_ptr="*bf16", gate_ptr="*bf16", bias_ptr="*fp32", shift_ptr="*bf16", scale_ptr="*bf16",
               xout_ptr="*fp32", y_ptr=fp8, eps="fp32", out_scale="fp32")
-    _compile(ln_modulate, ln, dict(HAS_RES=True, OUT_FP8=True, BLOCK_D=2048, ROWS=4), _HOPPER)
+    _compile(ln_modulate, ln, dict(HAS_RES=True, HAS_BIAS=False, OUT_FP8=True, BLOCK_D=2048, ROWS=4), _HOPPER)
     _compile(rowwise, dict(x_ptr="*bf16", y_ptr=fp8, inv_ptr="*fp32"), dict(ROWS=4, BLOCK_N=2048), _HOPPER)

@@ -364,7 +364,7 @@ class _FusedMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str):
-        """x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) in any dtype (master
+        """x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None in any dtype (master
         weights); w1_c, w2_c: the weights in x's dtype, or None to cast them here; backend: the GEMMs'
         (``quack_gemm.BACKENDS``) -> (M, C)."""
         w1c = w1.to(x.dtype) if w1_c is None else w1_c
@@ -375,8 +375,8 @@ class _FusedMlp(torch.autograd.Function):
         else:
             g, h = gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
             ctx.save_for_backward(x, w1c, w2c, g, h)
-        ctx.dtypes, ctx.backend = (w1.dtype, b1.dtype, w2.dtype, b2.dtype), backend
-        return quack_gemm.linear(g, w2c, b2.to(x.dtype), backend)  # (M, C)
+        ctx.dtypes, ctx.backend = (w1.dtype, b1.dtype, w2.dtype, None if b2 is None else b2.dtype), backend
+        return quack_gemm.linear(g, w2c, None if b2 is None else b2.to(x.dtype), backend)  # (M, C)
 
     @staticmethod
     def backward(ctx, dy):
@@ -389,20 +389,20 @@ class _FusedMlp(torch.autograd.Function):
             x, w1, w2, g, h = ctx.saved_tensors
             dh = gemm_dgelu(dy, w2, h)  # (M, F)
         dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
-        db2 = dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
+        db2 = None if b2_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
         db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw1 = weight_grad(dh, x, w1_dtype)  # (F, C)
         dx = quack_gemm.mm(dh, w1, ctx.backend)  # (M, C)
         return dx, dw1, db1, dw2, db2, None, None, None
 
 
-def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None,
               w1_c: torch.Tensor | None = None, w2_c: torch.Tensor | None = None,
               backend: str = "cublas") -> torch.Tensor:
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU and its backward in GEMM epilogues (module docstring).
 
-    x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) in their own dtype (fp32 master
-    weights: cast here, gradients returned in it); ``w1_c``, ``w2_c``: the weights already in x's dtype (copies the
+    x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None (left to the caller) in
+    their own dtype (fp32 master weights: cast here, gradients returned in it); ``w1_c``, ``w2_c``: the weights already in x's dtype (copies the
     optimizer keeps, ``DiT.set_compute_weights``), used instead of casts -> (M, C). Differentiable in x and the
     parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs and the forward and input-gradient GEMMs
     on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients still on cuBLAS.

@@ -64,6 +64,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels-last input makes the conv write (N, h, w, D) in memory, so the tokens below are a dense
+        # (N, T, D) view: no transposing copy of the stream in either pass (an NCHW conv output cost three copies of
+        # the whole stream per DiT-XL/2 training step, 0.4 ms; docs/benchmarks.md, run 28).
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, h*w, D)
 
 
@@ -117,17 +121,19 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        pending: tuple[torch.Tensor, torch.Tensor] | None,
+        pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
         dtype: torch.dtype,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``forward`` with each residual update fused into the LayerNorm kernel that follows it
         (``dit.models.kernels``); the block's last update is left pending for the next block's first LayerNorm.
+        The attention's and the MLP's output biases go into those updates too (``forward_split_bias``), so their
+        gradients come from the LayerNorm kernels' backward pass.
 
-        x: (N, T, D) stream before ``pending`` = (o (N, T, D), gate (N, D)) is added (None: nothing pending);
-        c: (N, D); dtype: the GEMMs' input dtype (the autocast dtype); context, context_mask: as ``forward``
-        -> (x, pending of this block).
+        x: (N, T, D) stream before ``pending`` = (o (N, T, D), gate (N, D), bias (D,) or None) is added as
+        ``x + gate * (o + bias)`` (None: nothing pending); c: (N, D); dtype: the GEMMs' input dtype (the autocast
+        dtype); context, context_mask: as ``forward`` -> (x, pending of this block).
         """
         if torch.is_grad_enabled() and type(self.adaLN_modulation[1]) is nn.Linear:  # gradients in fp32 directly
             mod = master_linear(self.adaLN_modulation[0](c), self.adaLN_modulation[1], dtype)  # (N, 6D)
@@ -139,18 +145,20 @@ class DiTBlock(nn.Module):
         if pending is None:
             a = layernorm_modulate(x, shift_msa, scale_msa, self.norm1.eps, scale, out)  # (N, T, D)
         else:
-            x, a = add_layernorm_modulate(x, *pending, shift_msa, scale_msa, self.norm1.eps, scale, out)
-        o = self.attn(a)  # (N, T, D)
+            o, gate, bias = pending
+            x, a = add_layernorm_modulate(x, o, gate, shift_msa, scale_msa, self.norm1.eps, scale, out, bias)
+        o, bias = self.attn.forward_split_bias(a)  # (N, T, D), (D,) or None
         if self.cross_attn is not None:
             # norm_ca's affine LayerNorm is the modulation with shift = bias, scale = weight - 1, shared by all images
             n, d = c.shape
             w, b = self.norm_ca.weight.expand(n, d), self.norm_ca.bias.expand(n, d)
-            x, a = add_layernorm_modulate(x, o, gate_msa, b, w - 1, self.norm_ca.eps, None, dtype)
-            o = self.cross_attn(a, context, context_mask)  # (N, T, D)
+            x, a = add_layernorm_modulate(x, o, gate_msa, b, w - 1, self.norm_ca.eps, None, dtype, bias)
+            o, bias = self.cross_attn(a, context, context_mask), None  # (N, T, D)
             gate_msa = torch.ones_like(b)  # the cross-attention output is added ungated
         scale, out = _gemm_input(self.mlp.fc1, rows, dtype)
-        x, a = add_layernorm_modulate(x, o, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, scale, out)
-        return x, (self.mlp(a), gate_mlp)
+        x, a = add_layernorm_modulate(x, o, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, scale, out, bias)
+        o, bias = self.mlp.forward_split_bias(a)  # (N, T, D), (D,) or None
+        return x, (o, gate_mlp, bias)
 
 
 def _gemm_input(layer: nn.Module, rows: int, dtype: torch.dtype) -> tuple[float | None, torch.dtype]:
@@ -476,8 +484,9 @@ class DiT(nn.Module):
             pending = None
             dtype = compute_dtype(h.device, h.dtype)
             for block in self.blocks:
-                h, pending = block.forward_fused(h, c, pending, dtype, ctx, mask)  # (N, T, D), ((N, T, D), (N, D))
-            o, gate = pending
+                h, pending = block.forward_fused(h, c, pending, dtype, ctx, mask)  # (N, T, D), (o, gate, bias)
+            o, gate, bias = pending
+            o = o if bias is None else o + bias  # (N, T, D)
             return self.unpatchify(self.final_layer(h + gate.unsqueeze(1) * o, c))  # (N, C_out, H, W)
         for block in self.blocks:
             if use_ckpt:

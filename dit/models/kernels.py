@@ -117,10 +117,10 @@ def _triton():
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
-    def triton_dit_ln_modulate(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, xout_ptr, y_ptr,
+    def triton_dit_ln_modulate(x_ptr, o_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, xout_ptr, y_ptr,
                                rows_total, T, D, gate_stride, shift_stride, scale_stride, eps, out_scale,
-                               HAS_RES: tl.constexpr, OUT_FP8: tl.constexpr, BLOCK_D: tl.constexpr,
-                               ROWS: tl.constexpr):
+                               HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FP8: tl.constexpr,
+                               BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) token rows of the (N*T, D) stream
         cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         m = (rows < rows_total)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
@@ -130,6 +130,8 @@ def _triton():
         if HAS_RES:
             o = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
             g = tl.load(gate_ptr + img * gate_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:  # the bias of o's linear layer, left out of its GEMM (its gradient comes from our backward)
+                o = o + tl.load(bias_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
             x = x + g * o
             tl.store(xout_ptr + offs, x.to(xout_ptr.dtype.element_ty), mask=m)
         mean = tl.sum(x, axis=1) / D  # (ROWS,)
@@ -198,7 +200,7 @@ def _(x):
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
+def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype, bias=None):
     triton, _, kernel = _triton()
     n, t, d = x.shape
     for v in (shift, scale) + (() if o is None else (gate,)):
@@ -206,6 +208,7 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
             name = "layernorm_modulate: shift/scale" if o is None else "add_layernorm_modulate: shift/scale/gate"
             raise ValueError(f"{name} must be ({n}, {d}) with unit column stride, got shape {tuple(v.shape)}, "
                              f"strides {v.stride()}")
+    _check_bias("add_layernorm_modulate", bias, d)
     x = x.contiguous()
     xout = torch.empty_like(x) if o is not None else None
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -213,10 +216,11 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype):
     rows = max(1, 2048 // block_d)  # ~2k values per program: one row of DiT-XL (1,152 -> 2,048 lanes), 4 of DiT-S
     has_res = o is not None
     kernel[(triton.cdiv(n * t, rows),)](
-        x, o.contiguous() if has_res else x, gate if has_res else shift, shift, scale, xout if has_res else x, y,
-        n * t, t, d, gate.stride(0) if has_res else 0, shift.stride(0), scale.stride(0), eps,
-        1.0 if out_scale is None else out_scale,
-        HAS_RES=has_res, OUT_FP8=out_dtype == E4M3, BLOCK_D=block_d, ROWS=rows, num_warps=2 if rows == 1 else 4)
+        x, o.contiguous() if has_res else x, gate if has_res else shift, shift if bias is None else bias, shift,
+        scale, xout if has_res else x, y, n * t, t, d, gate.stride(0) if has_res else 0, shift.stride(0),
+        scale.stride(0), eps, 1.0 if out_scale is None else out_scale,
+        HAS_RES=has_res, HAS_BIAS=bias is not None, OUT_FP8=out_dtype == E4M3, BLOCK_D=block_d, ROWS=rows,
+        num_warps=2 if rows == 1 else 4)
     return xout, y
 
 
@@ -238,24 +242,36 @@ def _(x, shift, scale, eps, out_scale, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+def _check_bias(name: str, bias: torch.Tensor | None, d: int) -> None:
+    if bias is not None and (bias.shape != (d,) or bias.stride(0) != 1):
+        raise ValueError(f"{name}: bias must be a dense ({d},) vector, got shape {tuple(bias.shape)}, "
+                         f"strides {bias.stride()}")
+
+
 @torch.library.custom_op("dit::add_layernorm_modulate", mutates_args=())
 def add_layernorm_modulate(x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                            scale: torch.Tensor, eps: float, out_scale: float | None,
-                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual update ``x' = x + gate * o`` (in ``x``'s dtype), then ``layernorm_modulate(x')``.
+                           out_dtype: torch.dtype, bias: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual update ``x' = x + gate * (o + bias)`` (in ``x``'s dtype; no bias: ``x + gate * o``), then
+    ``layernorm_modulate(x')``.
 
-    x, o: (N, T, D); gate, shift, scale: (N, D) -> (x' (N, T, D), y (N, T, D) in ``out_dtype``).
+    x, o: (N, T, D); gate, shift, scale: (N, D); bias: (D,), the bias of the linear layer that made o, left out of
+    its GEMM so that its gradient comes from this op's backward pass over the rows instead of another pass over the
+    GEMM's output gradient -> (x' (N, T, D), y (N, T, D) in ``out_dtype``).
     """
     _check_out("add_layernorm_modulate", out_scale, out_dtype)
     if _use_triton(x):
-        return _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype)
+        return _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype, bias)
+    _check_bias("add_layernorm_modulate", bias, x.shape[-1])
     acc = _acc(x)
-    x = (x.to(acc) + gate.to(acc).unsqueeze(1) * o.to(acc)).to(x.dtype).contiguous()
+    o = o.to(acc) if bias is None else o.to(acc) + bias.to(acc)
+    x = (x.to(acc) + gate.to(acc).unsqueeze(1) * o).to(x.dtype).contiguous()
     return x, _ln_modulate_ref(x, shift, scale, eps, out_scale, out_dtype)
 
 
 @add_layernorm_modulate.register_fake
-def _(x, o, gate, shift, scale, eps, out_scale, out_dtype):
+def _(x, o, gate, shift, scale, eps, out_scale, out_dtype, bias=None):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)  # both contiguous, as the kernel writes them
 
 
@@ -330,10 +346,10 @@ def _triton_bwd():
     import triton.language as tl
 
     @triton.jit
-    def triton_dit_add_ln_modulate_bwd(x_ptr, o_ptr, dy_ptr, dxn_ptr, gate_ptr, scale_ptr, dx_ptr, do_ptr, part_ptr,
-                                       T, D, NB, plane, gate_stride, scale_stride, eps,
-                                       HAS_DXN: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
-                                       RPP: tl.constexpr, STAGES: tl.constexpr):
+    def triton_dit_add_ln_modulate_bwd(x_ptr, o_ptr, dy_ptr, dxn_ptr, gate_ptr, bias_ptr, scale_ptr, dx_ptr, do_ptr,
+                                       part_ptr, T, D, NB, plane, gate_stride, scale_stride, eps,
+                                       HAS_DXN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                                       SUB: tl.constexpr, RPP: tl.constexpr, STAGES: tl.constexpr):
         # One program: RPP consecutive tokens of image n, SUB rows at a time, whole rows in registers.
         n = tl.program_id(0)
         b = tl.program_id(1)
@@ -341,10 +357,13 @@ def _triton_bwd():
         cmask = cols < D
         sc1 = 1.0 + tl.load(scale_ptr + n * scale_stride + cols, mask=cmask, other=0.0).to(tl.float32)
         g = tl.load(gate_ptr + n * gate_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         # Column sums over this program's tokens, kept per row slot and reduced once at the end.
         acc_shift = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
         acc_scale = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
         acc_gate = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)
+        acc_bias = tl.zeros((SUB, BLOCK_D), dtype=tl.float32)  # the bias's gradient: do's column sums
         # Every load of a step comes first, and the loop is software-pipelined (STAGES): the next rows are in flight
         # while this step's reductions run. With o loaded after dx's store, each step waited for memory twice:
         # 1.6 TB/s at DiT-XL/2's shape against 2.4 (docs/benchmarks.md, run 14).
@@ -366,20 +385,28 @@ def _triton_bwd():
             dx = rstd[:, None] * (gh - (tl.sum(gh, axis=1) / D)[:, None]
                                   - xhat * (tl.sum(gh * xhat, axis=1) / D)[:, None]) + dxn
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-            acc_gate += dx * o
-            tl.store(do_ptr + offs, (dx * g[None, :]).to(do_ptr.dtype.element_ty), mask=m)
-        base = (n * NB + b).to(tl.int64) * D + cols  # partial sums: (3, N, NB, D); plane = N * NB * D
+            do = dx * g[None, :]
+            tl.store(do_ptr + offs, do.to(do_ptr.dtype.element_ty), mask=m)
+            if HAS_BIAS:
+                acc_gate += dx * (o + bias[None, :])
+                acc_bias += do
+            else:
+                acc_gate += dx * o
+        base = (n * NB + b).to(tl.int64) * D + cols  # partial sums: (3 or 4, N, NB, D); plane = N * NB * D
         tl.store(part_ptr + base, tl.sum(acc_shift, axis=0), mask=cmask)
         tl.store(part_ptr + plane + base, tl.sum(acc_scale, axis=0), mask=cmask)
         tl.store(part_ptr + 2 * plane + base, tl.sum(acc_gate, axis=0), mask=cmask)
+        if HAS_BIAS:
+            tl.store(part_ptr + 3 * plane + base, tl.sum(acc_bias, axis=0), mask=cmask)
 
     return triton, triton_dit_add_ln_modulate_bwd
 
 
-def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_program: int | None = None,
+def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, rows_per_program: int | None = None,
                            num_warps: int | None = None, sub: int | None = None, stages: int = 3):
     """Triton backward of ``add_layernorm_modulate``: one pass over the rows, column sums as per-program partials.
-    -> (dx, do, dgate, dshift, dscale); dgate/dshift/dscale fp32 (N, D).
+    -> (dx, do, dgate, dshift, dscale, dbias); dgate/dshift/dscale fp32 (N, D), dbias fp32 (D,) (None without a
+    bias).
 
     Defaults from a sweep on an H100 (docs/benchmarks.md, run 14; ``scripts/check_kernels.py --parts backward``):
     DiT-XL's 1,152 channels one row per step, 32 tokens per program, 4 warps (0.140 ms at batch 64,
@@ -397,63 +424,68 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, rows_per_prog
     nb = triton.cdiv(t, rpp)
     dx = torch.empty_like(x_new)
     do = torch.empty_like(o)
-    part = torch.empty(3, n, nb, d, dtype=torch.float32, device=x_new.device)
-    kernel[(n, nb)](x_new, o, dy, dx_new if dx_new is not None else x_new, gate, scale, dx, do, part,
-                    t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
-                    HAS_DXN=dx_new is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp, STAGES=stages,
-                    num_warps=num_warps)
-    dshift, dscale, dgate = part.sum(2)  # (N, D) each: views of one tensor (the op returns copies)
-    return dx, do, dgate, dshift, dscale
+    part = torch.empty(3 if bias is None else 4, n, nb, d, dtype=torch.float32, device=x_new.device)
+    kernel[(n, nb)](x_new, o, dy, dx_new if dx_new is not None else x_new, gate, gate if bias is None else bias,
+                    scale, dx, do, part, t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
+                    HAS_DXN=dx_new is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp,
+                    STAGES=stages, num_warps=num_warps)
+    sums = part.sum(2)  # (3 or 4, N, D): views of one tensor (the op returns copies)
+    return dx, do, sums[2], sums[0], sums[1], (sums[3].sum(0) if bias is not None else None)
 
 
 @torch.library.custom_op("dit::add_layernorm_modulate_backward", mutates_args=())
 def add_layernorm_modulate_backward(x_new: torch.Tensor, o: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                     scale: torch.Tensor, dy: torch.Tensor, dx_new: torch.Tensor | None,
-                                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor]:
+                                    eps: float, bias: torch.Tensor | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
     """Gradients of ``add_layernorm_modulate`` from its saved ``x_new`` (the updated stream): dy (N, T, D) and
     dx_new (N, T, D) or None -> (dx (N, T, D) in x_new's dtype, do (N, T, D) in o's dtype, dgate, dshift, dscale
-    (N, D) in their inputs' dtypes)."""
+    (N, D) in their inputs' dtypes, dbias (D,) in bias's dtype: do's column sums; (0,) without a bias)."""
     for v, name in ((gate, "gate"), (scale, "scale")):
         if v.shape != (x_new.shape[0], x_new.shape[2]) or v.stride(1) != 1:
             raise ValueError(f"add_layernorm_modulate_backward: {name} must be (N, D) with unit column stride, got "
                              f"shape {tuple(v.shape)}, strides {v.stride()}")
+    _check_bias("add_layernorm_modulate_backward", bias, x_new.shape[2])
     if _use_triton(x_new):
-        dx, do, dgate, dshift, dscale = _add_ln_mod_bwd_triton(
+        dx, do, dgate, dshift, dscale, dbias = _add_ln_mod_bwd_triton(
             x_new.contiguous(), o.contiguous(), gate, scale, dy.contiguous(),
-            dx_new.contiguous() if dx_new is not None else None, eps)
+            dx_new.contiguous() if dx_new is not None else None, eps, bias)
     else:
         dx, dshift, dscale = _ln_modulate_backward(x_new, shift, scale, eps, dy)
         if dx_new is not None:  # x' also continues along the residual stream
             dx = dx + dx_new.to(dx.dtype)
         acc = dx.dtype
         do = dx * gate.to(acc).unsqueeze(1)  # (N, T, D)
-        dgate = (dx * o.to(acc)).sum(1)  # (N, D)
+        dgate = (dx * (o.to(acc) if bias is None else o.to(acc) + bias.to(acc))).sum(1)  # (N, D)
+        dbias = None if bias is None else do.sum((0, 1))  # (D,)
     # copy=True: the column sums may be views of one tensor, and a custom op's outputs must not alias each other
     # (with fp32 gates a plain .to would return them as they are)
     return (dx.to(x_new.dtype).contiguous(), do.to(o.dtype).contiguous(), dgate.to(gate.dtype, copy=True),
-            dshift.to(shift.dtype, copy=True), dscale.to(scale.dtype, copy=True))
+            dshift.to(shift.dtype, copy=True), dscale.to(scale.dtype, copy=True),
+            gate.new_empty(0) if bias is None else dbias.to(bias.dtype, copy=True))
 
 
 @add_layernorm_modulate_backward.register_fake
-def _(x_new, o, gate, shift, scale, dy, dx_new, eps):
+def _(x_new, o, gate, shift, scale, dy, dx_new, eps, bias=None):
     n, _, d = x_new.shape
     return (x_new.new_empty(x_new.shape), o.new_empty(o.shape), gate.new_empty(n, d), shift.new_empty(n, d),
-            scale.new_empty(n, d))
+            scale.new_empty(n, d), gate.new_empty(0) if bias is None else bias.new_empty(d))
 
 
 def _add_ln_mod_setup(ctx, inputs, output):
-    x, o, gate, shift, scale, eps, out_scale, out_dtype = inputs
-    ctx.save_for_backward(output[0], o, gate, shift, scale)  # x' = x + gate * o: LayerNorm's input
+    x, o, gate, shift, scale, eps, out_scale, out_dtype, bias = inputs
+    ctx.save_for_backward(output[0], o, gate, shift, scale, bias)  # x' = x + gate * (o + bias): LayerNorm's input
     ctx.eps, ctx.out_dtype = eps, out_dtype
 
 
 def _add_ln_mod_bwd(ctx, dx_new, dy):
     _check_differentiable("add_layernorm_modulate", ctx.out_dtype)
-    x_new, o, gate, shift, scale = ctx.saved_tensors
+    x_new, o, gate, shift, scale, bias = ctx.saved_tensors
     # dx in x_new's dtype, which is x's (the residual update keeps the stream's dtype)
-    dx, do, dgate, dshift, dscale = add_layernorm_modulate_backward(x_new, o, gate, shift, scale, dy, dx_new, ctx.eps)
-    return dx, do, dgate, dshift, dscale, None, None, None
+    dx, do, dgate, dshift, dscale, dbias = add_layernorm_modulate_backward(x_new, o, gate, shift, scale, dy, dx_new,
+                                                                           ctx.eps, bias)
+    return dx, do, dgate, dshift, dscale, None, None, None, (None if bias is None else dbias)
 
 
 add_layernorm_modulate.register_autograd(_add_ln_mod_bwd, setup_context=_add_ln_mod_setup)

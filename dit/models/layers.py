@@ -198,13 +198,15 @@ class _MasterLinear(torch.autograd.Function):
         return quack_gemm.mm(dy, wc, ctx.backend), weight_grad(dy, x, w_dtype), db, None, None
 
 
-def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, backend: str = "cublas") -> torch.Tensor:
+def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, backend: str = "cublas",
+                  bias: bool = True) -> torch.Tensor:
     """``linear(x)`` computed in ``dtype`` (the autocast dtype), for training: x (..., K) -> (..., N) in ``dtype``.
 
     Same values as autocast's ``F.linear``; the weight and bias gradients are written in the parameters' dtype by
     the GEMM itself instead of cast from ``dtype`` afterwards, and the weight's cast is the optimizer's copy where
-    it keeps one (``compute_weight``). ``backend``: the forward and input-gradient GEMMs' (``quack_gemm``)."""
-    y = _MasterLinear.apply(x.reshape(-1, x.shape[-1]).to(dtype), linear.weight, linear.bias,
+    it keeps one (``compute_weight``). ``backend``: the forward and input-gradient GEMMs' (``quack_gemm``).
+    ``bias=False`` leaves ``linear.bias`` out (the caller adds it, and its gradient comes from there)."""
+    y = _MasterLinear.apply(x.reshape(-1, x.shape[-1]).to(dtype), linear.weight, linear.bias if bias else None,
                             compute_weight(linear, dtype), backend)
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -232,14 +234,32 @@ class Attention(nn.Module):
         self.fused_attention = False
         self.gemm_backend = "cublas"
 
+    def _fused_path(self, x: torch.Tensor) -> bool:
+        return (self.fused_attention and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
+                and self.qkv.bias is not None and fused_attention_supported(self.head_dim))
+
+    def _fused_attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
+        out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
+                            compute_weight(self.qkv, dtype), self.gemm_backend)  # (N, T, D)
+        return out, dtype
+
+    def forward_split_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` with the output projection's bias left for the caller to add: x (N, T, D) -> (y (N, T, D),
+        bias (D,)), ``y + bias`` = ``forward(x)``; bias None where it is already in y (off the fused path).
+
+        The caller adds the bias in the kernel that consumes y (``kernels.add_layernorm_modulate``), whose backward
+        gives its gradient from the pass it makes anyway: one pass fewer over the (N*T, D) output gradient."""
+        if self._fused_path(x) and type(self.proj) is nn.Linear and self.proj.bias is not None:
+            out, dtype = self._fused_attend(x)
+            return master_linear(out, self.proj, dtype, self.gemm_backend, bias=False), self.proj.bias
+        return self(x), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D) -> (N, T, D)."""
         n, t, d = x.shape
-        if (self.fused_attention and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
-                and self.qkv.bias is not None and fused_attention_supported(self.head_dim)):
-            dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
-            out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
-                                compute_weight(self.qkv, dtype), self.gemm_backend)  # (N, T, D)
+        if self._fused_path(x):
+            out, dtype = self._fused_attend(x)
             if type(self.proj) is nn.Linear:
                 return master_linear(out, self.proj, dtype, self.gemm_backend)
             return self.proj(out)
@@ -339,6 +359,28 @@ class Mlp(nn.Module):
         self.gemm_epilogues = False
         self.gemm_backend = "cublas"
 
+    def _epilogue_path(self, x: torch.Tensor) -> tuple[bool, torch.dtype]:
+        """(whether training runs through ``fused_mlp``, the compute dtype)."""
+        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
+        dtype = compute_dtype(x.device, self.fc1.weight.dtype)  # autocast does not reach the custom ops
+        # on CUDA only in the dtypes cuBLASLt's epilogues take (fp32 training keeps the plain path)
+        epilogue_dtype = dtype in (torch.bfloat16, torch.float16) or not x.is_cuda
+        return self.gemm_epilogues and torch.is_grad_enabled() and plain and epilogue_dtype, dtype
+
+    def _fused(self, x: torch.Tensor, dtype: torch.dtype, with_b2: bool) -> torch.Tensor:
+        y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                      self.fc2.bias if with_b2 else None, compute_weight(self.fc1, dtype),
+                      compute_weight(self.fc2, dtype), self.gemm_backend)  # (M, D)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
+
+    def forward_split_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` with fc2's bias left for the caller to add (as ``Attention.forward_split_bias``): x (..., D)
+        -> (y (..., D), bias (D,) or None where it is already in y)."""
+        fused, dtype = self._epilogue_path(x)
+        if fused and x.dtype != E4M3 and self.fc2.bias is not None:
+            return self._fused(x, dtype, with_b2=False), self.fc2.bias
+        return self(x), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D); an E4M3 ``x`` is already cast for a static-scale FP8 fc1 (DiT fused inference)."""
         if x.dtype == E4M3:
@@ -349,15 +391,9 @@ class Mlp(nn.Module):
             # the GELU and fc2's input cast in one kernel: the 4x-wide activation is read once, written in 1 byte
             return self.fc2.forward_float8(gelu_tanh_fp8(h, self.fc2.input_scale), dtype)  # (..., D)
         # (an FP8 fc1, dit.models.fp8.Float8Linear, keeps its own GEMM)
-        plain = type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear
-        dtype = compute_dtype(x.device, self.fc1.weight.dtype)  # autocast does not reach the custom ops
-        # on CUDA only in the dtypes cuBLASLt's epilogues take (fp32 training keeps the plain path)
-        epilogue_dtype = dtype in (torch.bfloat16, torch.float16) or not x.is_cuda
-        if self.gemm_epilogues and torch.is_grad_enabled() and plain and epilogue_dtype:
-            y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                          self.fc2.bias, compute_weight(self.fc1, dtype), compute_weight(self.fc2, dtype),
-                          self.gemm_backend)  # (M, D)
-            return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
+        fused, dtype = self._epilogue_path(x)
+        if fused:
+            return self._fused(x, dtype, with_b2=True)
         if self.fused_inference and not torch.is_grad_enabled() and type(self.fc1) is nn.Linear:
             # autocast does not reach a custom op: cast as it would have cast fc1's inputs
             h = linear_gelu_tanh(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight.to(dtype),
