@@ -67,7 +67,7 @@ def test_unet_group_norm_kernels_compile(norm_kernels, target):
 @pytest.mark.parametrize("target", [_HOPPER, _AMPERE], ids=["sm90", "sm80"])
 def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
     _, _, ln_modulate = kernels._triton()
-    _, bwd = kernels._triton_bwd()
+    _, bwd, sums = kernels._triton_bwd()
     _, qkv = kernels._triton_qkv()
     _, adamw_ema = optim._kernel()
     fp32, bf16 = "*fp32", "*bf16"
@@ -82,6 +82,9 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
         for has_dxn, has_bias in itertools.product((False, True), repeat=2):
             _compile(bwd, bw, dict(HAS_DXN=has_dxn, HAS_BIAS=has_bias, BLOCK_D=block_d, SUB=sub, RPP=rpp, STAGES=3),
                      target, num_warps=warps)
+    for out in (bf16, fp32):
+        _compile(sums, dict(part_ptr=fp32, dshift_ptr=out, dscale_ptr=out, dgate_ptr=out, dbias_ptr=fp32),
+                 dict(BLOCK_NB=8, BLOCK_R=32, BLOCK_D=128), target)
     _compile(qkv, dict(src_ptr=bf16, out_ptr=bf16, part_ptr=fp32), dict(ROWS=256, BLOCK_M=64, BLOCK_C=64), target)
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
                grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32")

@@ -186,6 +186,28 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``forward(x + gate * (o + bias), c)`` with the last block's pending update ``(o, gate, bias)`` in the
+        LayerNorm kernel (``DiTBlock.forward_fused``), whose backward also gives that bias's gradient.
+
+        x: (N, T, D); c: (N, D); dtype: the GEMMs' input dtype -> (N, T, p*p*C_out) in ``dtype``.
+        """
+        plain = torch.is_grad_enabled() and type(self.linear) is nn.Linear
+        if plain and type(self.adaLN_modulation[1]) is nn.Linear:
+            mod = master_linear(self.adaLN_modulation[0](c), self.adaLN_modulation[1], dtype)  # (N, 2D)
+        else:
+            mod = self.adaLN_modulation(c)
+        shift, scale = mod.chunk(2, dim=1)  # (N, D) each
+        o, gate, bias = pending
+        _, a = add_layernorm_modulate(x, o, gate, shift, scale, self.norm_final.eps, None, dtype, bias)  # (N, T, D)
+        return master_linear(a, self.linear, dtype) if plain else self.linear(a)  # (N, T, p*p*C_out)
+
 
 class DiT(nn.Module):
     """Diffusion Transformer with adaLN-Zero blocks; class-conditional, unconditional or text-conditional.
@@ -485,9 +507,7 @@ class DiT(nn.Module):
             dtype = compute_dtype(h.device, h.dtype)
             for block in self.blocks:
                 h, pending = block.forward_fused(h, c, pending, dtype, ctx, mask)  # (N, T, D), (o, gate, bias)
-            o, gate, bias = pending
-            o = o if bias is None else o + bias  # (N, T, D)
-            return self.unpatchify(self.final_layer(h + gate.unsqueeze(1) * o, c))  # (N, C_out, H, W)
+            return self.unpatchify(self.final_layer.forward_fused(h, c, pending, dtype))  # (N, C_out, H, W)
         for block in self.blocks:
             if use_ckpt:
                 h = checkpoint(block, h, c, ctx, mask, use_reentrant=False)  # (N, T, D)

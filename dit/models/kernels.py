@@ -399,21 +399,51 @@ def _triton_bwd():
         if HAS_BIAS:
             tl.store(part_ptr + 3 * plane + base, tl.sum(acc_bias, axis=0), mask=cmask)
 
-    return triton, triton_dit_add_ln_modulate_bwd
+    @triton.jit
+    def triton_dit_ln_mod_sums(part_ptr, dshift_ptr, dscale_ptr, dgate_ptr, dbias_ptr, N, NB, D, plane,
+                               BLOCK_NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        # The backward's per-program partials -> the (N, D) column sums in their output dtype (programs n < N) and
+        # the bias gradient over all N * NB partial rows (program n = N, launched with a bias): one launch where
+        # torch took a reduction and a cast per output.
+        n = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        cmask = cols < D
+        if n < N:
+            rows = tl.arange(0, BLOCK_NB)
+            m = (rows < NB)[:, None] & cmask[None, :]  # (BLOCK_NB, BLOCK_D)
+            offs = (n * NB + rows)[:, None].to(tl.int64) * D + cols[None, :]
+            out = n * D + cols
+            s = tl.sum(tl.load(part_ptr + offs, mask=m, other=0.0), axis=0)
+            tl.store(dshift_ptr + out, s.to(dshift_ptr.dtype.element_ty), mask=cmask)
+            s = tl.sum(tl.load(part_ptr + plane + offs, mask=m, other=0.0), axis=0)
+            tl.store(dscale_ptr + out, s.to(dscale_ptr.dtype.element_ty), mask=cmask)
+            s = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=m, other=0.0), axis=0)
+            tl.store(dgate_ptr + out, s.to(dgate_ptr.dtype.element_ty), mask=cmask)
+        else:
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            for r0 in range(0, N * NB, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                m = (rows < N * NB)[:, None] & cmask[None, :]
+                acc += tl.load(part_ptr + 3 * plane + rows[:, None].to(tl.int64) * D + cols[None, :], mask=m,
+                               other=0.0)
+            tl.store(dbias_ptr + cols, tl.sum(acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=cmask)
+
+    return triton, triton_dit_add_ln_modulate_bwd, triton_dit_ln_mod_sums
 
 
-def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, rows_per_program: int | None = None,
-                           num_warps: int | None = None, sub: int | None = None, stages: int = 3):
-    """Triton backward of ``add_layernorm_modulate``: one pass over the rows, column sums as per-program partials.
-    -> (dx, do, dgate, dshift, dscale, dbias); dgate/dshift/dscale fp32 (N, D), dbias fp32 (D,) (None without a
-    bias).
+def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, sums_dtype=torch.float32,
+                           rows_per_program: int | None = None, num_warps: int | None = None, sub: int | None = None,
+                           stages: int = 3):
+    """Triton backward of ``add_layernorm_modulate``: one pass over the rows, column sums as per-program partials,
+    then one small kernel that adds them up. -> (dx, do, dgate, dshift, dscale, dbias); dgate/dshift/dscale (N, D)
+    in ``sums_dtype``, dbias fp32 (D,) (None without a bias).
 
     Defaults from a sweep on an H100 (docs/benchmarks.md, run 14; ``scripts/check_kernels.py --parts backward``):
     DiT-XL's 1,152 channels one row per step, 32 tokens per program, 4 warps (0.140 ms at batch 64,
     2.4 TB/s; run 8's kernel 0.204); DiT-S's 384 channels two rows per step, 64 tokens per program, 8 warps (0.179 ms
     at batch 256; run 8's 0.216); three pipeline stages.
     """
-    triton, kernel = _triton_bwd()
+    triton, kernel, sums_kernel = _triton_bwd()
     n, t, d = x_new.shape
     block_d = triton.next_power_of_2(d)
     if sub is None:
@@ -429,8 +459,13 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, ro
                     scale, dx, do, part, t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
                     HAS_DXN=dx_new is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp,
                     STAGES=stages, num_warps=num_warps)
-    sums = part.sum(2)  # (3 or 4, N, D): views of one tensor (the op returns copies)
-    return dx, do, sums[2], sums[0], sums[1], (sums[3].sum(0) if bias is not None else None)
+    dshift, dscale, dgate = (torch.empty(n, d, dtype=sums_dtype, device=x_new.device) for _ in range(3))
+    dbias = None if bias is None else torch.empty(d, dtype=torch.float32, device=x_new.device)
+    block = 128
+    sums_kernel[(n + (bias is not None), triton.cdiv(d, block))](
+        part, dshift, dscale, dgate, dgate if dbias is None else dbias, n, nb, d, n * nb * d,
+        BLOCK_NB=triton.next_power_of_2(nb), BLOCK_R=32, BLOCK_D=block, num_warps=4)
+    return dx, do, dgate, dshift, dscale, dbias
 
 
 @torch.library.custom_op("dit::add_layernorm_modulate_backward", mutates_args=())
@@ -448,9 +483,12 @@ def add_layernorm_modulate_backward(x_new: torch.Tensor, o: torch.Tensor, gate: 
                              f"shape {tuple(v.shape)}, strides {v.stride()}")
     _check_bias("add_layernorm_modulate_backward", bias, x_new.shape[2])
     if _use_triton(x_new):
+        same = gate.dtype == shift.dtype == scale.dtype  # (they are: chunks of one adaLN output)
         dx, do, dgate, dshift, dscale, dbias = _add_ln_mod_bwd_triton(
             x_new.contiguous(), o.contiguous(), gate, scale, dy.contiguous(),
-            dx_new.contiguous() if dx_new is not None else None, eps, bias)
+            dx_new.contiguous() if dx_new is not None else None, eps, bias, gate.dtype if same else torch.float32)
+        if same and (bias is None or bias.dtype == torch.float32):  # already distinct tensors in their dtypes
+            return dx, do, dgate, dshift, dscale, gate.new_empty(0) if bias is None else dbias
     else:
         dx, dshift, dscale = _ln_modulate_backward(x_new, shift, scale, eps, dy)
         if dx_new is not None:  # x' also continues along the residual stream
