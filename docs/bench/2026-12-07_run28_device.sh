@@ -4,9 +4,9 @@
 # one so that both trainers run on the same machine.
 #   bash docs/bench/2026-12-07_run28_device.sh adamw    # run 27's kept optimizer-kernel fix on the GPU: each update
 #                                                       # against torch's AdamW; the fp16 step test (~2 min)
-#   bash docs/bench/2026-12-07_run28_device.sh ab       # DiT-XL/2 trainer, before / after run 28, twice (~6 min)
-#   bash docs/bench/2026-12-07_run28_device.sh gpu      # the GPU gradient tests of the fused paths; the LayerNorm
-#                                                       # kernels with a bias against float64, timed (~4 min)
+#   bash docs/bench/2026-12-07_run28_device.sh ab [1 2] # DiT-XL/2 trainer, before / after run 28, per round (~3 min)
+#   bash docs/bench/2026-12-07_run28_device.sh gpu      # the GPU gradient tests of the changed paths (~2 min)
+#   bash docs/bench/2026-12-07_run28_device.sh kernels  # the LayerNorm kernels with a bias vs float64, timed (~3 min)
 #   bash docs/bench/2026-12-07_run28_device.sh profile  # DiT-XL/2 trainer after run 28, profiled (~2 min)
 #   bash docs/bench/2026-12-07_run28_device.sh small    # DiT-S/2 trainer, before / after (~4 min)
 source "$(dirname "$0")/device_env.sh"
@@ -25,13 +25,15 @@ adamw)
         | grep -v "^  " | tail -4 | tee "$OUT/gpu_test_fp16_step.txt"
     ;;
 ab)
-    for i in 1 2; do
+    for i in ${2:-1 2}; do
         bench q_base "xl_base$i" DiT-XL/2 100 50
         bench . "xl_new$i" DiT-XL/2 100 50
     done ;;
-gpu)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_cublaslt.py \
-        tests/test_dit_model.py tests/test_norm_kernels.py -k gpu 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+gpu)  # the DiT gradient tests on the paths run 28 changed (the attention's and the MLP's deferred biases)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_cublaslt.py \
+        -k "gpu_dit_gradients_through_fused_attention or mlp_epilogue_training_gradients" 2>&1 | tail -4 \
+        | tee "$OUT/gpu_tests.txt" ;;
+kernels)  # the LayerNorm kernels with a bias against float64, and timed
     PYTHONPATH=".:${PYTHONPATH:-}" timeout 240 python3 scripts/check_kernels.py --parts ops,backward 2>&1 \
         | grep "^\[\(check\|bwd\)\]" | grep -v "rows x" | tee "$OUT/check_kernels.txt"
     ;;
@@ -40,5 +42,5 @@ profile)
 small)
     bench q_base s_base DiT-S/2 200 60
     bench . s_new DiT-S/2 200 60 ;;
-*) echo "usage: $0 adamw|ab|gpu|profile|small" >&2; exit 2 ;;
+*) echo "usage: $0 adamw|ab [rounds]|gpu|kernels|profile|small" >&2; exit 2 ;;
 esac
