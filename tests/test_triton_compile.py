@@ -84,7 +84,7 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
                      target, num_warps=warps)
     for out in (bf16, fp32):
         _compile(sums, dict(part_ptr=fp32, dshift_ptr=out, dscale_ptr=out, dgate_ptr=out, dbias_ptr=fp32),
-                 dict(BLOCK_NB=8, BLOCK_R=32, BLOCK_D=128), target)
+                 dict(BLOCK_NB=8, BLOCK_D=128, BLOCK_R=256, BLOCK_DB=16), target)
     _compile(qkv, dict(src_ptr=bf16, out_ptr=bf16, part_ptr=fp32), dict(ROWS=256, BLOCK_M=64, BLOCK_C=64), target)
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
                grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32")

@@ -400,15 +400,18 @@ def _triton_bwd():
             tl.store(part_ptr + 3 * plane + base, tl.sum(acc_bias, axis=0), mask=cmask)
 
     @triton.jit
-    def triton_dit_ln_mod_sums(part_ptr, dshift_ptr, dscale_ptr, dgate_ptr, dbias_ptr, N, NB, D, plane,
-                               BLOCK_NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        # The backward's per-program partials -> the (N, D) column sums in their output dtype (programs n < N) and
-        # the bias gradient over all N * NB partial rows (program n = N, launched with a bias): one launch where
+    def triton_dit_ln_mod_sums(part_ptr, dshift_ptr, dscale_ptr, dgate_ptr, dbias_ptr, N, NB, D, plane, CB,
+                               BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_DB: tl.constexpr):
+        # The backward's per-program partials -> the (N, D) column sums in their output dtype (the first N * CB
+        # programs: image, BLOCK_D columns) and the bias gradient over all N * NB partial rows (the rest, launched
+        # with a bias: BLOCK_DB columns each, so that enough programs share the long reduction). One launch where
         # torch took a reduction and a cast per output.
-        n = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-        cmask = cols < D
-        if n < N:
+        pid = tl.program_id(0)
+        if pid < N * CB:
+            n = pid // CB
+            cols = (pid % CB) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+            cmask = cols < D
             rows = tl.arange(0, BLOCK_NB)
             m = (rows < NB)[:, None] & cmask[None, :]  # (BLOCK_NB, BLOCK_D)
             offs = (n * NB + rows)[:, None].to(tl.int64) * D + cols[None, :]
@@ -420,13 +423,16 @@ def _triton_bwd():
             s = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=m, other=0.0), axis=0)
             tl.store(dgate_ptr + out, s.to(dgate_ptr.dtype.element_ty), mask=cmask)
         else:
-            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-            for r0 in range(0, N * NB, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                m = (rows < N * NB)[:, None] & cmask[None, :]
-                acc += tl.load(part_ptr + 3 * plane + rows[:, None].to(tl.int64) * D + cols[None, :], mask=m,
+            # (names of their own: Triton wants a name to keep one shape across the two branches)
+            bcols = (pid - N * CB) * BLOCK_DB + tl.arange(0, BLOCK_DB)  # (BLOCK_DB,)
+            bmask = bcols < D
+            acc = tl.zeros((BLOCK_R, BLOCK_DB), dtype=tl.float32)
+            for r0 in tl.range(0, N * NB, BLOCK_R, num_stages=3):
+                brows = r0 + tl.arange(0, BLOCK_R)
+                bm = (brows < N * NB)[:, None] & bmask[None, :]
+                acc += tl.load(part_ptr + 3 * plane + brows[:, None].to(tl.int64) * D + bcols[None, :], mask=bm,
                                other=0.0)
-            tl.store(dbias_ptr + cols, tl.sum(acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dbias_ptr + bcols, tl.sum(acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=bmask)
 
     return triton, triton_dit_add_ln_modulate_bwd, triton_dit_ln_mod_sums
 
@@ -461,10 +467,11 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, su
                     STAGES=stages, num_warps=num_warps)
     dshift, dscale, dgate = (torch.empty(n, d, dtype=sums_dtype, device=x_new.device) for _ in range(3))
     dbias = None if bias is None else torch.empty(d, dtype=torch.float32, device=x_new.device)
-    block = 128
-    sums_kernel[(n + (bias is not None), triton.cdiv(d, block))](
-        part, dshift, dscale, dgate, dgate if dbias is None else dbias, n, nb, d, n * nb * d,
-        BLOCK_NB=triton.next_power_of_2(nb), BLOCK_R=32, BLOCK_D=block, num_warps=4)
+    cb, block_db = triton.cdiv(d, 128), 16
+    programs = n * cb + (0 if bias is None else triton.cdiv(d, block_db))
+    sums_kernel[(programs,)](part, dshift, dscale, dgate, dgate if dbias is None else dbias, n, nb, d, n * nb * d, cb,
+                             BLOCK_NB=triton.next_power_of_2(nb), BLOCK_D=128, BLOCK_R=256, BLOCK_DB=block_db,
+                             num_warps=4)
     return dx, do, dgate, dshift, dscale, dbias
 
 

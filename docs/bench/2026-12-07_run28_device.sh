@@ -30,9 +30,10 @@ ab)
         bench . "xl_new$i" DiT-XL/2 100 50
     done ;;
 gpu)  # the DiT gradient tests on the paths run 28 changed (the attention's and the MLP's deferred biases)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_cublaslt.py \
-        -k "gpu_dit_gradients_through_fused_attention or mlp_epilogue_training_gradients" 2>&1 | tail -4 \
-        | tee "$OUT/gpu_tests.txt" ;;
+    timeout 240 python3 -m pytest -q -rA -p no:cacheprovider tests/test_attention_kernels.py tests/test_cublaslt.py \
+        -k "gpu_dit_gradients_through_fused_attention or mlp_epilogue_training_gradients" > "$OUT/gpu_tests.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
+    grep "^\(PASSED\|FAILED\|ERROR\|pytest exit\)" "$OUT/gpu_tests.txt" ;;
 kernels)  # the LayerNorm kernels with a bias against float64, and timed
     PYTHONPATH=".:${PYTHONPATH:-}" timeout 240 python3 scripts/check_kernels.py --parts ops,backward 2>&1 \
         | grep "^\[\(check\|bwd\)\]" | grep -v "rows x" | tee "$OUT/check_kernels.txt"
