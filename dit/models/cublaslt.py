@@ -402,9 +402,10 @@ def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU and its backward in GEMM epilogues (module docstring).
 
     x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None (left to the caller) in
-    their own dtype (fp32 master weights: cast here, gradients returned in it); ``w1_c``, ``w2_c``: the weights already in x's dtype (copies the
-    optimizer keeps, ``DiT.set_compute_weights``), used instead of casts -> (M, C). Differentiable in x and the
-    parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs and the forward and input-gradient GEMMs
-    on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients still on cuBLAS.
+    their own dtype (fp32 master weights: cast here, gradients returned in it); ``w1_c``, ``w2_c``: the weights
+    already in x's dtype (copies the optimizer keeps, ``DiT.set_compute_weights``), used instead of casts
+    -> (M, C). Differentiable in x and the parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs
+    and the forward and input-gradient GEMMs on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients
+    still on cuBLAS.
     """
     return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend)
