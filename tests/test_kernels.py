@@ -91,7 +91,7 @@ def test_bad_output_arguments_raise_one_clear_error():
 
 
 def test_ops_pass_torch_library_opcheck():
-    # fake (meta) kernels agree with the real ones, incl. a non-contiguous stream (the patch embedding's transpose)
+    # fake (meta) kernels agree with the real ones, incl. a non-contiguous stream (which the kernels make dense)
     gen = torch.Generator().manual_seed(3)
     x, o, gate, shift, scale = _inputs(gen, dtype=torch.float32)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -224,7 +224,7 @@ def test_backward_kernel_matches_the_formulas_in_the_triton_interpreter():
                 err = ((a.double() - b).abs().max() / b.abs().max()).item()
                 assert err < 1e-5, (n, t, d, name, err)
             # the (N, D) sums written in the modulation's dtype (bf16 under autocast) by the finishing kernel
-            got16 = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, bias, torch.bfloat16)
+            got16 = K._add_ln_mod_bwd_triton(x, o, gate, scale, dy, dxn, 1e-6, bias, (torch.bfloat16,) * 3)
             for a, b in zip(got16[2:5], got[2:5]):  # within one bf16 step: the interpreter's cast truncates
                 assert a.dtype == torch.bfloat16, a.dtype
                 torch.testing.assert_close(a.float(), b, rtol=2**-7, atol=0)

@@ -135,10 +135,7 @@ class DiTBlock(nn.Module):
         ``x + gate * (o + bias)`` (None: nothing pending); c: (N, D); dtype: the GEMMs' input dtype (the autocast
         dtype); context, context_mask: as ``forward`` -> (x, pending of this block).
         """
-        if torch.is_grad_enabled() and type(self.adaLN_modulation[1]) is nn.Linear:  # gradients in fp32 directly
-            mod = master_linear(self.adaLN_modulation[0](c), self.adaLN_modulation[1], dtype)  # (N, 6D)
-        else:
-            mod = self.adaLN_modulation(c)
+        mod = _modulation(self.adaLN_modulation, c, dtype)  # (N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         rows = x.shape[0] * x.shape[1]
         scale, out = _gemm_input(self.attn.qkv, rows, dtype)
@@ -159,6 +156,14 @@ class DiTBlock(nn.Module):
         x, a = add_layernorm_modulate(x, o, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, scale, out, bias)
         o, bias = self.mlp.forward_split_bias(a)  # (N, T, D), (D,) or None
         return x, (o, gate_mlp, bias)
+
+
+def _modulation(ada_ln: nn.Sequential, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """adaLN's ``Linear(SiLU(c))`` on the fused path: c (N, D) -> (N, k * D); in training through ``master_linear``,
+    which writes the gradients in the parameters' fp32 directly."""
+    if torch.is_grad_enabled() and type(ada_ln[1]) is nn.Linear:
+        return master_linear(ada_ln[0](c), ada_ln[1], dtype)
+    return ada_ln(c)
 
 
 def _gemm_input(layer: nn.Module, rows: int, dtype: torch.dtype) -> tuple[float | None, torch.dtype]:
@@ -198,15 +203,12 @@ class FinalLayer(nn.Module):
 
         x: (N, T, D); c: (N, D); dtype: the GEMMs' input dtype -> (N, T, p*p*C_out) in ``dtype``.
         """
-        plain = torch.is_grad_enabled() and type(self.linear) is nn.Linear
-        if plain and type(self.adaLN_modulation[1]) is nn.Linear:
-            mod = master_linear(self.adaLN_modulation[0](c), self.adaLN_modulation[1], dtype)  # (N, 2D)
-        else:
-            mod = self.adaLN_modulation(c)
-        shift, scale = mod.chunk(2, dim=1)  # (N, D) each
+        shift, scale = _modulation(self.adaLN_modulation, c, dtype).chunk(2, dim=1)  # (N, D) each
         o, gate, bias = pending
         _, a = add_layernorm_modulate(x, o, gate, shift, scale, self.norm_final.eps, None, dtype, bias)  # (N, T, D)
-        return master_linear(a, self.linear, dtype) if plain else self.linear(a)  # (N, T, p*p*C_out)
+        if torch.is_grad_enabled() and type(self.linear) is nn.Linear:
+            return master_linear(a, self.linear, dtype)  # (N, T, p*p*C_out)
+        return self.linear(a)
 
 
 class DiT(nn.Module):

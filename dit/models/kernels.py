@@ -437,12 +437,12 @@ def _triton_bwd():
     return triton, triton_dit_add_ln_modulate_bwd, triton_dit_ln_mod_sums
 
 
-def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, sums_dtype=torch.float32,
+def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, sums_dtypes=(torch.float32,) * 3,
                            rows_per_program: int | None = None, num_warps: int | None = None, sub: int | None = None,
                            stages: int = 3):
     """Triton backward of ``add_layernorm_modulate``: one pass over the rows, column sums as per-program partials,
-    then one small kernel that adds them up. -> (dx, do, dgate, dshift, dscale, dbias); dgate/dshift/dscale (N, D)
-    in ``sums_dtype``, dbias fp32 (D,) (None without a bias).
+    then one small kernel that adds them up. -> (dx, do, dgate, dshift, dscale, dbias); dgate, dshift, dscale (N, D)
+    in ``sums_dtypes`` (in that order), dbias (D,) in bias's dtype (None without a bias).
 
     Defaults from a sweep on an H100 (docs/benchmarks.md, run 14; ``scripts/check_kernels.py --parts backward``):
     DiT-XL's 1,152 channels one row per step, 32 tokens per program, 4 warps (0.140 ms at batch 64,
@@ -465,8 +465,8 @@ def _add_ln_mod_bwd_triton(x_new, o, gate, scale, dy, dx_new, eps, bias=None, su
                     scale, dx, do, part, t, d, nb, n * nb * d, gate.stride(0), scale.stride(0), eps,
                     HAS_DXN=dx_new is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d, SUB=sub, RPP=rpp,
                     STAGES=stages, num_warps=num_warps)
-    dshift, dscale, dgate = (torch.empty(n, d, dtype=sums_dtype, device=x_new.device) for _ in range(3))
-    dbias = None if bias is None else torch.empty(d, dtype=torch.float32, device=x_new.device)
+    dgate, dshift, dscale = (torch.empty(n, d, dtype=dt, device=x_new.device) for dt in sums_dtypes)
+    dbias = None if bias is None else torch.empty(d, dtype=bias.dtype, device=x_new.device)
     cb, block_db = triton.cdiv(d, 128), 16
     programs = n * cb + (0 if bias is None else triton.cdiv(d, block_db))
     sums_kernel[(programs,)](part, dshift, dscale, dgate, dgate if dbias is None else dbias, n, nb, d, n * nb * d, cb,
@@ -489,21 +489,18 @@ def add_layernorm_modulate_backward(x_new: torch.Tensor, o: torch.Tensor, gate: 
             raise ValueError(f"add_layernorm_modulate_backward: {name} must be (N, D) with unit column stride, got "
                              f"shape {tuple(v.shape)}, strides {v.stride()}")
     _check_bias("add_layernorm_modulate_backward", bias, x_new.shape[2])
-    if _use_triton(x_new):
-        same = gate.dtype == shift.dtype == scale.dtype  # (they are: chunks of one adaLN output)
+    if _use_triton(x_new):  # every output written by the kernels in its dtype, each its own tensor
         dx, do, dgate, dshift, dscale, dbias = _add_ln_mod_bwd_triton(
             x_new.contiguous(), o.contiguous(), gate, scale, dy.contiguous(),
-            dx_new.contiguous() if dx_new is not None else None, eps, bias, gate.dtype if same else torch.float32)
-        if same and (bias is None or bias.dtype == torch.float32):  # already distinct tensors in their dtypes
-            return dx, do, dgate, dshift, dscale, gate.new_empty(0) if bias is None else dbias
-    else:
-        dx, dshift, dscale = _ln_modulate_backward(x_new, shift, scale, eps, dy)
-        if dx_new is not None:  # x' also continues along the residual stream
-            dx = dx + dx_new.to(dx.dtype)
-        acc = dx.dtype
-        do = dx * gate.to(acc).unsqueeze(1)  # (N, T, D)
-        dgate = (dx * (o.to(acc) if bias is None else o.to(acc) + bias.to(acc))).sum(1)  # (N, D)
-        dbias = None if bias is None else do.sum((0, 1))  # (D,)
+            dx_new.contiguous() if dx_new is not None else None, eps, bias, (gate.dtype, shift.dtype, scale.dtype))
+        return dx, do, dgate, dshift, dscale, gate.new_empty(0) if bias is None else dbias
+    dx, dshift, dscale = _ln_modulate_backward(x_new, shift, scale, eps, dy)
+    if dx_new is not None:  # x' also continues along the residual stream
+        dx = dx + dx_new.to(dx.dtype)
+    acc = dx.dtype
+    do = dx * gate.to(acc).unsqueeze(1)  # (N, T, D)
+    dgate = (dx * (o.to(acc) if bias is None else o.to(acc) + bias.to(acc))).sum(1)  # (N, D)
+    dbias = None if bias is None else do.sum((0, 1))  # (D,)
     # copy=True: the column sums may be views of one tensor, and a custom op's outputs must not alias each other
     # (with fp32 gates a plain .to would return them as they are)
     return (dx.to(x_new.dtype).contiguous(), do.to(o.dtype).contiguous(), dgate.to(gate.dtype, copy=True),
