@@ -31,7 +31,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import quack_gemm
 from .kernels import _acc  # the reference path's accumulation dtype: fp32, or float64 for float64 inputs
-from .kernels import linear_gelu_ref, weight_grad
+from .kernels import linear_gelu_ref, weight_grad, weight_grad_into
+from .overlap import fork, worth_overlapping
 
 logger = logging.getLogger(__name__)
 
@@ -363,10 +364,10 @@ class _FusedMlp(torch.autograd.Function):
     gradients written in the weights' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str):
+    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str, overlap: bool):
         """x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None in any dtype (master
         weights); w1_c, w2_c: the weights in x's dtype, or None to cast them here; backend: the GEMMs'
-        (``quack_gemm.BACKENDS``) -> (M, C)."""
+        (``quack_gemm.BACKENDS``); overlap: the weight gradients on a second stream (``mlp_grads``) -> (M, C)."""
         w1c = w1.to(x.dtype) if w1_c is None else w1_c
         w2c = w2.to(x.dtype) if w2_c is None else w2_c
         if backend == "quack":
@@ -376,29 +377,73 @@ class _FusedMlp(torch.autograd.Function):
             g, h = gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
             ctx.save_for_backward(x, w1c, w2c, g, h)
         ctx.dtypes, ctx.backend = (w1.dtype, b1.dtype, w2.dtype, None if b2 is None else b2.dtype), backend
+        ctx.overlap = overlap
         return quack_gemm.linear(g, w2c, None if b2 is None else b2.to(x.dtype), backend)  # (M, C)
 
     @staticmethod
     def backward(ctx, dy):
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dy = dy.contiguous()  # (M, C)
+        db2 = None if b2_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
         if ctx.backend == "quack":
             x, w1, w2, h = ctx.saved_tensors
             dh, g = quack_gemm.quack_gemm_dgelu(dy, w2, h)  # (M, F) each
         else:
             x, w1, w2, g, h = ctx.saved_tensors
+            if worth_overlapping(dy, g, ctx.overlap):
+                dx, dw1, db1, dw2 = mlp_grads(dy, x, w1, w2, g, h, w1_dtype, b1_dtype, w2_dtype)
+                return dx, dw1, db1, dw2, db2, None, None, None, None
             dh = gemm_dgelu(dy, w2, h)  # (M, F)
         dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
-        db2 = None if b2_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
         db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw1 = weight_grad(dh, x, w1_dtype)  # (F, C)
         dx = quack_gemm.mm(dh, w1, ctx.backend)  # (M, C)
-        return dx, dw1, db1, dw2, db2, None, None, None
+        return dx, dw1, db1, dw2, db2, None, None, None, None
+
+
+@torch.library.custom_op("dit::mlp_grads", mutates_args=())
+def mlp_grads(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
+              h: torch.Tensor, w1_dtype: torch.dtype, b1_dtype: torch.dtype, w2_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_FusedMlp``'s backward (cuBLAS backend) with each weight gradient on a second stream beside the
+    input-gradient GEMM that shares its operand (``dit.models.overlap``): dW2 = dy^T g beside dh = DGELU(dy W2, h),
+    then dW1 = dh^T x and fc1's bias gradient beside dx = dh W1. One op, so ``torch.compile`` cannot reuse an
+    input's memory while the second stream reads it.
+
+    dy, x: (M, C); w1: (F, C), w2: (C, F), g, h: (M, F) in the compute dtype -> dx (M, C), dw1 (F, C) in
+    ``w1_dtype``, db1 (F,) in ``b1_dtype``, dw2 (C, F) in ``w2_dtype``."""
+    device = dy.device
+    dw1 = torch.empty(w1.shape, dtype=w1_dtype, device=device)  # outputs on the calling stream
+    dw2 = torch.empty(w2.shape, dtype=w2_dtype, device=device)
+    db1 = torch.empty(w1.shape[0], dtype=_acc(dy), device=device)
+    if not dy.is_cuda:
+        weight_grad_into(dy, g, dw2)
+        dh = gemm_dgelu(dy, w2, h)  # (M, F)
+        weight_grad_into(dh, x, dw1)
+        torch.sum(dh, 0, dtype=db1.dtype, out=db1)
+        return dh @ w1, dw1, db1.to(b1_dtype), dw2
+    main, side = fork(device)
+    with torch.cuda.stream(side):
+        weight_grad_into(dy, g, dw2)
+    dh = gemm_dgelu(dy, w2, h)  # (M, F)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        weight_grad_into(dh, x, dw1)
+        torch.sum(dh, 0, dtype=db1.dtype, out=db1)
+    dx = dh @ w1  # (M, C)
+    main.wait_stream(side)
+    return dx, dw1, db1.to(b1_dtype), dw2
+
+
+@mlp_grads.register_fake
+def _(dy, x, w1, w2, g, h, w1_dtype, b1_dtype, w2_dtype):
+    return (dy.new_empty(dy.shape[0], w1.shape[1]), dy.new_empty(w1.shape, dtype=w1_dtype),
+            dy.new_empty(w1.shape[0], dtype=b1_dtype), dy.new_empty(w2.shape, dtype=w2_dtype))
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None,
               w1_c: torch.Tensor | None = None, w2_c: torch.Tensor | None = None,
-              backend: str = "cublas") -> torch.Tensor:
+              backend: str = "cublas", overlap: bool = False) -> torch.Tensor:
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU and its backward in GEMM epilogues (module docstring).
 
     x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None (left to the caller) in
@@ -406,6 +451,7 @@ def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     already in x's dtype (copies the optimizer keeps, ``DiT.set_compute_weights``), used instead of casts
     -> (M, C). Differentiable in x and the parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs
     and the forward and input-gradient GEMMs on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients
-    still on cuBLAS.
+    still on cuBLAS. ``overlap``: each weight gradient on a second CUDA stream beside an input-gradient GEMM
+    (``mlp_grads``; cuBLAS backend, large GEMMs only).
     """
-    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend)
+    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend, overlap)

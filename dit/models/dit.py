@@ -384,6 +384,15 @@ class DiT(nn.Module):
             block.attn.gemm_backend = name
             block.mlp.gemm_backend = name
 
+    def set_overlap_weight_grads(self, enable: bool = True) -> None:
+        """In training, run each block GEMM's weight gradient on a second CUDA stream beside the input-gradient GEMM
+        that reads the same output gradient (``dit.models.overlap``; on the paths of ``set_fused_attention`` and
+        ``set_mlp_epilogues``): the second GEMM fills the SMs the first one's last wave leaves idle. Same GEMMs, same
+        values; CUDA only (elsewhere the sequence is unchanged)."""
+        for block in self.blocks:
+            block.attn.overlap_weight_grads = enable
+            block.mlp.overlap_weight_grads = enable
+
     def set_fused_qkv_backward(self, enable: bool = True) -> None:
         """In training, build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv in one
         Triton pass (``Attention.fused_qkv_backward``, ``dit.models.kernels.qkv_grad``) instead of autograd's copy

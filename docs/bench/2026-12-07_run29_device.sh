@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run 29's device calls (one H100; docs/benchmarks.md, run 29). `q_base/` is the tree before run 29 (commit
+# 971de30: `git archive 971de30 dit tools scripts configs pyproject.toml | tar -x -C q_base`), carried beside this
+# one so that both trainers run on the same machine.
+#   bash docs/bench/2026-12-07_run29_device.sh gpu      # GPU tests: the overlapped weight gradients; run 28's and
+#                                                       # 971de30's paths (fused attention, MLP epilogues) (~3 min)
+#   bash docs/bench/2026-12-07_run29_device.sh ab       # DiT-XL/2 trainer: before, after, after without the
+#                                                       # overlap (~6 min)
+#   bash docs/bench/2026-12-07_run29_device.sh small    # DiT-S/2 trainer, reduce-overhead (runs 18/20's setting)
+#                                                       # and default, before / after (~6 min)
+#   bash docs/bench/2026-12-07_run29_device.sh profile  # DiT-XL/2 trainer after run 29, profiled (~2 min)
+source "$(dirname "$0")/device_env.sh"
+bench() {  # tree tag model steps skip [more args]
+    local tree=$1 tag=$2 model=$3 steps=$4 skip=$5
+    shift 5
+    timeout 170 python3 "$tree/tools/bench_trainer.py" --models "$model" --steps "$steps" --skip "$skip" \
+        --timeout 165 --json "$OUT/trainer_${tag}.json" "$@" 2>&1 | grep "^\[trainer\] .*\(ms/step\|profile\|FAILED\|stopped\|no logged\)" \
+        | sed "s/^/[$tag] /"
+}
+case "$1" in
+gpu)
+    timeout 400 python3 -m pytest -q -rA -p no:cacheprovider tests/test_overlap.py tests/test_attention_kernels.py \
+        tests/test_cublaslt.py -k "gpu" > "$OUT/gpu_tests.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
+    grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests.txt" ;;
+ab)
+    bench q_base xl_base DiT-XL/2 100 50
+    bench . xl_new DiT-XL/2 100 50
+    bench . xl_new_nooverlap DiT-XL/2 100 50 model.overlap_weight_grads=false ;;
+small)
+    bench q_base s_base_ro DiT-S/2 200 60 model.compile_mode=reduce-overhead
+    bench . s_new_ro DiT-S/2 200 60 model.compile_mode=reduce-overhead
+    bench . s_new_ro_nooverlap DiT-S/2 200 60 model.compile_mode=reduce-overhead model.overlap_weight_grads=false
+    bench . s_new DiT-S/2 200 60 ;;
+profile)
+    bench . xl_new_profile DiT-XL/2 80 40 --profile 5 ;;
+*) echo "usage: $0 gpu|ab|small|profile" >&2; exit 2 ;;
+esac
