@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quack_gemm
-from .kernels import _acc, _use_triton
-from .overlap import input_and_weight_grads
+from .kernels import _acc, _use_triton, weight_grad
 
 _LOG2E = 1.4426950408889634
 
@@ -242,16 +241,16 @@ class _QKVAttention(torch.autograd.Function):
     the parameters' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str, overlap: bool):
+    def forward(ctx, x, weight, bias, heads: int, weight_c, backend: str):
         """x: (N, T, D) in the compute dtype; weight: (3C, D), bias: (3C,) in any dtype (fp32 master weights);
-        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``);
-        overlap: the weight gradient on a second stream (``dit.models.overlap``) -> (N, T, C)."""
+        weight_c: the weight in x's dtype, or None to cast it here; backend: the GEMMs' (``quack_gemm.BACKENDS``)
+        -> (N, T, C)."""
         n, t, d = x.shape
         wc = weight.to(x.dtype) if weight_c is None else weight_c
         qkv = quack_gemm.linear(x.reshape(n * t, d), wc, bias.to(x.dtype), backend).view(n, t, -1)  # (N, T, 3C)
         o, lse = packed_attention_fwd(qkv, heads)  # (N, T, C), (N, H, T)
         ctx.save_for_backward(x, wc, qkv, o, lse)
-        ctx.heads, ctx.dtypes, ctx.backend, ctx.overlap = heads, (weight.dtype, bias.dtype), backend, overlap
+        ctx.heads, ctx.dtypes, ctx.backend = heads, (weight.dtype, bias.dtype), backend
         return o
 
     @staticmethod
@@ -261,20 +260,18 @@ class _QKVAttention(torch.autograd.Function):
         n, t, d = x.shape
         dqkv = dqkv.view(n * t, -1)
         w_dtype, b_dtype = ctx.dtypes
-        dx, dw = input_and_weight_grads(dqkv, x.reshape(n * t, d), wc, w_dtype, ctx.backend, ctx.overlap)
-        return dx.view(n, t, d), dw, part.sum((0, 1)).to(b_dtype), None, None, None, None
+        return (quack_gemm.mm(dqkv, wc, ctx.backend).view(n, t, d), weight_grad(dqkv, x.reshape(n * t, d), w_dtype),
+                part.sum((0, 1)).to(b_dtype), None, None, None)
 
 
 def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int,
-                  weight_c: torch.Tensor | None = None, backend: str = "cublas", overlap: bool = False
-                  ) -> torch.Tensor:
+                  weight_c: torch.Tensor | None = None, backend: str = "cublas") -> torch.Tensor:
     """The qkv projection ``x @ weight^T + bias`` and ``packed_attention`` of its output, for training.
 
     x: (N, T, D) in the compute dtype (autocast does not reach inside); weight: (3C, D); bias: (3C,), in their own
     dtype (fp32 master weights: cast here, gradients returned in it); ``weight_c``: the weight already in x's dtype
     (a copy the optimizer keeps, ``DiT.set_compute_weights``), used instead of a cast -> (N, T, C), heads
     concatenated. Differentiable in x, weight and bias. ``backend``: the qkv GEMM's and its input gradient's
-    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's). ``overlap``: the weight gradient's GEMM on a
-    second CUDA stream beside the input gradient's (``dit.models.overlap``).
+    (``dit.models.quack_gemm``; the weight gradient stays cuBLAS's).
     """
-    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend, overlap)
+    return _QKVAttention.apply(x, weight, bias, heads, weight_c, backend)

@@ -385,12 +385,10 @@ class DiT(nn.Module):
             block.mlp.gemm_backend = name
 
     def set_overlap_weight_grads(self, enable: bool = True) -> None:
-        """In training, run each block GEMM's weight gradient on a second CUDA stream beside the input-gradient GEMM
-        that reads the same output gradient (``dit.models.overlap``; on the paths of ``set_fused_attention`` and
-        ``set_mlp_epilogues``): the second GEMM fills the SMs the first one's last wave leaves idle. Same GEMMs, same
-        values; CUDA only (elsewhere the sequence is unchanged)."""
+        """In training, run each MLP's fc2 weight gradient on a second CUDA stream beside fc2's input-gradient GEMM
+        (``cublaslt.gemm_dgelu_with_weight_grad``; on the path of ``set_mlp_epilogues``, cuBLAS backend): each GEMM
+        fills SMs the other's last wave leaves idle. Same GEMMs, same values; CUDA only."""
         for block in self.blocks:
-            block.attn.overlap_weight_grads = enable
             block.mlp.overlap_weight_grads = enable
 
     def set_fused_qkv_backward(self, enable: bool = True) -> None:

@@ -21,8 +21,7 @@ from . import quack_gemm
 from .attention_kernels import fused_attention_supported, qkv_attention
 from .cublaslt import fused_mlp
 from .fp8 import E4M3
-from .kernels import _acc, gelu_tanh_fp8, qkv_grad
-from .overlap import input_and_weight_grads
+from .kernels import _acc, gelu_tanh_fp8, qkv_grad, weight_grad
 
 
 def compile_regions(modules: Iterable[nn.Module], methods: tuple[str, ...] = ("forward",), **compile_kw) -> int:
@@ -183,14 +182,12 @@ class _MasterLinear(torch.autograd.Function):
     weight and bias gradients come back in the parameters' dtype straight from the GEMM (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_c, backend: str, overlap: bool):
+    def forward(ctx, x, weight, bias, weight_c, backend: str):
         """x: (M, K); weight: (N, K); bias: (N,); weight_c: the weight in x's dtype, or None to cast it here;
-        backend: the forward and input-gradient GEMMs' (``quack_gemm.BACKENDS``); overlap: the weight gradient
-        on a second stream (``dit.models.overlap``)."""
+        backend: the forward and input-gradient GEMMs' (``quack_gemm.BACKENDS``)."""
         wc = weight.to(x.dtype) if weight_c is None else weight_c
         ctx.save_for_backward(x, wc)
         ctx.dtypes, ctx.backend = (weight.dtype, None if bias is None else bias.dtype), backend
-        ctx.overlap = overlap
         return quack_gemm.linear(x, wc, None if bias is None else bias.to(x.dtype), backend)  # (M, N)
 
     @staticmethod
@@ -198,22 +195,19 @@ class _MasterLinear(torch.autograd.Function):
         x, wc = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         db = None if b_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b_dtype)
-        dx, dw = input_and_weight_grads(dy, x, wc, w_dtype, ctx.backend, ctx.overlap)
-        return dx, dw, db, None, None, None
+        return quack_gemm.mm(dy, wc, ctx.backend), weight_grad(dy, x, w_dtype), db, None, None
 
 
 def master_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, backend: str = "cublas",
-                  bias: bool = True, overlap: bool = False) -> torch.Tensor:
+                  bias: bool = True) -> torch.Tensor:
     """``linear(x)`` computed in ``dtype`` (the autocast dtype), for training: x (..., K) -> (..., N) in ``dtype``.
 
     Same values as autocast's ``F.linear``; the weight and bias gradients are written in the parameters' dtype by
     the GEMM itself instead of cast from ``dtype`` afterwards, and the weight's cast is the optimizer's copy where
     it keeps one (``compute_weight``). ``backend``: the forward and input-gradient GEMMs' (``quack_gemm``).
-    ``bias=False`` leaves ``linear.bias`` out (the caller adds it, and its gradient comes from there).
-    ``overlap``: the weight gradient's GEMM on a second CUDA stream beside the input gradient's
-    (``dit.models.overlap``)."""
+    ``bias=False`` leaves ``linear.bias`` out (the caller adds it, and its gradient comes from there)."""
     y = _MasterLinear.apply(x.reshape(-1, x.shape[-1]).to(dtype), linear.weight, linear.bias if bias else None,
-                            compute_weight(linear, dtype), backend, overlap)
+                            compute_weight(linear, dtype), backend)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -226,8 +220,7 @@ class Attention(nn.Module):
     ``model.fused_attention``): in training, the qkv projection and the attention run through
     ``attention_kernels.qkv_attention`` (cuDNN's forward, a Triton backward that writes the packed qkv gradient and
     the bias gradient's pieces), at the head dims it takes (``fused_attention_supported``). On that path
-    ``gemm_backend`` (``DiT.set_gemm_backend``) picks the qkv and proj GEMMs' backend (``quack_gemm.BACKENDS``),
-    and ``overlap_weight_grads`` (``DiT.set_overlap_weight_grads``) runs their weight gradients on a second stream.
+    ``gemm_backend`` (``DiT.set_gemm_backend``) picks the qkv and proj GEMMs' backend (``quack_gemm.BACKENDS``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -240,7 +233,6 @@ class Attention(nn.Module):
         self.fused_qkv_backward = False
         self.fused_attention = False
         self.gemm_backend = "cublas"
-        self.overlap_weight_grads = False
 
     def _fused_path(self, x: torch.Tensor) -> bool:
         return (self.fused_attention and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
@@ -249,8 +241,7 @@ class Attention(nn.Module):
     def _fused_attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         dtype = compute_dtype(x.device, self.qkv.weight.dtype)  # autocast does not reach the custom ops
         out = qkv_attention(x.to(dtype), self.qkv.weight, self.qkv.bias, self.num_heads,
-                            compute_weight(self.qkv, dtype), self.gemm_backend,
-                            self.overlap_weight_grads)  # (N, T, D)
+                            compute_weight(self.qkv, dtype), self.gemm_backend)  # (N, T, D)
         return out, dtype
 
     def forward_split_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,8 +252,7 @@ class Attention(nn.Module):
         gives its gradient from the pass it makes anyway: one pass fewer over the (N*T, D) output gradient."""
         if self._fused_path(x) and type(self.proj) is nn.Linear and self.proj.bias is not None:
             out, dtype = self._fused_attend(x)
-            return (master_linear(out, self.proj, dtype, self.gemm_backend, bias=False,
-                                  overlap=self.overlap_weight_grads), self.proj.bias)
+            return master_linear(out, self.proj, dtype, self.gemm_backend, bias=False), self.proj.bias
         return self(x), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,7 +261,7 @@ class Attention(nn.Module):
         if self._fused_path(x):
             out, dtype = self._fused_attend(x)
             if type(self.proj) is nn.Linear:
-                return master_linear(out, self.proj, dtype, self.gemm_backend, overlap=self.overlap_weight_grads)
+                return master_linear(out, self.proj, dtype, self.gemm_backend)
             return self.proj(out)
         if (self.fused_qkv_backward and torch.is_grad_enabled() and x.dtype != E4M3 and type(self.qkv) is nn.Linear
                 and self.qkv.bias is not None):
@@ -358,7 +348,7 @@ class Mlp(nn.Module):
     (which also keeps the pre-activation) and its derivative in fc2's input-gradient GEMM, in the compute dtype
     (the trainer's ``model.mlp_epilogues``; on CUDA in bf16/fp16 only), on the GEMMs of ``gemm_backend``
     (``DiT.set_gemm_backend``: cuBLASLt's epilogues, or QuACK's); ``overlap_weight_grads``
-    (``DiT.set_overlap_weight_grads``) runs the weight gradients on a second stream (cuBLAS backend).
+    (``DiT.set_overlap_weight_grads``) runs fc2's weight gradient on a second stream (cuBLAS backend).
     """
 
     def __init__(self, in_features: int, hidden_features: int):

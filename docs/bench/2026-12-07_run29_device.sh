@@ -4,8 +4,9 @@
 # one so that both trainers run on the same machine.
 #   bash docs/bench/2026-12-07_run29_device.sh gpu      # GPU tests: the overlapped weight gradients; run 28's and
 #                                                       # 971de30's paths (fused attention, MLP epilogues) (~3 min)
-#   bash docs/bench/2026-12-07_run29_device.sh ab       # DiT-XL/2 trainer: before, after, after without the
-#                                                       # overlap (~6 min)
+#   bash docs/bench/2026-12-07_run29_device.sh ab [1 2] # DiT-XL/2 trainer: before, after (per round; one round:
+#                                                       # also after without the overlap) (~4-6 min)
+#   bash docs/bench/2026-12-07_run29_device.sh gpu2     # the overlap's GPU tests only (~1 min)
 #   bash docs/bench/2026-12-07_run29_device.sh small    # DiT-S/2 trainer, reduce-overhead (runs 18/20's setting)
 #                                                       # and default, before / after (~6 min)
 #   bash docs/bench/2026-12-07_run29_device.sh profile  # DiT-XL/2 trainer after run 29, profiled (~2 min)
@@ -23,10 +24,16 @@ gpu)
         tests/test_cublaslt.py -k "gpu" > "$OUT/gpu_tests.txt" 2>&1
     echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
     grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests.txt" ;;
-ab)
-    bench q_base xl_base DiT-XL/2 100 50
-    bench . xl_new DiT-XL/2 100 50
-    bench . xl_new_nooverlap DiT-XL/2 100 50 model.overlap_weight_grads=false ;;
+ab)  # call 1 ran this with every block GEMM pair overlapped (commit e982a04); call 3 with fc2's only, in 2 rounds
+    for i in ${2:-1}; do
+        bench q_base "xl_base$i" DiT-XL/2 100 50
+        bench . "xl_new$i" DiT-XL/2 100 50
+    done
+    [ "${2:-1}" = 1 ] && bench . xl_new_nooverlap DiT-XL/2 100 50 model.overlap_weight_grads=false ;;
+gpu2)  # the overlap's own GPU tests only
+    timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_overlap.py -k "gpu" > "$OUT/gpu_tests2.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu_tests2.txt"
+    grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests2.txt" ;;
 small)
     bench q_base s_base_ro DiT-S/2 200 60 model.compile_mode=reduce-overhead
     bench . s_new_ro DiT-S/2 200 60 model.compile_mode=reduce-overhead
@@ -34,5 +41,5 @@ small)
     bench . s_new DiT-S/2 200 60 ;;
 profile)
     bench . xl_new_profile DiT-XL/2 80 40 --profile 5 ;;
-*) echo "usage: $0 gpu|ab|small|profile" >&2; exit 2 ;;
+*) echo "usage: $0 gpu|gpu2|ab [rounds]|small|profile" >&2; exit 2 ;;
 esac
