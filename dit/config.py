@@ -62,10 +62,6 @@ class ModelConfig:
     # (`pip install quack-kernels`; DiT.set_gemm_backend, dit.models.quack_gemm) instead of cuBLAS/cuBLASLt. Same
     # formulas, fp32 accumulation; each kernel compiles on its first call (docs/benchmarks.md, run 20).
     gemm_backend: Literal["cublas", "quack"] = "cublas"
-    # DiTs with model.compile on CUDA (model.mlp_epilogues, cuBLAS backend): each MLP's fc2 weight gradient runs on a
-    # second stream beside fc2's input-gradient GEMM (DiT.set_overlap_weight_grads), each GEMM filling SMs the
-    # other's last wave leaves idle. Same GEMMs, same values (docs/benchmarks.md, run 29).
-    overlap_weight_grads: bool = True
     # DiTs with model.fused_training, one process, bf16/fp16 on CUDA with the AdamW + EMA kernel: the blocks' GEMMs
     # read a bf16/fp16 copy of each weight that the optimizer kernel writes with its update
     # (DiT.set_compute_weights) instead of casting every fp32 weight on every step. Same values. None (the default):

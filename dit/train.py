@@ -566,9 +566,6 @@ def train(cfg: Config) -> dict:
         if reason is not None:
             raise ConfigError(f"model.gemm_backend={cfg.model.gemm_backend}: {reason}")
         raw_model.set_gemm_backend(cfg.model.gemm_backend)
-    if cfg.model.overlap_weight_grads and cfg.model.compile and device.type == "cuda" and hasattr(
-            raw_model, "set_overlap_weight_grads"):
-        raw_model.set_overlap_weight_grads(True)
     if cfg.model.mlp_epilogues and device.type == "cuda" and hasattr(raw_model, "set_mlp_epilogues"):
         if cublaslt.gelu_epilogues_available(device):
             raw_model.set_mlp_epilogues(True)

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import quack_gemm
 from .kernels import _acc  # the reference path's accumulation dtype: fp32, or float64 for float64 inputs
-from .kernels import linear_gelu_ref, weight_grad, weight_grad_into
+from .kernels import linear_gelu_ref, weight_grad
 
 logger = logging.getLogger(__name__)
 
@@ -363,11 +363,10 @@ class _FusedMlp(torch.autograd.Function):
     gradients written in the weights' own dtype (``kernels.weight_grad``)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str, overlap: bool):
+    def forward(ctx, x, w1, b1, w2, b2, w1_c, w2_c, backend: str):
         """x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None in any dtype (master
         weights); w1_c, w2_c: the weights in x's dtype, or None to cast them here; backend: the GEMMs'
-        (``quack_gemm.BACKENDS``); overlap: fc2's weight gradient on a second stream
-        (``gemm_dgelu_with_weight_grad``) -> (M, C)."""
+        (``quack_gemm.BACKENDS``) -> (M, C)."""
         w1c = w1.to(x.dtype) if w1_c is None else w1_c
         w2c = w2.to(x.dtype) if w2_c is None else w2_c
         if backend == "quack":
@@ -377,81 +376,29 @@ class _FusedMlp(torch.autograd.Function):
             g, h = gemm_gelu_aux(x, w1c, b1.to(x.dtype))  # (M, F) each
             ctx.save_for_backward(x, w1c, w2c, g, h)
         ctx.dtypes, ctx.backend = (w1.dtype, b1.dtype, w2.dtype, None if b2 is None else b2.dtype), backend
-        ctx.overlap = overlap
         return quack_gemm.linear(g, w2c, None if b2 is None else b2.to(x.dtype), backend)  # (M, C)
 
     @staticmethod
     def backward(ctx, dy):
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dy = dy.contiguous()  # (M, C)
-        db2 = None if b2_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
         if ctx.backend == "quack":
             x, w1, w2, h = ctx.saved_tensors
             dh, g = quack_gemm.quack_gemm_dgelu(dy, w2, h)  # (M, F) each
-            dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
         else:
             x, w1, w2, g, h = ctx.saved_tensors
-            if worth_overlapping(dy, g, ctx.overlap):
-                dh, dw2 = gemm_dgelu_with_weight_grad(dy, w2, h, g, w2_dtype)  # (M, F), (C, F)
-            else:
-                dh, dw2 = gemm_dgelu(dy, w2, h), weight_grad(dy, g, w2_dtype)
+            dh = gemm_dgelu(dy, w2, h)  # (M, F)
+        dw2 = weight_grad(dy, g, w2_dtype)  # (C, F)
+        db2 = None if b2_dtype is None else dy.sum(0, dtype=_acc(dy)).to(b2_dtype)  # (C,)
         db1 = dh.sum(0, dtype=_acc(dh)).to(b1_dtype)  # (F,)
         dw1 = weight_grad(dh, x, w1_dtype)  # (F, C)
         dx = quack_gemm.mm(dh, w1, ctx.backend)  # (M, C)
-        return dx, dw1, db1, dw2, db2, None, None, None, None
-
-
-# Multiply-adds of fc2's weight gradient (M * C * F) from which it forks onto the second stream: DiT-S/2 at batch
-# 256 (65,536 x 384 x 1,536 = 3.9e10) and larger; small models and batches keep the plain sequence.
-OVERLAP_MIN_MACS = 1 << 32
-
-
-@functools.cache
-def _side_stream(index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=index)
-
-
-def worth_overlapping(dy: torch.Tensor, g: torch.Tensor, enable: bool) -> bool:
-    """Whether fc2's weight gradient ``dy^T g`` (dy (M, C), g (M, F)) runs on the second stream."""
-    return enable and dy.is_cuda and dy.shape[0] * dy.shape[1] * g.shape[1] >= OVERLAP_MIN_MACS
-
-
-@torch.library.custom_op("dit::gemm_dgelu_with_weight_grad", mutates_args=())
-def gemm_dgelu_with_weight_grad(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, g: torch.Tensor,
-                                w2_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gemm_dgelu(dy, w2, pre)`` (M, F) and fc2's weight gradient ``dy^T g`` (C, F) in ``w2_dtype``
-    (``kernels.weight_grad``), the latter on a second CUDA stream.
-
-    Both GEMMs read fc2's output gradient and neither needs the other. In sequence each ends in a partly empty last
-    wave of tiles (DiT-XL/2's weight gradient: 216 tiles of 128 x 192 on 132 SMs); on two streams each fills SMs the
-    other leaves idle: 538 us for the pair instead of 587 at DiT-XL/2's shape (docs/benchmarks.md, run 29, where
-    the same pairing of the qkv, proj and fc1 GEMMs lost: those pairs read one operand twice as large and slowed
-    each other down more than their tails gave). One op, so ``torch.compile`` cannot reuse an input's memory while
-    the second stream still reads it: both streams are joined before it returns, and the outputs are allocated on
-    the calling stream. The fork and join are CUDA events, which CUDA graphs capture as edges.
-    dy: (M, C); w2: (C, F); pre, g: (M, F), all in the compute dtype."""
-    dw2 = torch.empty(w2.shape, dtype=w2_dtype, device=dy.device)  # (C, F), on the calling stream
-    if not dy.is_cuda:
-        weight_grad_into(dy, g, dw2)
-        return gemm_dgelu(dy, w2, pre), dw2
-    main = torch.cuda.current_stream(dy.device)
-    side = _side_stream(dy.device.index if dy.device.index is not None else torch.cuda.current_device())
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        weight_grad_into(dy, g, dw2)
-    dh = gemm_dgelu(dy, w2, pre)  # (M, F)
-    main.wait_stream(side)
-    return dh, dw2
-
-
-@gemm_dgelu_with_weight_grad.register_fake
-def _(dy, w2, pre, g, w2_dtype):
-    return pre.new_empty(pre.shape), dy.new_empty(w2.shape, dtype=w2_dtype)
+        return dx, dw1, db1, dw2, db2, None, None, None
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None,
               w1_c: torch.Tensor | None = None, w2_c: torch.Tensor | None = None,
-              backend: str = "cublas", overlap: bool = False) -> torch.Tensor:
+              backend: str = "cublas") -> torch.Tensor:
     """``fc2(GELU_tanh(fc1(x)))`` with the GELU and its backward in GEMM epilogues (module docstring).
 
     x: (M, C) in the compute dtype; w1: (F, C); b1: (F,); w2: (C, F); b2: (C,) or None (left to the caller) in
@@ -459,7 +406,6 @@ def fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     already in x's dtype (copies the optimizer keeps, ``DiT.set_compute_weights``), used instead of casts
     -> (M, C). Differentiable in x and the parameters. ``backend="quack"`` runs the GELU and GELU-derivative GEMMs
     and the forward and input-gradient GEMMs on QuACK's kernels (``dit.models.quack_gemm``), the weight gradients
-    still on cuBLAS. ``overlap``: fc2's weight gradient on a second CUDA stream beside fc2's input-gradient GEMM
-    (``gemm_dgelu_with_weight_grad``; cuBLAS backend, large GEMMs only).
+    still on cuBLAS.
     """
-    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend, overlap)
+    return _FusedMlp.apply(x, w1, b1, w2, b2, w1_c, w2_c, backend)

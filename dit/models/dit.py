@@ -384,13 +384,6 @@ class DiT(nn.Module):
             block.attn.gemm_backend = name
             block.mlp.gemm_backend = name
 
-    def set_overlap_weight_grads(self, enable: bool = True) -> None:
-        """In training, run each MLP's fc2 weight gradient on a second CUDA stream beside fc2's input-gradient GEMM
-        (``cublaslt.gemm_dgelu_with_weight_grad``; on the path of ``set_mlp_epilogues``, cuBLAS backend): each GEMM
-        fills SMs the other's last wave leaves idle. Same GEMMs, same values; CUDA only."""
-        for block in self.blocks:
-            block.mlp.overlap_weight_grads = enable
-
     def set_fused_qkv_backward(self, enable: bool = True) -> None:
         """In training, build each block's qkv gradient and qkv bias gradient from the attention's dq, dk, dv in one
         Triton pass (``Attention.fused_qkv_backward``, ``dit.models.kernels.qkv_grad``) instead of autograd's copy

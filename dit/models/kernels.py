@@ -82,18 +82,6 @@ def weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.
     return (dy.t() @ x).to(dtype)
 
 
-def weight_grad_into(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """``weight_grad(dy, x, out.dtype)`` written into ``out`` (N, K): the same GEMM, into memory allocated by the
-    caller (on another stream than the one the GEMM runs on, ``dit.models.overlap``)."""
-    if dy.dtype == out.dtype:
-        torch.mm(dy.t(), x, out=out)
-    elif (dy.is_cuda and out.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16)
-          and x.dtype == dy.dtype):
-        torch.mm(dy.t(), x, out_dtype=torch.float32, out=out)
-    else:
-        out.copy_(dy.t() @ x)
-
-
 @functools.cache
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None  # CUDA wheels ship it on Linux, not everywhere

@@ -347,8 +347,7 @@ class Mlp(nn.Module):
     With ``gemm_epilogues = True`` training runs through ``dit.models.cublaslt.fused_mlp``: the GELU in fc1's GEMM
     (which also keeps the pre-activation) and its derivative in fc2's input-gradient GEMM, in the compute dtype
     (the trainer's ``model.mlp_epilogues``; on CUDA in bf16/fp16 only), on the GEMMs of ``gemm_backend``
-    (``DiT.set_gemm_backend``: cuBLASLt's epilogues, or QuACK's); ``overlap_weight_grads``
-    (``DiT.set_overlap_weight_grads``) runs fc2's weight gradient on a second stream (cuBLAS backend).
+    (``DiT.set_gemm_backend``: cuBLASLt's epilogues, or QuACK's).
     """
 
     def __init__(self, in_features: int, hidden_features: int):
@@ -359,7 +358,6 @@ class Mlp(nn.Module):
         self.fused_inference = True
         self.gemm_epilogues = False
         self.gemm_backend = "cublas"
-        self.overlap_weight_grads = False
 
     def _epilogue_path(self, x: torch.Tensor) -> tuple[bool, torch.dtype]:
         """(whether training runs through ``fused_mlp``, the compute dtype)."""
@@ -372,7 +370,7 @@ class Mlp(nn.Module):
     def _fused(self, x: torch.Tensor, dtype: torch.dtype, with_b2: bool) -> torch.Tensor:
         y = fused_mlp(x.reshape(-1, x.shape[-1]).to(dtype), self.fc1.weight, self.fc1.bias, self.fc2.weight,
                       self.fc2.bias if with_b2 else None, compute_weight(self.fc1, dtype),
-                      compute_weight(self.fc2, dtype), self.gemm_backend, self.overlap_weight_grads)  # (M, D)
+                      compute_weight(self.fc2, dtype), self.gemm_backend)  # (M, D)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., D)
 
     def forward_split_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
