@@ -11,6 +11,8 @@
 #   bash docs/bench/2026-12-07_run29_device.sh small    # DiT-S/2 trainer, reduce-overhead (runs 18/20's setting)
 #                                                       # and default, before / after (~6 min)
 #   bash docs/bench/2026-12-07_run29_device.sh profile  # DiT-XL/2 trainer after run 29, profiled (~2 min)
+#   bash docs/bench/2026-12-07_run29_device.sh norm     # the gradient norm from the optimizer kernel: GPU tests,
+#                                                       # DiT-XL/2 trainer before / after (~5 min)
 source "$(dirname "$0")/device_env.sh"
 bench() {  # tree tag model steps skip [more args]
     local tree=$1 tag=$2 model=$3 steps=$4 skip=$5
@@ -42,5 +44,12 @@ small)
     bench . s_new DiT-S/2 200 60 ;;
 profile)
     bench . xl_new_profile DiT-XL/2 80 40 --profile 5 ;;
-*) echo "usage: $0 gpu|gpu2|ab [rounds]|small|profile" >&2; exit 2 ;;
+norm)  # call 4: the gradient norm from the optimizer kernel's pass (kept code); its GPU tests, then the trainer
+    timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_optim.py tests/test_train.py \
+        -k "gpu or clip_in_the_fused_step" > "$OUT/gpu_tests_norm.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu_tests_norm.txt"
+    grep "^\(PASSED\|FAILED\|ERROR\|pytest exit\)" "$OUT/gpu_tests_norm.txt"
+    bench q_base xl_base_norm DiT-XL/2 100 50
+    bench . xl_norm DiT-XL/2 100 50 ;;
+*) echo "usage: $0 gpu|gpu2|ab [rounds]|small|profile|norm" >&2; exit 2 ;;
 esac
