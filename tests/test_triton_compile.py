@@ -87,12 +87,10 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
                  dict(BLOCK_NB=8, BLOCK_D=128, BLOCK_R=256, BLOCK_DB=16), target)
     _compile(qkv, dict(src_ptr=bf16, out_ptr=bf16, part_ptr=fp32), dict(ROWS=256, BLOCK_M=64, BLOCK_C=64), target)
     opt = dict(table_ptr="*i64", block_tensor_ptr="*i32", block_index_ptr="*i32", found_inf_ptr=fp32,
-               grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32", norm_ptr=fp32)
+               grad_scale_ptr=fp32, hyper_ptr=fp32, betas_ptr="*fp64", eps="fp32")
     for *flags, copy_dtype in itertools.product((False, True), (False, True), (False, True), (False, True),
-                                                (False, True), (None, triton.language.bfloat16, triton.language.float16)):
-        consts = dict(zip(("HAS_FOUND_INF", "HAS_GRAD_SCALE", "HAS_EMA", "ALIGNED", "GRAD_NORM"), flags))
-        if consts["HAS_GRAD_SCALE"] and consts["GRAD_NORM"]:
-            continue  # refused by AdamWEMA.launch
+                                                (None, triton.language.bfloat16, triton.language.float16)):
+        consts = dict(zip(("HAS_FOUND_INF", "HAS_GRAD_SCALE", "HAS_EMA", "ALIGNED"), flags))
         compiled = _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096),
                             target)
         # The bias corrections 1 - beta^t in float64, not through float32's ex2.approx: its 2e-7 relative error,

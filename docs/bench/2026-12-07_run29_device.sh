@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run 29's device calls (one H100; docs/benchmarks.md, run 29). `q_base/` is the tree before run 29 (commit
 # 971de30: `git archive 971de30 dit tools scripts configs pyproject.toml | tar -x -C q_base`), carried beside this
-# one so that both trainers run on the same machine. The overlap these modes test was not kept: apply
-# docs/bench/2026-12-07_run29_allpairs.patch (call 1) or _fc2pair.patch (call 3) to 971de30 to rerun them.
+# one so that both trainers run on the same machine. Neither change these modes test was kept: apply
+# docs/bench/2026-12-07_run29_allpairs.patch (call 1) or _fc2pair.patch (call 3) to 971de30 to rerun the overlap,
+# _norm_in_step.patch for `norm` (calls 4-5 ran its tests, then 80-step trainer runs with --skip 40 for lack of time).
 #   bash docs/bench/2026-12-07_run29_device.sh gpu      # GPU tests: the overlapped weight gradients; run 28's and
 #                                                       # 971de30's paths (fused attention, MLP epilogues) (~3 min)
 #   bash docs/bench/2026-12-07_run29_device.sh ab [1 2] # DiT-XL/2 trainer: before, after (per round; one round:
