@@ -208,7 +208,6 @@ def _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype, bias=None)
             name = "layernorm_modulate: shift/scale" if o is None else "add_layernorm_modulate: shift/scale/gate"
             raise ValueError(f"{name} must be ({n}, {d}) with unit column stride, got shape {tuple(v.shape)}, "
                              f"strides {v.stride()}")
-    _check_bias("add_layernorm_modulate", bias, d)
     x = x.contiguous()
     xout = torch.empty_like(x) if o is not None else None
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -261,9 +260,9 @@ def add_layernorm_modulate(x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor,
     GEMM's output gradient -> (x' (N, T, D), y (N, T, D) in ``out_dtype``).
     """
     _check_out("add_layernorm_modulate", out_scale, out_dtype)
+    _check_bias("add_layernorm_modulate", bias, x.shape[-1])
     if _use_triton(x):
         return _ln_mod_cuda(x, o, gate, shift, scale, eps, out_scale, out_dtype, bias)
-    _check_bias("add_layernorm_modulate", bias, x.shape[-1])
     acc = _acc(x)
     o = o.to(acc) if bias is None else o.to(acc) + bias.to(acc)
     x = (x.to(acc) + gate.to(acc).unsqueeze(1) * o).to(x.dtype).contiguous()

@@ -10,13 +10,6 @@
 #   bash docs/bench/2026-12-07_run28_device.sh profile  # DiT-XL/2 trainer after run 28, profiled (~2 min)
 #   bash docs/bench/2026-12-07_run28_device.sh small    # DiT-S/2 trainer, before / after (~4 min)
 source "$(dirname "$0")/device_env.sh"
-bench() {  # tree tag model steps skip [more args]
-    local tree=$1 tag=$2 model=$3 steps=$4 skip=$5
-    shift 5
-    timeout 170 python3 "$tree/tools/bench_trainer.py" --models "$model" --steps "$steps" --skip "$skip" \
-        --timeout 165 --json "$OUT/trainer_${tag}.json" "$@" 2>&1 | grep "^\[trainer\] .*\(ms/step\|profile\|FAILED\|stopped\|no logged\)" \
-        | sed "s/^/[$tag] /"
-}
 case "$1" in
 adamw)
     PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 scripts/check_adamw_ema.py --model DiT-XL/2 --steps 5 2>&1 \

@@ -15,13 +15,6 @@
 #   bash docs/bench/2026-12-07_run29_device.sh norm     # the gradient norm from the optimizer kernel: GPU tests,
 #                                                       # DiT-XL/2 trainer before / after (~5 min)
 source "$(dirname "$0")/device_env.sh"
-bench() {  # tree tag model steps skip [more args]
-    local tree=$1 tag=$2 model=$3 steps=$4 skip=$5
-    shift 5
-    timeout 170 python3 "$tree/tools/bench_trainer.py" --models "$model" --steps "$steps" --skip "$skip" \
-        --timeout 165 --json "$OUT/trainer_${tag}.json" "$@" 2>&1 | grep "^\[trainer\] .*\(ms/step\|profile\|FAILED\|stopped\|no logged\)" \
-        | sed "s/^/[$tag] /"
-}
 case "$1" in
 gpu)
     timeout 400 python3 -m pytest -q -rA -p no:cacheprovider tests/test_overlap.py tests/test_attention_kernels.py \
