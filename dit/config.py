@@ -196,7 +196,10 @@ class TrainConfig:
     # CUDA, one process: capture the whole step (forward, backward, clipping, the AdamW + EMA kernel) in one CUDA
     # graph after train.cuda_graph_warmup direct steps (dit/utils/cuda_graph.py; fp16's loss scale is updated on the
     # device). Needs grad_accum_steps=1, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
-    cuda_graph: bool = False
+    # None (the default): on wherever it applies to a compiled model (model.compile=true), off otherwise: the step
+    # then costs the host no launches, so a slow host does not slow it down (DiT-S/2 on an H100 with a slow host:
+    # 7,898 img/s against 5,169 without, docs/benchmarks.md run 30); true: an error where it cannot apply.
+    cuda_graph: bool | None = None
     cuda_graph_warmup: int = 2
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
     # set for the run). UNets in channels-last: convolutions 2.4 ms faster per UNet-B step (docs/benchmarks.md,
@@ -418,6 +421,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def step_graph_missing(cfg: Config) -> list[str]:
+    """The settings that ``train.cuda_graph`` (the whole step in one CUDA graph) needs and ``cfg`` lacks; empty if
+    none (the device, the number of processes and the optimizer kernel are checked by the trainer)."""
+    t = cfg.train
+    need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
+            "train.fused_adamw_ema=true (the optimizer kernel that reads its learning rate from the device)":
+                t.fused_adamw_ema,
+            "model.compile_mode default or max-autotune-no-cudagraphs (the others make CUDA graphs of their own)":
+                cfg.model.compile_mode in ("default", "max-autotune-no-cudagraphs"),
+            "train.cuda_graph_warmup >= 1": t.cuda_graph_warmup >= 1}
+    return [k for k, ok in need.items() if not ok]
+
+
 def validate(cfg: Config, source: str = "config") -> None:
     """Cross-field checks that types alone cannot express."""
     t = cfg.train
@@ -454,16 +470,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: model.compile_options needs model.compile=true and model.compile_mode=default "
                           f"(torch.compile takes a mode or options), got compile={cfg.model.compile}, "
                           f"compile_mode={cfg.model.compile_mode!r}")
-    if t.cuda_graph:
-        need = {"train.grad_accum_steps=1": t.grad_accum_steps == 1,
-                "train.fused_adamw_ema=true (the optimizer kernel that reads its learning rate from the device)":
-                    t.fused_adamw_ema,
-                "model.compile_mode default or max-autotune-no-cudagraphs (the others make CUDA graphs of their own)":
-                    cfg.model.compile_mode in ("default", "max-autotune-no-cudagraphs"),
-                "train.cuda_graph_warmup >= 1": t.cuda_graph_warmup >= 1}
-        missing = [k for k, ok in need.items() if not ok]
-        if missing:
-            raise ConfigError(f"{source}: train.cuda_graph=true needs {'; '.join(missing)}")
+    if t.cuda_graph and (missing := step_graph_missing(cfg)):
+        raise ConfigError(f"{source}: train.cuda_graph=true needs {'; '.join(missing)}")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"train.grad_accum_steps ({t.grad_accum_steps})")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from dit import checkpointing
-from dit.config import Config, ConfigError, flatten, save_config, to_dict
+from dit.config import Config, ConfigError, flatten, save_config, step_graph_missing, to_dict
 from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
 from dit.optim import AdamWEMA
@@ -694,7 +694,8 @@ def train(cfg: Config) -> dict:
     # The loop never waits for the device inside a step, so the host can queue the next steps while the GPU works:
     # per-step statistics stay on the device in `pending` and are read in one transfer per log interval (and before
     # a checkpoint, so the log is complete up to the saved step); a non-finite step is turned into a no-op on the
-    # device (the fused AdamW kernel's `found_inf` input; the EMA weight is multiplied by 0). Consequence: an abort
+    # device (the fused AdamW kernel's `found_inf` input; the EMA weight is multiplied by 0; with `norm_in_step`
+    # below, a finite loss with non-finite gradients updates the finite elements only). Consequence: an abort
     # after train.max_bad_steps non-finite steps in a row is noticed at the next log interval, after at most
     # train.log_every - 1 further steps, which were no-ops too if they were non-finite.
     stream = micro_batches(data.dataset, seed=tc.seed, epoch=epoch, position=position,
@@ -742,6 +743,11 @@ def train(cfg: Config) -> dict:
     if copies_ok and cfg.model.compute_weights is not False:
         adamw_ema.keep_compute_copies(raw_model.set_compute_weights(AUTOCAST_DTYPES[tc.mixed_precision]))
     ema_buffers = buffer_pairs(ema.module, raw_model)  # after the copies (buffers the EMA does not take)
+    # Where nothing needs the gradient norm before the update (no clipping, no fp16 loss scale to check, one process),
+    # the optimizer kernel computes it from the gradients it reads anyway: one pass over them fewer (1 ms of
+    # DiT-XL/2's step). A non-finite gradient then cannot skip the whole step; its elements keep their values and
+    # the step counts as bad (AdamWEMA.launch); a non-finite loss still skips it.
+    norm_in_step = adamw_ema is not None and tc.grad_clip is None and scaler is None and world == 1
 
     # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps, timed as a
     # log interval of their own (flushed at both ends) so no other step's step_time carries the profiler
@@ -764,8 +770,9 @@ def train(cfg: Config) -> dict:
             if skipped:
                 bad_in_a_row += 1
                 bad_total += 1
-                logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step_i,
-                               bad_in_a_row)
+                what = ("non-finite gradient, its non-finite elements left out of the update" if norm_in_step
+                        and math.isfinite(loss_v) else "non-finite loss or gradient, update skipped")
+                logger.warning("step %d: %s (%d in a row)", step_i, what, bad_in_a_row)
             else:
                 bad_in_a_row = 0
                 if first_loss is None:
@@ -789,6 +796,48 @@ def train(cfg: Config) -> dict:
         if is_main:
             log_file.flush()
 
+    def clip_and_update(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient norm (clipping by it, unscaling fp16's), then the update unless the loss or the norm is not
+        finite: (stats (4,): loss, mse, vb, grad norm; bad () bool)."""
+        max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
+        if fsdp:  # a replicated DTensor -> plain ()
+            grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        elif fused_skip:
+            loss_scale = None if scaler is None else scaler._scale  # (), made by the backward's scale()
+            grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt, loss_scale)  # ()
+        else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
+            accelerator.unscale_gradients()  # fp16: clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
+        stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
+        if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
+            stats = accelerator.reduce(stats, reduction="mean")
+        # A non-finite loss or gradient norm (under fp16 also a loss-scale overflow: the norm is of the
+        # unscaled gradients) skips the update and the EMA's.
+        bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
+        if fused_skip:
+            inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
+            if adamw_ema is not None:  # the EMA update rides in the same kernel (its weights set before)
+                adamw_ema.launch()
+            else:  # directly: under fp16 Accelerate's wrapper would run GradScaler.step (a host sync)
+                inner_opt.step()
+            if scaler is not None:
+                update_loss_scale(scaler, bad)
+        elif scaler is not None:  # GradScaler.step skips steps with inf grads itself, and updates the scale
+            optimizer.step()
+        elif not bool(bad):  # no fused AdamW on this device: one host sync per step
+            optimizer.step()
+        return stats, bad
+
+    def update_with_norm_in_step(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm_in_step``: the update first, skipped only for a non-finite loss; the gradient norm from the
+        optimizer kernel's pass (AdamWEMA.launch). Returns as ``clip_and_update``."""
+        skip = ~torch.isfinite(sums[0])  # () bool
+        inner_opt.found_inf = skip.float()
+        norm = adamw_ema.launch(grad_norm=True)  # (); 0 for a skipped update: logged as NaN
+        grad_norm = torch.where(skip, torch.full_like(norm, math.nan), norm)
+        stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.reshape(1)])  # (4,)
+        return stats, ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))
+
     def micro_step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict, sums: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Forward + backward of one micro-batch; after the last one of a step, clipping and the optimizer update.
@@ -807,44 +856,14 @@ def train(cfg: Config) -> dict:
             # is caught below from the gradient norm and the losses, without a host sync.
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-                if fsdp:  # a replicated DTensor -> plain ()
-                    grad_norm = sharding.full_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                elif fused_skip:
-                    loss_scale = None if scaler is None else scaler._scale  # (), made by the backward's scale()
-                    grad_norm = clip_in_fused_step(trainable, tc.grad_clip, inner_opt, loss_scale)  # ()
-                else:  # Accelerate's DTensor-aware wrapper costs ms of host time per step for nothing here
-                    accelerator.unscale_gradients()  # fp16: clip the true gradients
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)  # ()
-                stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.detach().float().reshape(1)])  # (4,)
-                if world > 1:  # the same skip decision on every rank (a device collective, no host sync)
-                    stats = accelerator.reduce(stats, reduction="mean")
-                # A non-finite loss or gradient norm (under fp16 also a loss-scale overflow: the norm is of the
-                # unscaled gradients) skips the update and the EMA's.
-                bad = ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))  # () bool
-                if fused_skip:
-                    inner_opt.found_inf = bad.float()  # the fused kernel leaves everything untouched
-                    if adamw_ema is not None:  # the EMA update rides in the same kernel (its weights set before)
-                        adamw_ema.launch()
-                    else:  # directly: under fp16 Accelerate's wrapper would run GradScaler.step (a host sync)
-                        inner_opt.step()
-                    if scaler is not None:
-                        update_loss_scale(scaler, bad)
-                elif scaler is not None:  # GradScaler.step skips steps with inf grads itself, and updates the scale
-                    optimizer.step()
-                elif not bool(bad):  # no fused AdamW on this device: one host sync per step
-                    optimizer.step()
+                stats, bad = (update_with_norm_in_step if norm_in_step else clip_and_update)(sums)
             optimizer.zero_grad(set_to_none=True)
         return sums, stats, bad
 
-    graph_step = None
-    if tc.cuda_graph:  # the config checked the settings; these depend on the machine and the run
-        why = ("a CUDA device" if device.type != "cuda" else "one process" if world > 1 else
-               "the one-pass AdamW + EMA kernel (Triton on CUDA, no FSDP)" if adamw_ema is None else None)
-        if why is not None:
-            raise ConfigError(f"train.cuda_graph=true needs {why}; this run has device {device.type}, {world} "
-                              f"process(es)")
-        graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup)
+    use_graph = use_step_graph(cfg, device, world, adamw_ema is not None)
+    if use_graph and tc.cuda_graph is None:
+        logger.info("train.cuda_graph: on, the default for a compiled model on one GPU (false turns it off)")
+    graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup) if use_graph else None
 
     profiler = None
     try:
@@ -1017,6 +1036,19 @@ def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bo
     if cfg.model.channels_last is not None:
         return cfg.model.channels_last
     return cfg.model.compile and device.type == "cuda" and hasattr(model, "set_channels_last")
+
+
+def use_step_graph(cfg: Config, device: torch.device, world: int, fused_kernel: bool) -> bool:
+    """Whether the trainer captures its step in one CUDA graph: ``train.cuda_graph`` true (an error where it cannot
+    apply), false, or None: where it applies to a compiled model (one CUDA process, ``fused_kernel``: the one-pass
+    AdamW + EMA kernel runs, and the settings of ``step_graph_missing``, which the config checked for true)."""
+    why = ("a CUDA device" if device.type != "cuda" else "one process" if world > 1 else
+           "the one-pass AdamW + EMA kernel (Triton on CUDA, no FSDP)" if not fused_kernel else None)
+    if cfg.train.cuda_graph and why is not None:
+        raise ConfigError(f"train.cuda_graph=true needs {why}; this run has device {device.type}, {world} process(es)")
+    if cfg.train.cuda_graph is None:
+        return why is None and cfg.model.compile and not step_graph_missing(cfg)
+    return cfg.train.cuda_graph
 
 
 def _use_float8_training(model: nn.Module, cfg: Config, device: torch.device, fsdp: bool) -> None:

@@ -158,6 +158,66 @@ def test_kernel_state_is_torch_adamws_and_a_skipped_step_changes_nothing():
 
 
 @needs_triton
+def test_kernel_gives_the_gradient_norm_and_guards_non_finite_elements():
+    """launch(grad_norm=True): the global L2 norm of the gradients from the update's own pass, the update unchanged;
+    an element with a non-finite gradient keeps its weight, moments and EMA while the rest update, and the norm is
+    then non-finite; found_inf still skips everything (norm 0); with a grad_scale it refuses."""
+    out = _run_interpreted("""
+        params, ema, opt = run(True, steps=2)
+        ref_params, ref_ema, ref_opt = copy.deepcopy((params, ema, opt))
+        step = AdamWEMA(opt, ema, block=256, force_triton=True)
+        ref_step = AdamWEMA(ref_opt, ref_ema, block=256, force_triton=True)
+        opt.found_inf = opt.grad_scale = ref_opt.found_inf = ref_opt.grad_scale = None
+        g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) if i != 3 else None
+             for i, p in enumerate(params)]
+        for p, q, gi in zip(params, ref_params, g):
+            p.grad, q.grad = (None, None) if gi is None else (gi.clone(), gi.clone())
+        for s in (step, ref_step):
+            s.set_hyperparameters(0.25)
+        norm = step.launch(grad_norm=True)
+        assert ref_step.launch() is None
+        want = torch.linalg.vector_norm(torch.cat([x.flatten() for x in g if x is not None]))
+        assert abs(norm.item() - want.item()) < 1e-5 * want.item(), (norm, want)
+        for a, b in zip(params + ema, ref_params + ref_ema):
+            assert torch.equal(a.detach(), b.detach())
+        # one non-finite element in tensor 2, one inf in tensor 0
+        before = copy.deepcopy((params, ema, opt.state_dict()))
+        for p, q, gi in zip(params, ref_params, g):
+            p.grad, q.grad = (None, None) if gi is None else (gi.clone(), gi.clone())
+        params[2].grad[5, 3] = float("nan")
+        params[0].grad[0, 0] = float("inf")
+        norm = step.launch(grad_norm=True)
+        ref_step.launch()
+        assert not torch.isfinite(norm)
+        state, ref_state = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+        old_params, old_ema, old_state = before
+        for i, (a, b, e, re) in enumerate(zip(params, ref_params, ema, ref_ema)):
+            guarded = {0: (0, 0), 2: (5, 3)}.get(i)
+            mask = torch.zeros(a.shape, dtype=torch.bool)
+            if guarded:
+                mask[guarded] = True
+                assert a[guarded] == old_params[i][guarded] and e[guarded] == old_ema[i][guarded], i
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert state[i][k][guarded] == old_state["state"][i][k][guarded], (i, k)
+            assert torch.equal(a.detach()[~mask], b.detach()[~mask]) and torch.equal(e[~mask], re[~mask]), i
+        # a skipped step: nothing moves, the norm is 0
+        frozen = [p.detach().clone() for p in params] + [e.clone() for e in ema]
+        opt.found_inf = torch.tensor(1.0)
+        assert step.launch(grad_norm=True).item() == 0.0
+        assert all(torch.equal(a, b) for a, b in zip(frozen, [p.detach() for p in params] + ema))
+        opt.found_inf, opt.grad_scale = None, torch.tensor(2.0)
+        try:
+            step.launch(grad_norm=True)
+        except ValueError as exc:
+            assert "grad_scale" in str(exc)
+        else:
+            raise AssertionError("grad_norm with a grad_scale was accepted")
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
 def test_kernel_resumes_from_a_saved_state_exactly():
     """3 steps, the state saved (as the trainer's checkpoint holds it) and loaded into a fresh AdamW + AdamWEMA,
     then 3 more steps == 6 steps uninterrupted, bit for bit."""

@@ -573,13 +573,17 @@ def test_fp16_in_the_fused_step_equals_the_grad_scaler_path(tmp_path, monkeypatc
 
 def test_trainer_clip_in_the_fused_step_is_exact_when_inactive_and_acts_when_active(tmp_path):
     """train.grad_clip goes through the fused AdamW's grad_scale: a limit above every gradient norm leaves the run
-    bit-identical to no clipping (the factor is exactly 1), a small one changes it and the log shows the true norm."""
+    bit-identical to no clipping (the factor is exactly 1) with the same logged norms, a small one changes it and
+    the log shows the true norm."""
     common = ("train.max_steps=4", "train.ckpt_every=4", "sample.grid_size=0")
     free = _train(tmp_path / "none", *common)
     loose = _train(tmp_path / "loose", *common, "train.grad_clip=1e9")
     tight = _train(tmp_path / "tight", *common, "train.grad_clip=1e-4")
     assert loose["weights_digest"] == free["weights_digest"]
     assert tight["weights_digest"] != free["weights_digest"]
+    # without clipping, on a GPU, the norm comes from the optimizer kernel's pass (norm_in_step): the same norm
+    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in _log(tmp_path / "none")]),
+                               torch.tensor([r["grad_norm"] for r in _log(tmp_path / "loose")]), rtol=1e-5, atol=0)
     norms = [r["grad_norm"] for r in _log(tmp_path / "tight") if "grad_norm" in r]
     assert norms and all(n > 1e-4 for n in norms)  # the clip was active on the logged steps
 
@@ -995,21 +999,47 @@ def test_cuda_graph_settings_are_checked(tmp_path):
             _train(tmp_path / "cpu", "train.cuda_graph=true")
 
 
+def test_the_step_graph_is_the_default_where_it_applies_to_a_compiled_model(tmp_path):
+    """train.cuda_graph unset: on for a compiled model on one CUDA process with the optimizer kernel and settings the
+    graph allows (a slow host then cannot slow the step down), off anywhere else, without an error; set, it is
+    obeyed (true: an error where it cannot apply)."""
+    from dit.config import ConfigError
+    from dit.train import use_step_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    base = tiny_overrides(tmp_path)
+    compiled = load_config(None, base + ["model.compile=true"])
+    assert compiled.train.cuda_graph is None
+    assert use_step_graph(compiled, cuda, 1, True)
+    assert not use_step_graph(compiled, cpu, 1, True)
+    assert not use_step_graph(compiled, cuda, 2, True)
+    assert not use_step_graph(compiled, cuda, 1, False)
+    assert not use_step_graph(load_config(None, base), cuda, 1, True)  # eager
+    for setting in ("train.grad_accum_steps=2", "model.compile_mode=reduce-overhead", "train.fused_adamw_ema=false"):
+        assert not use_step_graph(load_config(None, base + ["model.compile=true", setting]), cuda, 1, True), setting
+    assert not use_step_graph(load_config(None, base + ["model.compile=true", "train.cuda_graph=false"]), cuda, 1, True)
+    forced = load_config(None, base + ["train.cuda_graph=true"])
+    assert use_step_graph(forced, cuda, 1, True)  # eager too, when asked for
+    with pytest.raises(ConfigError, match="needs one process; this run has device cuda, 2 process"):
+        use_step_graph(forced, cuda, 2, True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision,clip", [("bf16", "0.05"), ("fp16", "0.05"), ("bf16", "null")])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monkeypatch, compiled, precision):
+def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monkeypatch, compiled, precision, clip):
     """The whole step in one CUDA graph gives the same losses, weights, EMA and optimizer state as direct steps, with
     a warm-up + cosine LR, the EMA warm-up, active clipping and label dropout (all of which change per step inside the
     replayed graph); and 3 graphed steps + resume == 6 straight. Eager: bit for bit. Compiled: Inductor's embedding
     backward adds with atomics in no fixed order (docs/architecture.md), so two compiled runs agree to ~1e-9 only.
-    fp16: the loss scale, updated on the device inside the graph, is saved and resumed too."""
+    fp16: the loss scale, updated on the device inside the graph, is saved and resumed too. Without clipping (bf16):
+    the gradient norm comes from the optimizer kernel's pass, its partial sums written inside the graph."""
     from dit.optim import AdamWEMA
 
     if AdamWEMA(torch.optim.AdamW([nn.Parameter(torch.zeros(4, device="cuda"))], fused=True)).reason is not None:
         pytest.skip("no Triton for the one-pass AdamW + EMA kernel")
     extra = [f"train.mixed_precision={precision}", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.min_lr=1e-4",
-             "train.grad_clip=0.05", "sample.grid_size=0", "train.tf32=false", f"model.compile={str(compiled).lower()}"]
+             f"train.grad_clip={clip}", "sample.grid_size=0", "train.tf32=false", f"model.compile={str(compiled).lower()}"]
     graph = ["train.cuda_graph=true", "train.cuda_graph_warmup=1"]
 
     def same(a, b, what):
@@ -1034,9 +1064,11 @@ def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monke
         if not compiled:
             assert sa["weights_digest"] == sb["weights_digest"]
 
-    direct = _train(tmp_path / "direct", *extra)
+    direct = _train(tmp_path / "direct", *extra, "train.cuda_graph=false")  # a compiled model's default is the graph
     graphed = _train(tmp_path / "graph", *extra, *graph)
-    assert max(r["grad_norm"] for r in _log(tmp_path / "graph")) > 0.05  # clipping acted
+    norms = [r["grad_norm"] for r in _log(tmp_path / "graph")]
+    assert all(math.isfinite(n) and n > 0 for n in norms)
+    assert max(norms) > 0.05  # clipping acted (where asked for)
     same_runs(tmp_path / "direct", tmp_path / "graph", direct, graphed)
 
     real_save = checkpointing.save_checkpoint
