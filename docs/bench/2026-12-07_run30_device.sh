@@ -7,8 +7,8 @@
 #                                                      # tests; DiT-XL/2 with the step graph; DiT-S/2 before / after
 #   bash docs/bench/2026-12-07_run30_device.sh host    # call 3: DiT-S/2 on call 2's slow host: reduce-overhead, the
 #                                                      # step graph, neither
-#   bash docs/bench/2026-12-07_run30_device.sh final   # call 4: the step graph as the compiled default: DiT-XL/2
-#                                                      # before, after, after without the graph; DiT-S/2 after
+#   bash docs/bench/2026-12-07_run30_device.sh final   # call 4: the step graph as the compiled default: the
+#                                                      # trainer's GPU tests; DiT-XL/2 and DiT-S/2 before / after
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 norm)
@@ -35,10 +35,13 @@ host)
     bench . s_new2 DiT-S/2 200 60 ;;
 final)
     nproc; grep -m1 "model name" /proc/cpuinfo
-    bench q_base xl_base DiT-XL/2 100 50
-    bench . xl_new DiT-XL/2 100 50
-    bench . xl_new_nograph DiT-XL/2 100 50 train.cuda_graph=false
+    timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_train.py -k "gpu or cuda_graph or fused_step" \
+        > "$OUT/gpu_tests_final.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/gpu_tests_final.txt"
+    grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests_final.txt"
+    bench q_base s_base DiT-S/2 200 60
     bench . s_new DiT-S/2 200 60
-    bench q_base s_base DiT-S/2 200 60 ;;
+    bench q_base xl_base DiT-XL/2 100 50
+    bench . xl_new DiT-XL/2 100 50 ;;
 *) echo "usage: $0 norm|check|host|final" >&2; exit 2 ;;
 esac
