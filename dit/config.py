@@ -196,9 +196,10 @@ class TrainConfig:
     # CUDA, one process: capture the whole step (forward, backward, clipping, the AdamW + EMA kernel) in one CUDA
     # graph after train.cuda_graph_warmup direct steps (dit/utils/cuda_graph.py; fp16's loss scale is updated on the
     # device). Needs grad_accum_steps=1, fused_adamw_ema, and no CUDA graphs of its own in model.compile_mode.
-    # None (the default): on wherever it applies to a compiled model (model.compile=true), off otherwise: the step
-    # then costs the host no launches, so a slow host does not slow it down (DiT-S/2 on an H100 with a slow host:
-    # 7,898 img/s against 5,169 without, docs/benchmarks.md run 30); true: an error where it cannot apply.
+    # None (the default): on wherever it applies to a compiled model (model.compile=true; not yet with
+    # model.gemm_backend=quack, unmeasured there), off otherwise: the step then costs the host no launches, so a slow
+    # host does not slow it down (DiT-S/2 on an H100 with a slow host: 7,898 img/s against 5,169 without,
+    # docs/benchmarks.md run 30); true: an error where it cannot apply.
     cuda_graph: bool | None = None
     cuda_graph_warmup: int = 2
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,

@@ -1041,13 +1041,15 @@ def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bo
 def use_step_graph(cfg: Config, device: torch.device, world: int, fused_kernel: bool) -> bool:
     """Whether the trainer captures its step in one CUDA graph: ``train.cuda_graph`` true (an error where it cannot
     apply), false, or None: where it applies to a compiled model (one CUDA process, ``fused_kernel``: the one-pass
-    AdamW + EMA kernel runs, and the settings of ``step_graph_missing``, which the config checked for true)."""
+    AdamW + EMA kernel runs, and the settings of ``step_graph_missing``, which the config checked for true) and was
+    measured: not with ``model.gemm_backend=quack``, whose kernels have not run inside the graph (true still asks)."""
     why = ("a CUDA device" if device.type != "cuda" else "one process" if world > 1 else
            "the one-pass AdamW + EMA kernel (Triton on CUDA, no FSDP)" if not fused_kernel else None)
     if cfg.train.cuda_graph and why is not None:
         raise ConfigError(f"train.cuda_graph=true needs {why}; this run has device {device.type}, {world} process(es)")
     if cfg.train.cuda_graph is None:
-        return why is None and cfg.model.compile and not step_graph_missing(cfg)
+        return (why is None and cfg.model.compile and cfg.model.gemm_backend == "cublas"
+                and not step_graph_missing(cfg))
     return cfg.train.cuda_graph
 
 

@@ -1015,7 +1015,8 @@ def test_the_step_graph_is_the_default_where_it_applies_to_a_compiled_model(tmp_
     assert not use_step_graph(compiled, cuda, 2, True)
     assert not use_step_graph(compiled, cuda, 1, False)
     assert not use_step_graph(load_config(None, base), cuda, 1, True)  # eager
-    for setting in ("train.grad_accum_steps=2", "model.compile_mode=reduce-overhead", "train.fused_adamw_ema=false"):
+    for setting in ("train.grad_accum_steps=2", "model.compile_mode=reduce-overhead", "train.fused_adamw_ema=false",
+                    "model.gemm_backend=quack"):
         assert not use_step_graph(load_config(None, base + ["model.compile=true", setting]), cuda, 1, True), setting
     assert not use_step_graph(load_config(None, base + ["model.compile=true", "train.cuda_graph=false"]), cuda, 1, True)
     forced = load_config(None, base + ["train.cuda_graph=true"])
