@@ -173,7 +173,11 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr: float = 0.0  # floor of the cosine schedule
     max_steps: int = 400_000
-    grad_clip: float | None = None  # max global grad norm; None = no clipping (the DiT paper does not clip)
+    # Max global grad norm; None = no clipping (the DiT paper does not clip). Without clipping (and without fp16, in
+    # one process) the fused optimizer kernel takes the norm from its own pass, so a non-finite gradient element is
+    # left out of the update instead of the whole step being skipped (a non-finite loss still skips it); a limit
+    # above every norm, e.g. 1e30, keeps the whole-step skip (docs/benchmarks.md, run 30).
+    grad_clip: float | None = None
     ema_decay: float = 0.9999
     # EMA warm-up: decay_k = min(ema_decay, (1 + k) / (10 + k)) at update k. Without it a short run's EMA is still
     # mostly the zero-output initialisation (0.999 ** 782 = 46% after 782 steps) and samples look like noise.
