@@ -12,19 +12,13 @@
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 norm)
-    timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_optim.py tests/test_train.py \
-        -k "gpu or clip_in_the_fused_step" > "$OUT/gpu_tests_norm.txt" 2>&1
-    echo "pytest exit $?" >> "$OUT/gpu_tests_norm.txt"
-    grep "^\(PASSED\|FAILED\|ERROR\|pytest exit\)" "$OUT/gpu_tests_norm.txt"
+    gputests norm 150 tests/test_optim.py tests/test_train.py -k "gpu or clip_in_the_fused_step"
     bench q_base xl_base_norm DiT-XL/2 100 50
     bench . xl_norm DiT-XL/2 100 50
     bench q_base xl_base_norm2 DiT-XL/2 100 50
     bench . xl_norm2 DiT-XL/2 100 50 ;;
 check)
-    timeout 300 python3 -m pytest -q -rA -p no:cacheprovider tests/test_optim.py tests/test_train.py \
-        tests/test_dit_model.py -k "gpu or cuda_graph or fused_step" > "$OUT/gpu_tests_check.txt" 2>&1
-    echo "pytest exit $?" >> "$OUT/gpu_tests_check.txt"
-    grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests_check.txt"
+    gputests check 300 tests/test_optim.py tests/test_train.py tests/test_dit_model.py -k "gpu or cuda_graph or fused_step"
     bench . xl_graph DiT-XL/2 80 40 train.cuda_graph=true
     bench q_base s_base DiT-S/2 200 60
     bench . s_new DiT-S/2 200 60 ;;
@@ -35,10 +29,7 @@ host)
     bench . s_new2 DiT-S/2 200 60 ;;
 final)
     nproc; grep -m1 "model name" /proc/cpuinfo
-    timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_train.py -k "gpu or cuda_graph or fused_step" \
-        > "$OUT/gpu_tests_final.txt" 2>&1
-    echo "pytest exit $?" >> "$OUT/gpu_tests_final.txt"
-    grep "^\(PASSED\|FAILED\|ERROR\|SKIPPED\|pytest exit\)" "$OUT/gpu_tests_final.txt"
+    gputests final 200 tests/test_train.py -k "gpu or cuda_graph or fused_step"
     bench q_base s_base DiT-S/2 200 60
     bench . s_new DiT-S/2 200 60
     bench q_base xl_base DiT-XL/2 100 50
