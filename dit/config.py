@@ -206,6 +206,13 @@ class TrainConfig:
     # docs/benchmarks.md run 30); true: an error where it cannot apply.
     cuda_graph: bool | None = None
     cuda_graph_warmup: int = 2
+    # Launch each block's AdamW + EMA update as soon as the backward has finished that block's gradients, on a
+    # low-priority CUDA stream that fills the SMs the backward leaves idle (dit.optim.UpdateDuringBackward), instead
+    # of the whole update after the backward; the same results. Needs the norm taken in the optimizer kernel (CUDA,
+    # one process, fused_adamw_ema, no grad_clip, no fp16) and grad_accum_steps=1; it overlaps only where the blocks'
+    # gradients come one block at a time: model.compile=false or model.compile_scope=blocks (one compiled loss hands
+    # all gradients over at its end).
+    update_in_backward: bool = False
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
     # set for the run). UNets in channels-last: convolutions 2.4 ms faster per UNet-B step (docs/benchmarks.md,
     # run 12); NCHW: no gain (run 7). The chosen algorithms can differ between runs, so a resumed run may not match
@@ -477,6 +484,11 @@ def validate(cfg: Config, source: str = "config") -> None:
                           f"compile_mode={cfg.model.compile_mode!r}")
     if t.cuda_graph and (missing := step_graph_missing(cfg)):
         raise ConfigError(f"{source}: train.cuda_graph=true needs {'; '.join(missing)}")
+    if t.update_in_backward and (missing := [k for k, ok in {
+            "train.grad_accum_steps=1": t.grad_accum_steps == 1, "train.fused_adamw_ema=true": t.fused_adamw_ema,
+            "no train.grad_clip": t.grad_clip is None, "train.mixed_precision no or bf16": t.mixed_precision != "fp16",
+            "train.fsdp=false": not t.fsdp}.items() if not ok]):
+        raise ConfigError(f"{source}: train.update_in_backward=true needs {'; '.join(missing)}")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"train.grad_accum_steps ({t.grad_accum_steps})")

@@ -147,8 +147,10 @@ class AdamWEMA:
                                      f"{tuple(p.shape)}")
         self.block, self.num_warps = block, num_warps
         self.reason = self._unsupported(force_triton)  # None: the kernel runs
-        self._blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (block -> tensor, index)
-        self._tables: dict[int, tuple] = {}  # group -> (addresses, device table, aligned)
+        # per segment of the update (a group and the indices of some of its parameters, see set_buckets):
+        self._blocks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (kernel block -> tensor, its index)
+        self._tables: dict[tuple, tuple] = {}  # (addresses, device table, aligned)
+        self._offsets: dict[tuple, int] | None = None  # first kernel block in the norm partials
         self._dummy_step: torch.Tensor | None = None
         self._hyper: dict[int, torch.Tensor] = {}  # group -> (3,) fp32 device: lr, 1 - lr * weight_decay, EMA weight
         # (group, beta1, beta2) -> (4,) fp64 device: the betas rounded to float32, and their log2
@@ -157,7 +159,11 @@ class AdamWEMA:
         self._copy_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its compute-dtype copy)
         self._copies: dict[int, torch.Tensor] = {}  # id(parameter) -> copy
         self.copy_dtype: torch.dtype | None = None
-        self._norm_partials: torch.Tensor | None = None  # launch(grad_norm=True): each block's sum of squares
+        self._norm_partials: torch.Tensor | None = None  # grad_norm=True: each kernel block's sum of squares
+        # The update's buckets (set_buckets): each a list of segments (group, indices of its parameters in the group);
+        # by default one bucket of every group's parameters, so launch() is one kernel per group.
+        self.buckets: list[list[tuple[int, tuple[int, ...]]]] = [
+            [(gi, tuple(range(len(g["params"]))))] for gi, g in enumerate(optimizer.param_groups) if g["params"]]
 
     def keep_compute_copies(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """After every update also write each parameter of ``pairs`` = [(parameter, copy)], rounded, into its copy:
@@ -248,6 +254,30 @@ class AdamWEMA:
                 self._hyper[gi] = hyper = torch.empty(3, dtype=torch.float32, device=device)
             hyper.copy_(values, non_blocking=True)
 
+    def set_buckets(self, buckets: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Split the update into ``buckets`` (lists of parameters; each optimizer parameter in exactly one) that
+        :meth:`launch_bucket` runs one at a time, e.g. as soon as the backward has finished a block's gradients
+        (``dit.train.UpdateDuringBackward``). :meth:`launch` runs them all, in order; the results are the same."""
+        where = {id(p): (gi, i) for gi, g in enumerate(self.optimizer.param_groups) for i, p in enumerate(g["params"])}
+        seen: set[int] = set()
+        layout = []
+        for b, bucket in enumerate(buckets):
+            segments: dict[int, list[int]] = {}
+            for p in bucket:
+                if id(p) not in where:
+                    raise ValueError(f"AdamWEMA.set_buckets: bucket {b} names a tensor the optimizer does not update")
+                if id(p) in seen:
+                    raise ValueError(f"AdamWEMA.set_buckets: a parameter of bucket {b} is in an earlier bucket too")
+                seen.add(id(p))
+                gi, i = where[id(p)]
+                segments.setdefault(gi, []).append(i)
+            layout.append([(gi, tuple(idx)) for gi, idx in sorted(segments.items())])
+        if len(seen) != len(where):
+            raise ValueError(f"AdamWEMA.set_buckets: the buckets hold {len(seen)} of the optimizer's {len(where)} "
+                             "parameters; every parameter must be in one")
+        self.buckets = layout
+        self._norm_partials = self._offsets = None
+
     def launch(self, grad_norm: bool = False) -> torch.Tensor | None:
         """The update with the hyperparameters of the last :meth:`set_hyperparameters`: no host sync and no host
         transfer (except the address table, when the gradients moved), so it can be captured in a CUDA graph.
@@ -258,34 +288,49 @@ class AdamWEMA:
         gradient is not finite keeps its weight, moments and EMA (the other elements are updated), and the norm
         comes out non-finite for the caller to count the step as bad. ``optimizer.found_inf`` still skips the
         whole update (the norm is then 0)."""
+        for b in range(len(self.buckets)):
+            self.launch_bucket(b, grad_norm)
+        return self.grad_norm() if grad_norm else None
+
+    def launch_bucket(self, b: int, grad_norm: bool = False) -> None:
+        """:meth:`launch` for the parameters of bucket ``b`` only (:meth:`set_buckets`); with ``grad_norm`` its
+        blocks' sums of squares go where :meth:`grad_norm` adds them up."""
         if not self.fused:
             raise RuntimeError(f"AdamWEMA.launch: the one-pass kernel does not run here ({self.reason})")
         opt = self.optimizer
-        if any(group["params"] and gi not in self._hyper for gi, group in enumerate(opt.param_groups)):
+        if any(gi not in self._hyper for gi, _ in self.buckets[b]):
             raise RuntimeError("AdamWEMA.launch: call set_hyperparameters first")
         found_inf = getattr(opt, "found_inf", None)
         grad_scale = getattr(opt, "grad_scale", None)
         if grad_norm and grad_scale is not None:
             raise ValueError("AdamWEMA.launch(grad_norm=True): the norm of gradients divided by optimizer.grad_scale "
                              "is not supported (clip or unscale with clip_in_fused_step instead)")
-        partials = None
-        if grad_norm:  # one fp32 per block of every group, kept (a CUDA graph of the step writes the same one)
-            total = sum(self._group_blocks(gi)[0].numel() for gi, g in enumerate(opt.param_groups) if g["params"])
-            if self._norm_partials is None or self._norm_partials.numel() != total:
-                self._norm_partials = torch.empty(total, dtype=torch.float32, device=self.params[0].device)
-            partials = self._norm_partials
         with torch.no_grad():
-            start = 0
-            for gi, group in enumerate(opt.param_groups):
-                if not group["params"]:
-                    continue
-                blocks = self._group_blocks(gi)[0].numel()
-                self._step_group(gi, group, found_inf, grad_scale,
-                                 None if partials is None else partials[start:start + blocks])
-                start += blocks
-            norm = None if partials is None else partials.sum().sqrt()  # ()
+            for segment in self.buckets[b]:
+                partials = None
+                if grad_norm:  # this segment's slice of one fp32 per kernel block of every bucket
+                    start, blocks = self._partials_slice(segment)
+                    partials = self._norm_partials[start:start + blocks]
+                self._step_segment(segment, found_inf, grad_scale, partials)
         opt._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that the optimizer stepped
-        return norm
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm () of the gradients the last launches with ``grad_norm=True`` read (every bucket)."""
+        if self._norm_partials is None:
+            raise RuntimeError("AdamWEMA.grad_norm: no launch with grad_norm=True yet")
+        return self._norm_partials.sum().sqrt()
+
+    def _partials_slice(self, segment: tuple[int, tuple[int, ...]]) -> tuple[int, int]:
+        """(first, count) of ``segment``'s kernel blocks in the norm partials, which are (re)made here, kept across
+        steps (a CUDA graph of the step writes the same ones)."""
+        if self._offsets is None or self._norm_partials is None:
+            self._offsets, start = {}, 0
+            for bucket in self.buckets:
+                for seg in bucket:
+                    self._offsets[seg] = start
+                    start += self._segment_blocks(seg)[0].numel()
+            self._norm_partials = torch.empty(start, dtype=torch.float32, device=self.params[0].device)
+        return self._offsets[segment], self._segment_blocks(segment)[0].numel()
 
     def _state(self, p: torch.Tensor) -> dict:
         st = self.optimizer.state[p]
@@ -297,50 +342,53 @@ class AdamWEMA:
             st["step"] = st["step"].to(p.device, torch.float32)
         return st
 
-    def _group_blocks(self, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the tensor of each kernel block, the block's number within its tensor) of group ``gi``: (blocks,) each."""
-        if gi not in self._blocks:
+    def _segment_blocks(self, segment: tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tensor of each kernel block, the block's number within its tensor) of ``segment`` = (group, indices
+        of its parameters in the group): (blocks,) each."""
+        if segment not in self._blocks:
             triton, _ = _kernel()
-            params = self.optimizer.param_groups[gi]["params"]
-            device = params[0].device
+            params = [self.optimizer.param_groups[segment[0]]["params"][i] for i in segment[1]]
             counts = torch.tensor([triton.cdiv(p.numel(), self.block) for p in params])
             owner = torch.repeat_interleave(torch.arange(len(params)), counts)
             first = torch.cumsum(counts, 0) - counts
             index = torch.arange(len(owner)) - first[owner]
-            self._blocks[gi] = (owner.to(device, torch.int32), index.to(device, torch.int32))
-        return self._blocks[gi]
+            device = params[0].device
+            self._blocks[segment] = (owner.to(device, torch.int32), index.to(device, torch.int32))
+        return self._blocks[segment]
 
-    def _step_group(self, gi: int, group: dict, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None,
-                    norm_partials: torch.Tensor | None = None) -> None:
+    def _step_segment(self, segment: tuple[int, tuple[int, ...]], found_inf: torch.Tensor | None,
+                      grad_scale: torch.Tensor | None, norm_partials: torch.Tensor | None = None) -> None:
         triton, kernel = _kernel()
-        params = group["params"]
-        if not params:
-            return
+        gi, indices = segment
+        group = self.optimizer.param_groups[gi]
+        params = [group["params"][i] for i in indices]
         offset = sum(len(g["params"]) for g in self.optimizer.param_groups[:gi])
-        emas = self.ema_params[offset:offset + len(params)] if self.ema_params is not None else None
+        emas = [self.ema_params[offset + i] for i in indices] if self.ema_params is not None else None
         device = params[0].device
         states = [self._state(p) for p in params]
         with_grad = [s["step"] for p, s in zip(params, states) if p.grad is not None]
-        if found_inf is None:
+        if not with_grad:  # a bucket whose parameters got no gradient: only its EMA moves
+            pass
+        elif found_inf is None:
             torch._foreach_add_(with_grad, 1.0)
         else:  # as the fused AdamW: the count moves only on a step that is taken
             torch._foreach_add_(with_grad, [1.0 - found_inf.float()] * len(with_grad))
         if self._dummy_step is None:
             self._dummy_step = torch.ones((), dtype=torch.float32, device=device)
         addresses = []
-        for i, (p, s) in enumerate(zip(params, states)):
+        for j, (i, p, s) in enumerate(zip(indices, params, states)):
             g = p.grad
             if g is not None and (g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape):
                 raise ValueError(f"AdamWEMA: the gradient of parameter {offset + i} is {g.dtype} "
                                  f"{tuple(g.shape)}, expected a contiguous fp32 tensor of the parameter's shape")
-            e = emas[i] if emas is not None else p
+            e = emas[j] if emas is not None else p
             c = self._copies.get(id(p))
             addresses += [p.data_ptr(), (g if g is not None else p).data_ptr(), s["exp_avg"].data_ptr(),
                           s["exp_avg_sq"].data_ptr(), e.data_ptr(),
                           (s["step"] if g is not None else self._dummy_step).data_ptr(), p.numel(), int(g is not None),
                           c.data_ptr() if c is not None else 0]
         key = tuple(addresses)
-        cached = self._tables.get(gi)
+        cached = self._tables.get(segment)
         if cached is None or cached[0] != key:
             # A pinned staging copy: the upload is asynchronous (no host sync), and the caching host allocator keeps
             # the staging block until the copy has run. Gradients usually land at the same addresses every step.
@@ -349,11 +397,11 @@ class AdamWEMA:
                 host = host.pin_memory()
             aligned = all(a % 16 == 0 for r in range(0, len(key), _FIELDS) for a in key[r:r + 5] + key[r + 8:r + 9]
                           ) and all(p.numel() % 4 == 0 for p in params)
-            self._tables[gi] = cached = (key, host.to(device, non_blocking=True), aligned)
+            self._tables[segment] = cached = (key, host.to(device, non_blocking=True), aligned)
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 self._graph_sources.append(host)  # every replay copies from it again: it must outlive the graph
         _, table, aligned = cached
-        owner, index = self._group_blocks(gi)
+        owner, index = self._segment_blocks(segment)
         beta1, beta2 = group["betas"]
         betas = self._betas.get((gi, beta1, beta2))
         if betas is None:  # made once (before any CUDA-graph capture: the graph's warm-up steps run this)
@@ -368,3 +416,97 @@ class AdamWEMA:
             COPY_DTYPE=None if self.copy_dtype is None else getattr(triton.language, str(self.copy_dtype)[6:]),
             ALIGNED=aligned, GRAD_NORM=norm_partials is not None, FIELDS=_FIELDS, BLOCK=self.block,
             num_warps=self.num_warps)
+
+
+class UpdateDuringBackward:
+    """Each bucket's AdamW + EMA update (``AdamWEMA.launch_bucket``) launched as soon as the backward has
+    accumulated that bucket's last gradient, on a side stream of the lowest priority, instead of the whole update
+    after the whole backward.
+
+    The update runs at the memory bandwidth (DiT-XL/2: 8.5 ms of a 108 ms step); the backward's GEMMs leave SMs idle
+    in their last waves and between kernels. The GPU gives the update's thread blocks only the SMs the step's own
+    kernels, of higher priority, do not claim (the trainer's whole-step CUDA graph is captured on a high-priority
+    stream, ``StepGraph``, and a graph keeps each kernel's priority), so the update fills that idle time. The
+    update is that of ``AdamWEMA.launch(grad_norm=True)`` after the backward, bit for bit (the same kernel on the same
+    gradients); the norm equals it to float rounding (the same partial sums, added in bucket order).
+
+    Use: ``arm()`` before the backward (``optimizer.found_inf`` and the hyperparameters already set: the kernels
+    read them while the backward runs), ``finish()`` after it, which returns the gradient norm (). Needs every
+    gradient of a step from one backward (no gradient accumulation), and a backward that reads a parameter (or a
+    copy of it, as the DiT's bf16 ``weight_c``) only in the nodes that produce its gradient: once the last of them
+    has run the parameter is free to change. A ``p.detach()`` in the forward would break that; DiT and UNet keep it.
+    """
+
+    def __init__(self, update: AdamWEMA, buckets: Sequence[Sequence[torch.Tensor]]):
+        buckets = [list(b) for b in buckets if len(b)]
+        update.set_buckets(buckets)
+        self.update = update
+        self._bucket_of = {id(p): b for b, bucket in enumerate(buckets) for p in bucket}
+        self._sizes = [len(bucket) for bucket in buckets]
+        self._left: list[int] = []  # per bucket, the gradients still to come this step (empty: not armed)
+        self._launched: list[bool] = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._accumulated) for bucket in buckets for p in bucket]
+        device = update.params[0].device
+        # Priority 0 is CUDA's lowest (the range is 0 down to a negative number); on the CPU (tests) no stream
+        self.stream = torch.cuda.Stream(device, priority=0) if device.type == "cuda" else None
+
+    def arm(self) -> None:
+        """Before the backward whose gradients the update takes."""
+        self._left = list(self._sizes)
+        self._launched = [False] * len(self._sizes)
+
+    def _accumulated(self, p: torch.Tensor) -> None:
+        if not self._left:  # a backward outside arm() / finish(): not the trainer's
+            return
+        b = self._bucket_of[id(p)]
+        self._left[b] -= 1
+        if self._left[b] == 0:
+            self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        self._launched[b] = True
+        if self.stream is None:
+            self.update.launch_bucket(b, grad_norm=True)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())  # after the kernels that made the gradients
+        with torch.cuda.stream(self.stream):
+            self.update.launch_bucket(b, grad_norm=True)
+
+    def finish(self) -> torch.Tensor:
+        """After the backward: the buckets still waiting (parameters that got no gradient) are launched, the current
+        stream waits for the update, and the global gradient norm () is returned."""
+        if not self._left:
+            raise RuntimeError("UpdateDuringBackward.finish: arm() was not called before the backward")
+        for b, launched in enumerate(self._launched):
+            if not launched:
+                self._launch(b)
+        self._left = []
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+        return self.update.grad_norm()
+
+    def remove(self) -> None:
+        """Remove the gradient hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def update_buckets(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` grouped by where ``model`` uses them, for :class:`UpdateDuringBackward`: one bucket per element
+    of each ``nn.ModuleList`` / ``nn.Sequential`` child (a DiT's or UNet's blocks), one per other child module and
+    one for the parameters of ``model`` itself; parameters outside ``params`` are left out, empty buckets dropped."""
+    wanted = {id(p) for p in params}
+    taken: set[int] = set()
+
+    def collect(module: torch.nn.Module) -> list[torch.Tensor]:
+        out = [p for p in module.parameters() if id(p) in wanted and id(p) not in taken]
+        taken.update(id(p) for p in out)
+        return out
+
+    buckets = []
+    for child in model.children():
+        parts = list(child) if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) else [child]
+        buckets += [collect(m) for m in parts]
+    buckets.append([p for p in params if id(p) not in taken])
+    return [b for b in buckets if b]

@@ -30,7 +30,7 @@ from dit import checkpointing
 from dit.config import Config, ConfigError, flatten, save_config, step_graph_missing, to_dict
 from dit.models import cublaslt, quack_gemm
 from dit.models.kernels import has_triton
-from dit.optim import AdamWEMA
+from dit.optim import AdamWEMA, UpdateDuringBackward, update_buckets
 from dit.utils import AUTOCAST_DTYPES, profiling
 from dit.utils.cuda_graph import StepGraph
 from dit.utils.ema import EMA, buffer_pairs, copy_buffers, ema_decay_at, shard_pairs
@@ -748,6 +748,15 @@ def train(cfg: Config) -> dict:
     # DiT-XL/2's step). A non-finite gradient then cannot skip the whole step; its elements keep their values and
     # the step counts as bad (AdamWEMA.launch); a non-finite loss still skips it.
     norm_in_step = adamw_ema is not None and tc.grad_clip is None and scaler is None and world == 1
+    # train.update_in_backward: each block's update launched as the backward finishes the block's gradients, on a
+    # low-priority stream (dit.optim.UpdateDuringBackward); the config checked the settings, here the rest
+    during_backward = None
+    if tc.update_in_backward:
+        if not norm_in_step:
+            raise ConfigError("train.update_in_backward=true needs the AdamW + EMA kernel on one CUDA process (this "
+                              f"run: device {device.type}, {world} process(es), kernel "
+                              f"{'on' if adamw_ema is not None else 'off'})")
+        during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, trainable))
 
     # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps, timed as a
     # log interval of their own (flushed at both ends) so no other step's step_time carries the profiler
@@ -830,10 +839,14 @@ def train(cfg: Config) -> dict:
 
     def update_with_norm_in_step(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``norm_in_step``: the update first, skipped only for a non-finite loss; the gradient norm from the
-        optimizer kernel's pass (AdamWEMA.launch). Returns as ``clip_and_update``."""
+        optimizer kernel's pass (AdamWEMA.launch). Returns as ``clip_and_update``. With ``during_backward`` the
+        update was launched during the backward (found_inf set before it, in ``micro_step``)."""
         skip = ~torch.isfinite(sums[0])  # () bool
-        inner_opt.found_inf = skip.float()
-        norm = adamw_ema.launch(grad_norm=True)  # (); 0 for a skipped update: logged as NaN
+        if during_backward is not None:
+            norm = during_backward.finish()
+        else:
+            inner_opt.found_inf = skip.float()
+            norm = adamw_ema.launch(grad_norm=True)  # (); 0 for a skipped update: logged as NaN
         grad_norm = torch.where(skip, torch.full_like(norm, math.nan), norm)
         stats = torch.cat([sums / tc.grad_accum_steps, grad_norm.reshape(1)])  # (4,)
         return stats, ~(torch.isfinite(stats[0]) & torch.isfinite(stats[3]))
@@ -854,6 +867,9 @@ def train(cfg: Config) -> dict:
                                        vb.detach().float()])
             # A non-finite loss makes the gradients non-finite (in DDP on every rank, through the all-reduce): it
             # is caught below from the gradient norm and the losses, without a host sync.
+            if during_backward is not None:  # the update's kernels, launched during the backward, read these
+                inner_opt.found_inf = (~torch.isfinite(sums[0])).float()
+                during_backward.arm()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 stats, bad = (update_with_norm_in_step if norm_in_step else clip_and_update)(sums)
@@ -931,6 +947,8 @@ def train(cfg: Config) -> dict:
     finally:
         if profiler is not None:  # the run ended inside the window
             profiler.stop()
+        if during_backward is not None:  # the model outlives the run; its gradient hooks do not
+            during_backward.remove()
         stream.close()  # stops the DataLoader workers, if any
         bar.close()
         if log_file is not None:

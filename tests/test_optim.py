@@ -398,3 +398,90 @@ def test_gpu_kernel_compute_copies_equal_torchs_cast():
             p.grad = torch.randn_like(p)
         step.step()
         assert all(torch.equal(c, p.detach().bfloat16()) for p, c in zip(params, copies))
+
+
+@needs_triton
+def test_update_during_the_backward_equals_the_update_after_it():
+    """UpdateDuringBackward: each bucket (update_buckets: one per block, per other child module, and the model's own
+    parameters) is launched while the backward runs, as soon as its last gradient is accumulated, the blocks from
+    the last to the first; a bucket without gradients at finish(). Three steps give the weights, moments and EMA of
+    AdamWEMA.launch after the backward bit for bit, across two parameter groups, and the same gradient norm."""
+    out = _run_interpreted("""
+        from torch import nn
+        from dit.optim import UpdateDuringBackward, update_buckets
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = nn.Linear(6, 8)
+                self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3))
+                self.head = nn.Linear(8, 3)
+                self.unused = nn.Linear(2, 2)  # never gets a gradient
+                self.scale = nn.Parameter(torch.ones(3))
+
+            def forward(self, x):
+                h = self.embed(x)
+                for b in self.blocks:
+                    h = h + b(h)
+                return self.head(h) * self.scale
+
+        def train(during, steps=3):
+            torch.manual_seed(0)
+            net = Net()
+            params = list(net.parameters())
+            groups = [{"params": [p for p in params if p.ndim == 2]},
+                      {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+            opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=False)
+            ema = [p.detach().clone() for g in groups for p in g["params"]]
+            step = AdamWEMA(opt, ema, block=32, force_triton=True)
+            buckets = update_buckets(net, params)
+            owner = {id(p): n.split(".")[0] + (n.split(".")[1] if n.startswith("blocks") else "")
+                     for n, p in net.named_parameters()}
+            assert [sorted({owner[id(p)] for p in b}) for b in buckets] == [
+                ["embed"], ["blocks0"], ["blocks1"], ["blocks2"], ["head"], ["unused"], ["scale"]], buckets
+            log, norms = [], []
+            if during:
+                upd = UpdateDuringBackward(step, buckets)
+                launch = step.launch_bucket
+                step.launch_bucket = lambda b, grad_norm=False: (log.append((b, phase[0])), launch(b, grad_norm))
+            for k in range(steps):
+                x = torch.randn(5, 6, generator=torch.Generator().manual_seed(k))
+                step.set_hyperparameters(0.1)
+                opt.found_inf = torch.tensor(0.0)
+                loss = net(x).square().mean()
+                if during:
+                    upd.arm()
+                    phase = ["backward"]
+                    loss.backward()
+                    phase = ["finish"]
+                    norms.append(upd.finish())
+                else:
+                    loss.backward()
+                    norms.append(step.launch(grad_norm=True))
+                opt.zero_grad(set_to_none=True)
+            if during:
+                upd.remove()
+                # the blocks from the last to the first while the backward runs; the gradient-less bucket at finish
+                order = [b for b, ph in log[:7] if ph == "backward"]
+                assert order[:5] == [6, 4, 3, 2, 1] and set(order) == {0, 1, 2, 3, 4, 6}, log[:7]
+                assert log[6] == (5, "finish"), log
+            return [p.detach() for p in params], ema, opt.state_dict()["state"], torch.stack(norms)
+
+        a, b = train(False), train(True)
+        assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+        assert all(torch.equal(a[2][i][k], b[2][i][k]) for i in a[2] for k in a[2][i])
+        assert torch.allclose(a[3], b[3], rtol=1e-6, atol=0), (a[3], b[3])
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_update_buckets_must_cover_every_parameter_once():
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    step = AdamWEMA(torch.optim.AdamW(params), force_triton=True)
+    with pytest.raises(ValueError, match="bucket 1 is in an earlier bucket"):
+        step.set_buckets([[params[0], params[1]], [params[1], params[2]]])
+    with pytest.raises(ValueError, match="hold 2 of the optimizer's 3 parameters"):
+        step.set_buckets([[params[0]], [params[2]]])
+    with pytest.raises(ValueError, match="bucket 0 names a tensor the optimizer does not update"):
+        step.set_buckets([[torch.zeros(2)] + params])

@@ -1088,6 +1088,50 @@ def test_cuda_graph_step_equals_direct_steps_and_resumes_exactly(tmp_path, monke
     same_runs(tmp_path / "graph", b, graphed, resumed)
 
 
+def test_update_in_backward_settings_are_checked(tmp_path):
+    """train.update_in_backward names every setting it cannot work with (config) and the machine it needs."""
+    from dit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs train.grad_accum_steps=1; no train.grad_clip; train.mixed_precision"):
+        load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward=true", "train.grad_accum_steps=2",
+                                                      "train.grad_clip=1.0", "train.mixed_precision=fp16"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="update_in_backward=true needs the AdamW \\+ EMA kernel on one CUDA"):
+            _train(tmp_path / "cpu", "train.update_in_backward=true")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the update's side stream needs a GPU")
+@pytest.mark.parametrize("mode", ["eager", "eager-graph", "blocks-graph"])
+def test_update_in_backward_equals_the_update_after_it_on_the_gpu(tmp_path, mode):
+    """train.update_in_backward=true: the blocks' updates launched during the backward on a low-priority stream give
+    the weights, EMA and optimizer state of the update after the backward: eager bit for bit, directly and in the
+    whole-step CUDA graph; regionally compiled within Inductor's atomics (see the test above)."""
+    from dit.optim import AdamWEMA
+
+    if AdamWEMA(torch.optim.AdamW([nn.Parameter(torch.zeros(4, device="cuda"))], fused=True)).reason is not None:
+        pytest.skip("no Triton for the one-pass AdamW + EMA kernel")
+    extra = ["train.mixed_precision=bf16", "train.warmup_steps=2", "sample.grid_size=0", "train.tf32=false",
+             "train.cuda_graph_warmup=1", f"train.cuda_graph={str(mode.endswith('graph')).lower()}"]
+    if mode.startswith("blocks"):
+        extra += ["model.compile=true", "model.compile_scope=blocks"]
+    after = _train(tmp_path / "after", *extra)
+    during = _train(tmp_path / "during", *extra, "train.update_in_backward=true")
+    la, lb = _log(tmp_path / "after"), _log(tmp_path / "during")
+    torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in la]), torch.tensor([r["grad_norm"] for r in lb]),
+                               rtol=1e-5, atol=0)
+    ca = torch.load(tmp_path / "after" / "checkpoints" / "step_0000006.pt", weights_only=True)
+    cb = torch.load(tmp_path / "during" / "checkpoints" / "step_0000006.pt", weights_only=True)
+    pairs = [(ca[k][n], cb[k][n], f"{k} {n}") for k in ("model", "ema") for n in ca[k]]
+    pairs += [(v, cb["opt"]["state"][i][k], f"opt {i} {k}") for i, st in ca["opt"]["state"].items() for k, v in st.items()]
+    for a, b, what in pairs:
+        if mode.startswith("eager"):
+            assert torch.equal(a, b), what
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=what)
+    if mode.startswith("eager"):
+        assert after["weights_digest"] == during["weights_digest"]
+
+
 def test_step_graph_refuses_inputs_that_do_not_fit_the_captured_buffers():
     """A replayed CUDA graph reads fixed buffers: StepGraph names an input whose shape, dtype, structure or non-tensor
     value differs from the capture's, and copies fitting ones into the buffers (checked here without a GPU)."""

@@ -51,7 +51,11 @@ class StepGraph:
             # On a side stream, as the capture will be (PyTorch's recipe for whole-network capture).
             main = torch.cuda.current_stream()
             if self._side is None:
-                self._side = torch.cuda.Stream()
+                # A high priority: work the step puts on streams of lower priority (the optimizer update of
+                # dit.optim.UpdateDuringBackward) gets only the SMs the step's own kernels leave idle. The graph
+                # keeps each captured kernel's priority (PyTorch instantiates it with cudaGraphInstantiateFlag-
+                # UseNodePriority).
+                self._side = torch.cuda.Stream(priority=-1)  # above the default, 0 (CUDA: lower is higher)
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
                 out = self.fn(**inputs)
@@ -87,6 +91,6 @@ class StepGraph:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # hand the warm-up steps' cached blocks back: the graph gets its own pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self._side):  # the warm-up's stream and priority
             self._outputs = self.fn(**tree_unflatten(self._static, spec))
         # Capturing records the kernels without running them: the replay in __call__ runs this step.
