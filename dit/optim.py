@@ -257,7 +257,7 @@ class AdamWEMA:
     def set_buckets(self, buckets: Sequence[Sequence[torch.Tensor]]) -> None:
         """Split the update into ``buckets`` (lists of parameters; each optimizer parameter in exactly one) that
         :meth:`launch_bucket` runs one at a time, e.g. as soon as the backward has finished a block's gradients
-        (``dit.train.UpdateDuringBackward``). :meth:`launch` runs them all, in order; the results are the same."""
+        (:class:`UpdateDuringBackward`). :meth:`launch` runs them all, in order; the results are the same."""
         where = {id(p): (gi, i) for gi, g in enumerate(self.optimizer.param_groups) for i, p in enumerate(g["params"])}
         seen: set[int] = set()
         layout = []
@@ -367,11 +367,9 @@ class AdamWEMA:
         device = params[0].device
         states = [self._state(p) for p in params]
         with_grad = [s["step"] for p, s in zip(params, states) if p.grad is not None]
-        if not with_grad:  # a bucket whose parameters got no gradient: only its EMA moves
-            pass
-        elif found_inf is None:
+        if with_grad and found_inf is None:  # none: a bucket whose parameters got no gradient (only its EMA moves)
             torch._foreach_add_(with_grad, 1.0)
-        else:  # as the fused AdamW: the count moves only on a step that is taken
+        elif with_grad:  # as the fused AdamW: the count moves only on a step that is taken
             torch._foreach_add_(with_grad, [1.0 - found_inf.float()] * len(with_grad))
         if self._dummy_step is None:
             self._dummy_step = torch.ones((), dtype=torch.float32, device=device)
