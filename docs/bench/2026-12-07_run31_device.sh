@@ -8,10 +8,10 @@
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 overlap)
-    gputests overlap 250 tests/test_optim.py tests/test_train.py -k "gpu or update_in_backward or cuda_graph_step_equals"
+    gputests overlap 220 tests/test_optim.py tests/test_train.py -k "gpu or update_in_backward or cuda_graph_step_equals"
     bench . xl_loss DiT-XL/2 100 50
     bench . xl_blocks DiT-XL/2 100 50 model.compile_scope=blocks
-    bench . xl_blocks_ub DiT-XL/2 100 50 model.compile_scope=blocks train.update_in_backward=true ;;
+    bench . xl_blocks_ub DiT-XL/2 100 50 model.compile_scope=blocks train.update_in_backward=true --profile 3 ;;
 profile)
     bench . xl_blocks_prof DiT-XL/2 70 50 model.compile_scope=blocks --profile 3
     bench . xl_blocks_ub_prof DiT-XL/2 70 50 model.compile_scope=blocks train.update_in_backward=true --profile 3
