@@ -423,8 +423,9 @@ class UpdateDuringBackward:
 
     The update runs at the memory bandwidth (DiT-XL/2: 8.5 ms of a 108 ms step); the backward's GEMMs leave SMs idle
     in their last waves and between kernels. The GPU gives the update's thread blocks only the SMs the step's own
-    kernels, of higher priority, do not claim (the trainer's whole-step CUDA graph is captured on a high-priority
-    stream, ``StepGraph``, and a graph keeps each kernel's priority), so the update fills that idle time. The
+    kernels, of higher priority, do not claim (the trainer then captures its whole-step CUDA graph on a high-priority
+    stream, ``StepGraph(high_priority=True)``, and a graph keeps each kernel's priority), so the update fills that
+    idle time. The
     update is that of ``AdamWEMA.launch(grad_norm=True)`` after the backward, bit for bit (the same kernel on the same
     gradients); the norm equals it to float rounding (the same partial sums, added in bucket order).
 

@@ -879,7 +879,8 @@ def train(cfg: Config) -> dict:
     use_graph = use_step_graph(cfg, device, world, adamw_ema is not None)
     if use_graph and tc.cuda_graph is None:
         logger.info("train.cuda_graph: on, the default for a compiled model on one GPU (false turns it off)")
-    graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup) if use_graph else None
+    graph_step = StepGraph(micro_step, warmup=tc.cuda_graph_warmup, high_priority=during_backward is not None
+                           ) if use_graph else None
 
     profiler = None
     try:

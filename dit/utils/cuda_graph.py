@@ -31,12 +31,17 @@ class StepGraph:
 
     Returns ``fn``'s outputs; from the capture on they are the graph's own tensors, overwritten by the next replay:
     copy what must outlive it. ``inputs`` must keep their structure, shapes and dtypes from call to call.
+
+    ``high_priority``: warm up and capture on a stream above the default priority, so that work ``fn`` puts on a
+    stream of the default (lowest) priority, the optimizer update of ``dit.optim.UpdateDuringBackward``, gets only the
+    SMs the step's own kernels leave idle; the graph keeps each captured kernel's priority (PyTorch instantiates it
+    with ``cudaGraphInstantiateFlagUseNodePriority``).
     """
 
-    def __init__(self, fn: Callable[..., Any], *, warmup: int = 2):
+    def __init__(self, fn: Callable[..., Any], *, warmup: int = 2, high_priority: bool = False):
         if warmup < 1:
             raise ValueError(f"StepGraph: warmup must be >= 1 (lazy state must exist before capture), got {warmup}")
-        self.fn, self.warmup = fn, warmup
+        self.fn, self.warmup, self.high_priority = fn, warmup, high_priority
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static: list[Any] = []
@@ -50,12 +55,8 @@ class StepGraph:
         if self.graph is None and self.calls <= self.warmup:
             # On a side stream, as the capture will be (PyTorch's recipe for whole-network capture).
             main = torch.cuda.current_stream()
-            if self._side is None:
-                # A high priority: work the step puts on streams of lower priority (the optimizer update of
-                # dit.optim.UpdateDuringBackward) gets only the SMs the step's own kernels leave idle. The graph
-                # keeps each captured kernel's priority (PyTorch instantiates it with cudaGraphInstantiateFlag-
-                # UseNodePriority).
-                self._side = torch.cuda.Stream(priority=-1)  # above the default, 0 (CUDA: lower is higher)
+            if self._side is None:  # CUDA priorities: 0 (the default) is the lowest, lower numbers are higher
+                self._side = torch.cuda.Stream(priority=-1 if self.high_priority else 0)
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
                 out = self.fn(**inputs)
@@ -91,6 +92,6 @@ class StepGraph:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # hand the warm-up steps' cached blocks back: the graph gets its own pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self._side):  # the warm-up's stream and priority
+        with torch.cuda.graph(self.graph, stream=self._side if self.high_priority else None):
             self._outputs = self.fn(**tree_unflatten(self._static, spec))
         # Capturing records the kernels without running them: the replay in __call__ runs this step.
