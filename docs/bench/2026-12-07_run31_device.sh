@@ -5,6 +5,7 @@
 #                                                        # the step graph; DiT-XL/2 compiled whole (the default),
 #                                                        # regionally, regionally with the update in the backward
 #   bash docs/bench/2026-12-07_run31_device.sh quick     # the trainer's tests for it; DiT-XL/2 as in overlap, fewer steps
+#   bash docs/bench/2026-12-07_run31_device.sh mini      # the same pair, then the regionally compiled case's test
 #   bash docs/bench/2026-12-07_run31_device.sh profile   # call 2: where the GPU time goes with and without it
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
@@ -18,10 +19,15 @@ quick)  # the same comparison in less device time (machines were scarce this ses
     bench . xl_blocks DiT-XL/2 70 40 model.compile_scope=blocks
     bench . xl_blocks_ub DiT-XL/2 70 40 model.compile_scope=blocks train.update_in_backward=true
     bench . xl_loss DiT-XL/2 70 40 ;;
+mini)  # what four minutes of device time hold: the pair first, then the compiled case's test, then the default
+    bench . xl_blocks DiT-XL/2 60 35 model.compile_scope=blocks
+    bench . xl_blocks_ub DiT-XL/2 60 35 model.compile_scope=blocks train.update_in_backward=true
+    gputests mini 100 tests/test_train.py -k "update_in_backward and (blocks or checked)"
+    bench . xl_loss DiT-XL/2 60 35 ;;
 profile)
     bench . xl_blocks_prof DiT-XL/2 70 50 model.compile_scope=blocks --profile 3
     bench . xl_blocks_ub_prof DiT-XL/2 70 50 model.compile_scope=blocks train.update_in_backward=true --profile 3
     bench . s_blocks DiT-S/2 200 60 model.compile_scope=blocks
     bench . s_blocks_ub DiT-S/2 200 60 model.compile_scope=blocks train.update_in_backward=true ;;
-*) echo "usage: $0 overlap|quick|profile" >&2; exit 2 ;;
+*) echo "usage: $0 overlap|quick|mini|profile" >&2; exit 2 ;;
 esac
