@@ -757,6 +757,9 @@ def train(cfg: Config) -> dict:
                               f"run: device {device.type}, {world} process(es), kernel "
                               f"{'on' if adamw_ema is not None else 'off'})")
         during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, trainable))
+        if compile_loss and is_main:
+            logger.warning("train.update_in_backward: the compiled loss hands every gradient over at the end of its "
+                           "backward, so the update cannot overlap it; set model.compile_scope=blocks")
 
     # run.profile_steps: the main process profiles steps profile_from + 1 ... profile_from + profile_steps, timed as a
     # log interval of their own (flushed at both ends) so no other step's step_time carries the profiler
