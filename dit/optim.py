@@ -425,9 +425,9 @@ class UpdateDuringBackward:
     in their last waves and between kernels. The GPU gives the update's thread blocks only the SMs the step's own
     kernels, of higher priority, do not claim (the trainer then captures its whole-step CUDA graph on a high-priority
     stream, ``StepGraph(high_priority=True)``, and a graph keeps each kernel's priority), so the update fills that
-    idle time. The
-    update is that of ``AdamWEMA.launch(grad_norm=True)`` after the backward, bit for bit (the same kernel on the same
-    gradients); the norm equals it to float rounding (the same partial sums, added in bucket order).
+    idle time. The update is that of ``AdamWEMA.launch(grad_norm=True)`` after the backward, bit for bit (the same
+    kernel on the same gradients); the norm equals it to float rounding (the same partial sums, added in bucket
+    order).
 
     Use: ``arm()`` before the backward (``optimizer.found_inf`` and the hyperparameters already set: the kernels
     read them while the backward runs), ``finish()`` after it, which returns the gradient norm (). Needs every
