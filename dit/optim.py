@@ -440,11 +440,14 @@ class UpdateDuringBackward:
         buckets = [list(b) for b in buckets if len(b)]
         update.set_buckets(buckets)
         self.update = update
-        self._bucket_of = {id(p): b for b, bucket in enumerate(buckets) for p in bucket}
-        self._sizes = [len(bucket) for bucket in buckets]
+        # A frozen parameter (the DiT's fixed pos_embed) is the optimizer's but gets no gradient and takes no hook:
+        # its bucket waits only for the others' gradients, or for finish() if it has none
+        self._bucket_of = {id(p): b for b, bucket in enumerate(buckets) for p in bucket if p.requires_grad}
+        self._sizes = [sum(p.requires_grad for p in bucket) for bucket in buckets]
         self._left: list[int] = []  # per bucket, the gradients still to come this step (empty: not armed)
         self._launched: list[bool] = []
-        self._handles = [p.register_post_accumulate_grad_hook(self._accumulated) for bucket in buckets for p in bucket]
+        self._handles = [p.register_post_accumulate_grad_hook(self._accumulated)
+                         for bucket in buckets for p in bucket if p.requires_grad]
         device = update.params[0].device
         # Priority 0 is CUDA's lowest (the range is 0 down to a negative number); on the CPU (tests) no stream
         self.stream = torch.cuda.Stream(device, priority=0) if device.type == "cuda" else None

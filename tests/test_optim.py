@@ -404,7 +404,8 @@ def test_gpu_kernel_compute_copies_equal_torchs_cast():
 def test_update_during_the_backward_equals_the_update_after_it():
     """UpdateDuringBackward: each bucket (update_buckets: one per block, per other child module, and the model's own
     parameters) is launched while the backward runs, as soon as its last gradient is accumulated, the blocks from
-    the last to the first; a bucket without gradients at finish(). Three steps give the weights, moments and EMA of
+    the last to the first; a bucket without gradients at finish(); a frozen parameter in a bucket with others.
+    Three steps give the weights, moments and EMA of
     AdamWEMA.launch after the backward bit for bit, across two parameter groups, and the same gradient norm."""
     out = _run_interpreted("""
         from torch import nn
@@ -418,9 +419,11 @@ def test_update_during_the_backward_equals_the_update_after_it():
                 self.head = nn.Linear(8, 3)
                 self.unused = nn.Linear(2, 2)  # never gets a gradient
                 self.scale = nn.Parameter(torch.ones(3))
+                # frozen, as the DiT's pos_embed: the optimizer's, but no gradient and no hook
+                self.pos = nn.Parameter(torch.linspace(-1, 1, 8), requires_grad=False)
 
             def forward(self, x):
-                h = self.embed(x)
+                h = self.embed(x) + self.pos
                 for b in self.blocks:
                     h = h + b(h)
                 return self.head(h) * self.scale
@@ -438,7 +441,7 @@ def test_update_during_the_backward_equals_the_update_after_it():
             owner = {id(p): n.split(".")[0] + (n.split(".")[1] if n.startswith("blocks") else "")
                      for n, p in net.named_parameters()}
             assert [sorted({owner[id(p)] for p in b}) for b in buckets] == [
-                ["embed"], ["blocks0"], ["blocks1"], ["blocks2"], ["head"], ["unused"], ["scale"]], buckets
+                ["embed"], ["blocks0"], ["blocks1"], ["blocks2"], ["head"], ["unused"], ["pos", "scale"]], buckets
             log, norms = [], []
             if during:
                 upd = UpdateDuringBackward(step, buckets)
