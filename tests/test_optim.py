@@ -404,9 +404,9 @@ def test_gpu_kernel_compute_copies_equal_torchs_cast():
 def test_update_during_the_backward_equals_the_update_after_it():
     """UpdateDuringBackward: each bucket (update_buckets: one per block, per other child module, and the model's own
     parameters) is launched while the backward runs, as soon as its last gradient is accumulated, the blocks from
-    the last to the first; a bucket without gradients at finish(); a frozen parameter in a bucket with others.
-    Three steps give the weights, moments and EMA of
-    AdamWEMA.launch after the backward bit for bit, across two parameter groups, and the same gradient norm."""
+    the last to the first; a bucket without gradients at finish(); a frozen parameter in a bucket with others, left
+    as it was. Three steps give the weights, moments and EMA of AdamWEMA.launch after the backward bit for bit,
+    across two parameter groups, and the same gradient norm."""
     out = _run_interpreted("""
         from torch import nn
         from dit.optim import UpdateDuringBackward, update_buckets
@@ -462,6 +462,7 @@ def test_update_during_the_backward_equals_the_update_after_it():
                     loss.backward()
                     norms.append(step.launch(grad_norm=True))
                 opt.zero_grad(set_to_none=True)
+            assert torch.equal(net.pos, torch.linspace(-1, 1, 8))  # frozen: no gradient, no update
             if during:
                 upd.remove()
                 # the blocks from the last to the first while the backward runs; the gradient-less bucket at finish
