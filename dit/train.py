@@ -756,9 +756,8 @@ def train(cfg: Config) -> dict:
             raise ConfigError("train.update_in_backward=true needs the AdamW + EMA kernel on one CUDA process (this "
                               f"run: device {device.type}, {world} process(es), kernel "
                               f"{'on' if adamw_ema is not None else 'off'})")
-        # every parameter the optimizer holds, frozen ones too (the DiT's pos_embed): the buckets must cover them all
-        opt_params = [p for group in inner_opt.param_groups for p in group["params"]]
-        during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, opt_params))
+        # every parameter the kernel updates, frozen ones too (the DiT's pos_embed): the buckets must cover them all
+        during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, adamw_ema.params))
         if compile_loss and is_main:
             logger.warning("train.update_in_backward: the compiled loss hands every gradient over at the end of its "
                            "backward, so the update cannot overlap it; set model.compile_scope=blocks")
