@@ -173,3 +173,36 @@ def test_algorithm_choices_round_trip_through_a_checkpoint(monkeypatch):
     ran = []
     assert lt.fastest_plan(key, ran.append)[-1] == 3 and not ran  # restored: no timing runs
     assert lt.fastest_plan(key, ran.append)[-1] == 3 and lt.asked == [0, 3]  # then cached per process
+
+
+def test_algorithm_choice_takes_each_candidates_best_round_and_keeps_the_first_within_the_margin():
+    """The tuner's rule (``choose_algorithm``): a candidate's best round counts, so one stalled round does not hide
+    the fastest algorithm; the heuristic's first choice (index 0) stays unless another is clearly faster."""
+    from dit.models.cublaslt import choose_algorithm
+
+    # 1 had one stalled round (30 ms) but the fastest best round; 2 is steadier and slower
+    assert choose_algorithm({0: [10.0, 10.1], 1: [30.0, 8.0], 2: [9.9, 9.8]}) == 1
+    assert choose_algorithm({0: [10.0, 10.2], 1: [9.8, 9.9]}) == 0  # 2% faster: within the 3% margin
+    assert choose_algorithm({0: [10.0], 1: [9.6]}) == 1  # 4% faster
+    assert choose_algorithm({1: [5.0], 2: [4.0]}) == 2  # the first choice could not run these operands
+    assert choose_algorithm({}) == 0 and choose_algorithm({0: [], 1: []}) == 0
+
+
+@_NEED_GPU
+def test_algorithm_tuning_times_every_runnable_candidate_in_rounds():
+    """``_time_candidates`` on the GPU: a warm-up of the first candidate, then every runnable candidate once per
+    round, the rounds interleaved; ``fastest_plan`` skips a candidate that raises and records the choice."""
+    import dit.models.cublaslt as cl
+
+    calls = []
+    x = torch.randn(256, 256, device="cuda")
+
+    def run(plan):
+        calls.append(plan)
+        x.mul_(1.0)
+
+    times = cl._time_candidates([(0, "a"), (2, "b")], run)
+    assert set(times) == {0, 2} and all(len(t) == cl._TUNE_ROUNDS for t in times.values())
+    timed = calls[-2 * cl._TUNE_ROUNDS * cl._TUNE_CALLS:]
+    assert timed == (["a"] * cl._TUNE_CALLS + ["b"] * cl._TUNE_CALLS) * cl._TUNE_ROUNDS
+    assert all(t > 0 for ts in times.values() for t in ts)
