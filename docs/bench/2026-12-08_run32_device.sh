@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run 32's device call (one H100; docs/benchmarks.md, run 32): the epilogue GEMMs' algorithm tuner made steady
 # (warm-up, interleaved rounds, each candidate's best round), then the trainer with it.
-#   bash docs/bench/2026-12-08_run32_device.sh tuner
+#   bash docs/bench/2026-12-08_run32_device.sh tuner    # the probe, the GPU tests, DiT-XL/2 compiled whole and regionally +
+#                                                       # update in the backward, each profiled
+#   bash docs/bench/2026-12-08_run32_device.sh short    # what about four minutes of device time hold: the probe, the
+#                                                       # tuner's GPU tests, DiT-XL/2's default profiled
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 tuner)
@@ -9,5 +12,9 @@ tuner)
     gputests tuner 90 tests/test_cublaslt.py
     bench . xl_loss DiT-XL/2 80 50 --profile 3
     bench . xl_blocks_ub DiT-XL/2 80 50 model.compile_scope=blocks train.update_in_backward=true --profile 3 ;;
-*) echo "usage: $0 tuner" >&2; exit 2 ;;
+short)
+    python3 scripts/probe_gemm_choice.py --trials 4 2>&1 | tee "$OUT/probe_gemm_choice.txt"
+    gputests short 60 tests/test_cublaslt.py -k "algorithm or gpu"
+    bench . xl_loss DiT-XL/2 70 40 --profile 3 ;;
+*) echo "usage: $0 tuner|short" >&2; exit 2 ;;
 esac
