@@ -211,7 +211,8 @@ class TrainConfig:
     # of the whole update after the backward; the same results. Needs the norm taken in the optimizer kernel (CUDA,
     # one process, fused_adamw_ema, no grad_clip, no fp16) and grad_accum_steps=1; it overlaps only where the blocks'
     # gradients come one block at a time: model.compile=false or model.compile_scope=blocks (one compiled loss hands
-    # all gradients over at its end).
+    # all gradients over at its end). DiT-XL/2 on an H100: 593 img/s against 591 for the default compiled loss; the
+    # update hides, but slows the backward's kernels beside it (docs/benchmarks.md, run 31).
     update_in_backward: bool = False
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
     # set for the run). UNets in channels-last: convolutions 2.4 ms faster per UNet-B step (docs/benchmarks.md,
