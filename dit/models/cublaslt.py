@@ -228,10 +228,11 @@ def _choice_name(key: tuple) -> str:
     return ",".join(str(v) for v in key[1:])  # (epilogue, dtype, m, n, k, trans_a, trans_b, lda, ldb); no device
 
 
-# Timing of the candidates (``_time_candidates``). One sweep of 3 calls each flipped DiT-XL/2's fc1 GEMM between
-# two algorithms 12% apart from one process to the next (0.285 / 0.325 ms, about 1 ms per step; docs/benchmarks.md,
-# run 32): the GPU's clock still ramping and one-off stalls land on whichever candidate runs then. Hence a warm-up,
-# several interleaved rounds, and each candidate's best round.
+# Timing of the candidates (``_time_candidates``). With one sweep of 3 calls per candidate, DiT-XL/2's fc1 GEMM got
+# one of two algorithms 12% apart from one process to the next (0.285 / 0.325 ms, 0.7-1.1 ms per training step;
+# docs/benchmarks.md, run 32): a single sweep, run at the first forward, cannot tell them apart reliably (a clock
+# still ramping up or a one-off stall lands on whichever candidate runs then). Hence a warm-up, several rounds
+# interleaved across the candidates, and each candidate's best round.
 _TUNE_WARMUP_MS, _TUNE_ROUNDS, _TUNE_CALLS = 20.0, 5, 3
 
 
