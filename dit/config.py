@@ -214,6 +214,10 @@ class TrainConfig:
     # all gradients over at its end). DiT-XL/2 on an H100: 593 img/s against 591 for the default compiled loss; the
     # update hides, but slows the backward's kernels beside it (docs/benchmarks.md, run 31).
     update_in_backward: bool = False
+    # With train.update_in_backward: at most this many thread blocks per update launch, each looping over its share
+    # (dit.optim.UpdateDuringBackward's max_ctas), so the update holds a bounded share of the SMs and memory bandwidth
+    # beside the backward; null: one thread block per 2048 elements, all the SMs the backward leaves idle.
+    update_in_backward_ctas: int | None = None
     # cuDNN times its convolution algorithms for each new shape and keeps the fastest (torch.backends.cudnn.benchmark,
     # set for the run). UNets in channels-last: convolutions 2.4 ms faster per UNet-B step (docs/benchmarks.md,
     # run 12); NCHW: no gain (run 7). The chosen algorithms can differ between runs, so a resumed run may not match
@@ -490,6 +494,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             "no train.grad_clip": t.grad_clip is None, "train.mixed_precision no or bf16": t.mixed_precision != "fp16",
             "train.fsdp=false": not t.fsdp}.items() if not ok]):
         raise ConfigError(f"{source}: train.update_in_backward=true needs {'; '.join(missing)}")
+    if t.update_in_backward_ctas is not None and (t.update_in_backward_ctas < 1 or not t.update_in_backward):
+        raise ConfigError(f"{source}: train.update_in_backward_ctas must be a positive number with "
+                          f"train.update_in_backward=true, got {t.update_in_backward_ctas} with "
+                          f"update_in_backward={t.update_in_backward}")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f"{source}: train.global_batch_size ({t.global_batch_size}) must be divisible by "
                           f"train.grad_accum_steps ({t.grad_accum_steps})")

@@ -30,96 +30,12 @@ _FIELDS = 9  # table row: param, grad, exp_avg, exp_avg_sq, ema, step addresses,
 
 @functools.cache
 def _kernel():
+    """Triton and the kernel, imported on first use (dit/optim_triton.py needs Triton)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def dit_adamw_ema(table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr, grad_scale_ptr, hyper_ptr,
-                      betas_ptr, eps, norm_ptr,
-                      HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
-                      COPY_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, GRAD_NORM: tl.constexpr,
-                      FIELDS: tl.constexpr, BLOCK: tl.constexpr):
-        b = tl.program_id(0)
-        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * FIELDS  # this block's tensor
-        p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        e_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        s_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        n = tl.load(row + 6)
-        n_adam = n * tl.load(row + 7)  # has_grad: 0 or 1
-        if HAS_FOUND_INF:  # a skipped step reads and writes nothing
-            skip = tl.load(found_inf_ptr) != 0.0
-            n = tl.where(skip, 0, n)
-            n_adam = tl.where(skip, 0, n_adam)
-        if ALIGNED:  # checked on the host: 16-byte addresses, sizes in whole 4-float vectors -> 128-bit accesses
-            n = tl.multiple_of(n, 4)
-            n_adam = tl.multiple_of(n_adam, 4)
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
-            e_ptr = tl.multiple_of(e_ptr, 16)
-        offs = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = offs < n
-        adam = offs < n_adam
-        p = tl.load(p_ptr + offs, mask=live, other=0.0)
-        g = tl.load(g_ptr + offs, mask=adam, other=0.0)
-        if HAS_GRAD_SCALE:
-            g = g / tl.load(grad_scale_ptr)
-        if GRAD_NORM:  # this block's sum of squared gradients; a non-finite element keeps its state (see launch)
-            tl.store(norm_ptr + b, tl.sum(g * g, axis=0))
-            # Kept by selecting the old values, not by masking the stores: a mask that is not uniform over each
-            # 4-float vector turns every 128-bit load and store into four 32-bit ones (run 29: 575 vs 585 img/s).
-            finite = tl.abs(g) <= 3.4028234663852886e38  # False for inf and NaN
-        m = tl.load(m_ptr + offs, mask=adam, other=0.0)
-        v = tl.load(v_ptr + offs, mask=adam, other=0.0)
-        step = tl.load(s_ptr)  # already incremented for this update
-        # Read from the device, not passed as arguments: a CUDA graph of the step replays this launch with the
-        # learning rate and EMA weight of each step (AdamWEMA.set_hyperparameters writes them before the replay).
-        lr = tl.load(hyper_ptr)
-        wd_factor = tl.load(hyper_ptr + 1)  # 1 - lr * weight_decay
-        ema_w = tl.load(hyper_ptr + 2)
-        # The betas rounded to float32 (0.999 -> 0.99900001) for the moments, and the log2 of those same values in
-        # float64 for the bias corrections: 1 - 0.999^t cancels all but the last bits of beta2^t, so float32 there
-        # (exp2.approx, 2e-7 relative error) put the first steps' updates up to 1e-4 off torch's, and the exact 0.999
-        # beside the float32 moments 7e-6 (run 27). One value for both: v / (1 - beta2^1) = g^2 exactly at step 1.
-        beta1 = tl.load(betas_ptr).to(tl.float32)
-        beta2 = tl.load(betas_ptr + 1).to(tl.float32)
-        t = step.to(tl.float64)
-        bc1 = (1.0 - tl.exp2(t * tl.load(betas_ptr + 2))).to(tl.float32)  # 1 - beta1^t
-        bc2_sqrt = tl.sqrt((1.0 - tl.exp2(t * tl.load(betas_ptr + 3))).to(tl.float32))  # sqrt(1 - beta2^t)
-        # AdamW (Loshchilov & Hutter 2019, Algorithm 2) in torch's form: decoupled decay, then the Adam step
-        m_new = beta1 * m + (1.0 - beta1) * g
-        v_new = beta2 * v + (1.0 - beta2) * g * g
-        p_new = p * wd_factor - (lr / bc1) * m_new / (tl.sqrt(v_new) / bc2_sqrt + eps)
-        if GRAD_NORM:
-            m_new = tl.where(finite, m_new, m)
-            v_new = tl.where(finite, v_new, v)
-            p_new = tl.where(finite, p_new, p)
-        p_new = tl.where(adam, p_new, p)  # parameters without a gradient keep their value (and still enter the EMA)
-        m, v = m_new, v_new
-        tl.store(p_ptr + offs, p_new, mask=adam)
-        tl.store(m_ptr + offs, m, mask=adam)
-        tl.store(v_ptr + offs, v, mask=adam)
-        if COPY_DTYPE is not None:  # the parameter's copy in the compute dtype (0: this parameter keeps none)
-            c_addr = tl.load(row + 8)
-            c_ptr = c_addr.to(tl.pointer_type(COPY_DTYPE))
-            if ALIGNED:
-                c_ptr = tl.multiple_of(c_ptr, 16)
-            tl.store(c_ptr + offs, p_new.to(COPY_DTYPE), mask=adam & (c_addr != 0))
-        if HAS_EMA:
-            e = tl.load(e_ptr + offs, mask=live, other=0.0)
-            # torch.lerp's two forms (exact at both ends): e + w (p - e) for w < 0.5, p - (p - e)(1 - w) otherwise
-            e_new = tl.where(ema_w < 0.5, e + ema_w * (p_new - e), p_new - (p_new - e) * (1.0 - ema_w))
-            if GRAD_NORM:  # nor does its EMA move
-                e = tl.where(finite, e_new, e)
-            else:
-                e = e_new
-            tl.store(e_ptr + offs, e, mask=live)
+    from dit import optim_triton
 
-    return triton, dit_adamw_ema
+    return triton, optim_triton.dit_adamw_ema
 
 
 class AdamWEMA:
@@ -292,9 +208,11 @@ class AdamWEMA:
             self.launch_bucket(b, grad_norm)
         return self.grad_norm() if grad_norm else None
 
-    def launch_bucket(self, b: int, grad_norm: bool = False) -> None:
+    def launch_bucket(self, b: int, grad_norm: bool = False, max_ctas: int | None = None) -> None:
         """:meth:`launch` for the parameters of bucket ``b`` only (:meth:`set_buckets`); with ``grad_norm`` its
-        blocks' sums of squares go where :meth:`grad_norm` adds them up."""
+        blocks' sums of squares go where :meth:`grad_norm` adds them up. ``max_ctas``: at most that many thread
+        blocks per launch, each looping over its share of the blocks (the same results), so that an update running
+        beside other kernels (:class:`UpdateDuringBackward`) holds a bounded share of the SMs; None: one per block."""
         if not self.fused:
             raise RuntimeError(f"AdamWEMA.launch: the one-pass kernel does not run here ({self.reason})")
         opt = self.optimizer
@@ -311,7 +229,7 @@ class AdamWEMA:
                 if grad_norm:  # this segment's slice of one fp32 per kernel block of every bucket
                     start, blocks = self._partials_slice(segment)
                     partials = self._norm_partials[start:start + blocks]
-                self._step_segment(segment, found_inf, grad_scale, partials)
+                self._step_segment(segment, found_inf, grad_scale, partials, max_ctas)
         opt._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that the optimizer stepped
 
     def grad_norm(self) -> torch.Tensor:
@@ -357,7 +275,8 @@ class AdamWEMA:
         return self._blocks[segment]
 
     def _step_segment(self, segment: tuple[int, tuple[int, ...]], found_inf: torch.Tensor | None,
-                      grad_scale: torch.Tensor | None, norm_partials: torch.Tensor | None = None) -> None:
+                      grad_scale: torch.Tensor | None, norm_partials: torch.Tensor | None = None,
+                      max_ctas: int | None = None) -> None:
         triton, kernel = _kernel()
         gi, indices = segment
         group = self.optimizer.param_groups[gi]
@@ -406,14 +325,16 @@ class AdamWEMA:
             f32 = torch.tensor([beta1, beta2], dtype=torch.float32).tolist()  # the values the moments use
             self._betas[(gi, beta1, beta2)] = betas = torch.tensor(
                 f32 + [math.log2(b) if b > 0 else -math.inf for b in f32], dtype=torch.float64, device=device)
-        kernel[(owner.numel(),)](
+        n_blocks = owner.numel()
+        grid = n_blocks if max_ctas is None else min(n_blocks, max_ctas)
+        kernel[(grid,)](
             table, owner, index, found_inf if found_inf is not None else table,
             grad_scale if grad_scale is not None else table, self._hyper[gi], betas, group["eps"],
-            norm_partials if norm_partials is not None else table,
+            norm_partials if norm_partials is not None else table, n_blocks,
             HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None, HAS_EMA=emas is not None,
             COPY_DTYPE=None if self.copy_dtype is None else getattr(triton.language, str(self.copy_dtype)[6:]),
             ALIGNED=aligned, GRAD_NORM=norm_partials is not None, FIELDS=_FIELDS, BLOCK=self.block,
-            num_warps=self.num_warps)
+            PERSISTENT=grid < n_blocks, num_warps=self.num_warps)
 
 
 class UpdateDuringBackward:
@@ -434,9 +355,17 @@ class UpdateDuringBackward:
     gradient of a step from one backward (no gradient accumulation), and a backward that reads a parameter (or a
     copy of it, as the DiT's bf16 ``weight_c``) only in the nodes that produce its gradient: once the last of them
     has run the parameter is free to change. A ``p.detach()`` in the forward would break that; DiT and UNet keep it.
+
+    ``max_ctas`` caps each launch's thread blocks (``AdamWEMA.launch_bucket``). Uncapped, the update's many short
+    blocks take every SM the backward leaves free, and the backward's kernels beside it slowed by about 3.5 ms of
+    DiT-XL/2's step (docs/benchmarks.md, run 31); a few persistent blocks spread a block's update over the next
+    block's backward instead, with a bounded share of the SMs and memory bandwidth.
     """
 
-    def __init__(self, update: AdamWEMA, buckets: Sequence[Sequence[torch.Tensor]]):
+    def __init__(self, update: AdamWEMA, buckets: Sequence[Sequence[torch.Tensor]], max_ctas: int | None = None):
+        if max_ctas is not None and max_ctas < 1:
+            raise ValueError(f"UpdateDuringBackward: max_ctas must be >= 1 or None, got {max_ctas}")
+        self.max_ctas = max_ctas
         buckets = [list(b) for b in buckets if len(b)]
         update.set_buckets(buckets)
         self.update = update
@@ -468,11 +397,11 @@ class UpdateDuringBackward:
     def _launch(self, b: int) -> None:
         self._launched[b] = True
         if self.stream is None:
-            self.update.launch_bucket(b, grad_norm=True)
+            self.update.launch_bucket(b, grad_norm=True, max_ctas=self.max_ctas)
             return
         self.stream.wait_stream(torch.cuda.current_stream())  # after the kernels that made the gradients
         with torch.cuda.stream(self.stream):
-            self.update.launch_bucket(b, grad_norm=True)
+            self.update.launch_bucket(b, grad_norm=True, max_ctas=self.max_ctas)
 
     def finish(self) -> torch.Tensor:
         """After the backward: the buckets still waiting (parameters that got no gradient) are launched, the current

@@ -757,7 +757,8 @@ def train(cfg: Config) -> dict:
                               f"run: device {device.type}, {world} process(es), kernel "
                               f"{'on' if adamw_ema is not None else 'off'})")
         # every parameter the kernel updates, frozen ones too (the DiT's pos_embed): the buckets must cover them all
-        during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, adamw_ema.params))
+        during_backward = UpdateDuringBackward(adamw_ema, update_buckets(raw_model, adamw_ema.params),
+                                               max_ctas=tc.update_in_backward_ctas)
         if compile_loss and is_main:
             logger.warning("train.update_in_backward: the compiled loss hands every gradient over at the end of its "
                            "backward, so the update cannot overlap it; set model.compile_scope=blocks")

@@ -218,6 +218,42 @@ def test_kernel_gives_the_gradient_norm_and_guards_non_finite_elements():
 
 
 @needs_triton
+def test_a_capped_grid_gives_the_uncapped_update_and_norm_bit_for_bit():
+    """launch_bucket(max_ctas=k): k thread blocks looping over the 16 blocks of the update (the persistent form that
+    UpdateDuringBackward can use) write exactly what one thread block per block writes: weights, moments, EMA and
+    the norm's partial sums, with and without a gradient scale, and found_inf still skips everything."""
+    out = _run_interpreted("""
+        params, ema, opt = run(True, steps=2)
+        runs = {}
+        for ctas in (None, 3, 1):
+            p2, e2, o2 = copy.deepcopy((params, ema, opt))
+            step = AdamWEMA(o2, e2, block=256, force_triton=True)
+            norms = []
+            for k in range(4):
+                g = torch.Generator().manual_seed(50 + k)
+                for i, p in enumerate(p2):
+                    p.grad = None if i == 3 else torch.randn(p.shape, generator=g)
+                o2.found_inf = torch.tensor(float(k == 2))
+                o2.grad_scale = torch.tensor(2.0) if k == 3 else None
+                step.set_hyperparameters(0.1)
+                step.launch_bucket(0, grad_norm=k < 3, max_ctas=ctas)
+                if k < 3:
+                    norms.append(step.grad_norm())
+                    assert ctas is not None or step._norm_partials.numel() == 16
+            runs[ctas] = ([p.detach() for p in p2] + e2, o2.state_dict()["state"], torch.stack(norms))
+        ref = runs[None]
+        assert ref[2][2] == 0.0 and ref[2][0] > 0  # the skipped step's norm; a real one
+        for ctas in (3, 1):
+            got = runs[ctas]
+            assert all(torch.equal(a, b) for a, b in zip(ref[0], got[0])), ctas
+            assert all(torch.equal(ref[1][i][k], got[1][i][k]) for i in ref[1] for k in ref[1][i]), ctas
+            assert torch.equal(ref[2], got[2]), (ctas, ref[2], got[2])
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@needs_triton
 def test_kernel_resumes_from_a_saved_state_exactly():
     """3 steps, the state saved (as the trainer's checkpoint holds it) and loaded into a fresh AdamW + AdamWEMA,
     then 3 more steps == 6 steps uninterrupted, bit for bit."""
@@ -406,7 +442,8 @@ def test_update_during_the_backward_equals_the_update_after_it():
     parameters) is launched while the backward runs, as soon as its last gradient is accumulated, the blocks from
     the last to the first; a bucket without gradients at finish(); a frozen parameter in a bucket with others, left
     as it was. Three steps give the weights, moments and EMA of AdamWEMA.launch after the backward bit for bit,
-    across two parameter groups, and the same gradient norm."""
+    across two parameter groups, and the same gradient norm; so do launches capped at one thread block
+    (max_ctas=1)."""
     out = _run_interpreted("""
         from torch import nn
         from dit.optim import UpdateDuringBackward, update_buckets
@@ -428,7 +465,7 @@ def test_update_during_the_backward_equals_the_update_after_it():
                     h = h + b(h)
                 return self.head(h) * self.scale
 
-        def train(during, steps=3):
+        def train(during, steps=3, ctas=None):
             torch.manual_seed(0)
             net = Net()
             params = list(net.parameters())
@@ -444,9 +481,10 @@ def test_update_during_the_backward_equals_the_update_after_it():
                 ["embed"], ["blocks0"], ["blocks1"], ["blocks2"], ["head"], ["unused"], ["pos", "scale"]], buckets
             log, norms = [], []
             if during:
-                upd = UpdateDuringBackward(step, buckets)
+                upd = UpdateDuringBackward(step, buckets, max_ctas=ctas)
                 launch = step.launch_bucket
-                step.launch_bucket = lambda b, grad_norm=False: (log.append((b, phase[0])), launch(b, grad_norm))
+                step.launch_bucket = lambda b, grad_norm=False, max_ctas=None: (
+                    log.append((b, phase[0], max_ctas)), launch(b, grad_norm, max_ctas))
             for k in range(steps):
                 x = torch.randn(5, 6, generator=torch.Generator().manual_seed(k))
                 step.set_hyperparameters(0.1)
@@ -466,15 +504,16 @@ def test_update_during_the_backward_equals_the_update_after_it():
             if during:
                 upd.remove()
                 # the blocks from the last to the first while the backward runs; the gradient-less bucket at finish
-                order = [b for b, ph in log[:7] if ph == "backward"]
+                order = [b for b, ph, _ in log[:7] if ph == "backward"]
                 assert order[:5] == [6, 4, 3, 2, 1] and set(order) == {0, 1, 2, 3, 4, 6}, log[:7]
-                assert log[6] == (5, "finish"), log
+                assert log[6] == (5, "finish", ctas) and {c for *_, c in log} == {ctas}, log
             return [p.detach() for p in params], ema, opt.state_dict()["state"], torch.stack(norms)
 
-        a, b = train(False), train(True)
-        assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
-        assert all(torch.equal(a[2][i][k], b[2][i][k]) for i in a[2] for k in a[2][i])
-        assert torch.allclose(a[3], b[3], rtol=1e-6, atol=0), (a[3], b[3])
+        a = train(False)
+        for b in (train(True), train(True, ctas=1)):  # ctas=1: one looping thread block per launch
+            assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+            assert all(torch.equal(a[2][i][k], b[2][i][k]) for i in a[2] for k in a[2][i])
+            assert torch.allclose(a[3], b[3], rtol=1e-6, atol=0), (a[3], b[3])
         print("ok")
     """)
     assert out.strip().endswith("ok")

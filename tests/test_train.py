@@ -1095,27 +1095,34 @@ def test_update_in_backward_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="needs train.grad_accum_steps=1; no train.grad_clip; train.mixed_precision"):
         load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward=true", "train.grad_accum_steps=2",
                                                       "train.grad_clip=1.0", "train.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="train.update_in_backward_ctas must be a positive number with "
+                                          "train.update_in_backward=true, got 8 with update_in_backward=False"):
+        load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward_ctas=8"])
+    with pytest.raises(ConfigError, match="got 0 with update_in_backward=True"):
+        load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward=true", "train.update_in_backward_ctas=0"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="update_in_backward=true needs the AdamW \\+ EMA kernel on one CUDA"):
             _train(tmp_path / "cpu", "train.update_in_backward=true")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the update's side stream needs a GPU")
-@pytest.mark.parametrize("mode", ["eager", "eager-graph", "blocks-graph"])
+@pytest.mark.parametrize("mode", ["eager", "eager-graph", "eager-graph-ctas", "blocks-graph"])
 def test_update_in_backward_equals_the_update_after_it_on_the_gpu(tmp_path, mode):
     """train.update_in_backward=true: the blocks' updates launched during the backward on a low-priority stream give
     the weights, EMA and optimizer state of the update after the backward: eager bit for bit, directly and in the
-    whole-step CUDA graph; regionally compiled within Inductor's atomics (see the test above)."""
+    whole-step CUDA graph (also with each launch capped at 4 looping thread blocks, train.update_in_backward_ctas);
+    regionally compiled within Inductor's atomics (see the test above)."""
     from dit.optim import AdamWEMA
 
     if AdamWEMA(torch.optim.AdamW([nn.Parameter(torch.zeros(4, device="cuda"))], fused=True)).reason is not None:
         pytest.skip("no Triton for the one-pass AdamW + EMA kernel")
     extra = ["train.mixed_precision=bf16", "train.warmup_steps=2", "sample.grid_size=0", "train.tf32=false",
-             "train.cuda_graph_warmup=1", f"train.cuda_graph={str(mode.endswith('graph')).lower()}"]
+             "train.cuda_graph_warmup=1", f"train.cuda_graph={str('graph' in mode).lower()}"]
     if mode.startswith("blocks"):
         extra += ["model.compile=true", "model.compile_scope=blocks"]
     after = _train(tmp_path / "after", *extra)
-    during = _train(tmp_path / "during", *extra, "train.update_in_backward=true")
+    ctas = ["train.update_in_backward_ctas=4"] if mode.endswith("ctas") else []
+    during = _train(tmp_path / "during", *extra, "train.update_in_backward=true", *ctas)
     la, lb = _log(tmp_path / "after"), _log(tmp_path / "during")
     torch.testing.assert_close(torch.tensor([r["grad_norm"] for r in la]), torch.tensor([r["grad_norm"] for r in lb]),
                                rtol=1e-5, atol=0)
