@@ -13,7 +13,7 @@ def _update_block(b, table_ptr, block_tensor_ptr, block_index_ptr, found_inf_ptr
                   HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_EMA: tl.constexpr,
                   COPY_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, GRAD_NORM: tl.constexpr,
                   FIELDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Block ``b`` of the update: BLOCK elements of one tensor (the tables of _segment_blocks)."""
+    # Block b of the update: BLOCK elements of one tensor (the tables of AdamWEMA._segment_blocks)
     row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * FIELDS  # this block's tensor
     p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
