@@ -94,8 +94,13 @@ def test_dit_layernorm_qkv_and_optimizer_kernels_compile(target):
         consts = dict(zip(("HAS_FOUND_INF", "HAS_GRAD_SCALE", "HAS_EMA", "ALIGNED", "GRAD_NORM"), flags))
         if consts["HAS_GRAD_SCALE"] and consts["GRAD_NORM"]:
             continue  # refused by AdamWEMA.launch
-        compiled = _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096),
-                            target)
+        compiled = _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS, BLOCK=4096,
+                                                 PERSISTENT=False), target)
+        if consts["ALIGNED"] and consts["GRAD_NORM"] and consts["HAS_EMA"]:  # the trainer's update, capped
+            # (train.update_in_backward_ctas): the same per-block code in a loop
+            persistent = _compile(adamw_ema, opt, dict(consts, COPY_DTYPE=copy_dtype, FIELDS=optim._FIELDS,
+                                                       BLOCK=4096, PERSISTENT=True), target)
+            assert len(re.findall(r"st\.global\.v4\.b32", persistent.asm["ptx"])) >= 12, consts
         if consts["ALIGNED"]:  # 128-bit accesses of the fp32 streams, with the gradient norm too (run 29: a store mask
             # that was not uniform per 4-float vector made them 32-bit, and the step 1.7% slower)
             vectors = len(re.findall(r"st\.global\.v4\.b32", compiled.asm["ptx"]))
