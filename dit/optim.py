@@ -357,7 +357,7 @@ class UpdateDuringBackward:
     has run the parameter is free to change. A ``p.detach()`` in the forward would break that; DiT and UNet keep it.
 
     ``max_ctas`` caps each launch's thread blocks (``AdamWEMA.launch_bucket``). Uncapped, the update's many short
-    blocks take every SM the backward leaves free, and the backward's kernels beside it slowed by about 3.5 ms of
+    blocks take every SM the backward leaves free, and the backward's kernels beside it slowed by about 4 ms of
     DiT-XL/2's step (docs/benchmarks.md, run 31); a few persistent blocks spread a block's update over the next
     block's backward instead, with a bounded share of the SMs and memory bandwidth.
     """
