@@ -5,9 +5,10 @@
 #                                                       # update in the backward, each profiled
 #   bash docs/bench/2026-12-08_run32_device.sh short    # what about four minutes of device time hold: the probe, the
 #                                                       # tuner's GPU tests, DiT-XL/2's default profiled
-#   bash docs/bench/2026-12-08_run32_device.sh next     # the next session's call (about 8 min): the probe, the GPU tests
-#                                                       # of both changes, the default, then the update in the backward
-#                                                       # uncapped and capped at 16 / 32 / 64 thread blocks per launch
+#   bash docs/bench/2026-12-08_run32_device.sh next     # the next session's call (about 8 min): the probe, the kernels'
+#                                                       # GPU tests, the default, then the update in the backward
+#                                                       # uncapped and capped at 32 / 16 / 64 thread blocks per launch,
+#                                                       # then the trainer's GPU tests of it (capped too)
 source "$(dirname "$0")/device_env.sh"
 case "$1" in
 tuner)
@@ -21,11 +22,12 @@ short)
     bench . xl_loss DiT-XL/2 70 40 --profile 3 ;;
 next)
     python3 scripts/probe_gemm_choice.py --trials 4 2>&1 | tee "$OUT/probe_gemm_choice.txt"
-    gputests next 150 tests/test_cublaslt.py tests/test_optim.py tests/test_train.py -k "algorithm or gpu or update_in_backward"
+    gputests next_kernels 60 tests/test_cublaslt.py tests/test_optim.py -k "algorithm or gpu"
     bench . xl_loss DiT-XL/2 70 40 --profile 3
     bench . xl_ub DiT-XL/2 70 40 model.compile_scope=blocks train.update_in_backward=true
-    for c in 16 32 64; do
+    for c in 32 16 64; do
         bench . "xl_ub_c$c" DiT-XL/2 70 40 model.compile_scope=blocks train.update_in_backward=true train.update_in_backward_ctas=$c
-    done ;;
+    done
+    gputests next_trainer 120 tests/test_train.py -k "update_in_backward" ;;
 *) echo "usage: $0 tuner|short|next" >&2; exit 2 ;;
 esac
