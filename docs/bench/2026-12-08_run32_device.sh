@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run 32's device call (one H100; docs/benchmarks.md, run 32): the epilogue GEMMs' algorithm tuner made steady
-# (warm-up, interleaved rounds, each candidate's best round), then the trainer with it.
+# Run 32's device calls (one H100; docs/benchmarks.md, run 32): the epilogue GEMMs' algorithm tuner made steady
+# (warm-up, interleaved rounds, each candidate's best round), and the update in the backward capped at k thread blocks
+# (train.update_in_backward_ctas).
 #   bash docs/bench/2026-12-08_run32_device.sh tuner    # the probe, the GPU tests, DiT-XL/2 compiled whole and regionally +
 #                                                       # update in the backward, each profiled
 #   bash docs/bench/2026-12-08_run32_device.sh short    # what about four minutes of device time hold: the probe, the
