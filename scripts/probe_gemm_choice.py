@@ -55,14 +55,7 @@ def main() -> None:
                                        lambda p: lt.matmul(p, w2, dy, dh, None, h)),
     }
     for name, (key, run) in problems.items():
-        runnable = []
-        for i in range(lt.plan(*key)[-2]):
-            p = lt.plan(*key, algo_index=i)
-            try:
-                run(p)
-            except RuntimeError:
-                continue
-            runnable.append((i, p))
+        runnable = lt.runnable_plans(key, run)
         old = collections.Counter(old_rule(runnable, run) for _ in range(a.trials))
         new = collections.Counter(cl.choose_algorithm(cl._time_candidates(runnable, run)) for _ in range(a.trials))
         steady = cl._time_candidates(runnable, lambda p: [run(p) for _ in range(10)])  # 30 calls per round

@@ -173,7 +173,7 @@ class _CublasLt:
 
     def fastest_plan(self, key: tuple, run) -> tuple:
         """The plan for ``key`` (``plan``'s arguments) whose algorithm ran fastest among the heuristic's candidates,
-        timed once per shape with ``run(plan)`` on the real operands (the heuristic's first choice was up to 13%
+        timed once per shape (``_time_candidates``) with ``run(plan)`` on the real operands (the heuristic's first choice was up to 13%
         slower than another candidate, docs/benchmarks.md, run 11). A choice restored by ``set_algorithm_choices``
         (a resumed run) is taken as is. While a CUDA graph is being captured nothing can be timed: the first
         choice then, and tuning waits for an uncaptured call."""
@@ -187,18 +187,23 @@ class _CublasLt:
         elif torch.cuda.is_current_stream_capturing() or count == 1:
             return first
         else:
-            runnable = []
-            for i in range(count):
-                plan = self.plan(*key, algo_index=i)
-                try:
-                    run(plan)  # an algorithm that cannot run these operands is skipped
-                except RuntimeError:
-                    continue
-                runnable.append((i, plan))
-            best = self.plan(*key, algo_index=choose_algorithm(_time_candidates(runnable, run)))
+            best = self.plan(*key, algo_index=choose_algorithm(_time_candidates(self.runnable_plans(key, run), run)))
             _CHOICES[name] = best[-1]
         self.tuned[key] = best
         return best
+
+    def runnable_plans(self, key: tuple, run) -> list[tuple[int, tuple]]:
+        """(candidate index, plan) of each of the heuristic's candidates for ``key`` that ``run(plan)`` runs once
+        without error (an algorithm that cannot run these operands is left out)."""
+        runnable = []
+        for i in range(self.plan(*key)[-2]):
+            plan = self.plan(*key, algo_index=i)
+            try:
+                run(plan)
+            except RuntimeError:
+                continue
+            runnable.append((i, plan))
+        return runnable
 
     def matmul(self, plan: tuple, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None,
                aux: torch.Tensor | None = None) -> None:
