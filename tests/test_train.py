@@ -1099,7 +1099,8 @@ def test_update_in_backward_settings_are_checked(tmp_path):
                                           "train.update_in_backward=true, got 8 with update_in_backward=False"):
         load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward_ctas=8"])
     with pytest.raises(ConfigError, match="got 0 with update_in_backward=True"):
-        load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward=true", "train.update_in_backward_ctas=0"])
+        load_config(None, tiny_overrides(tmp_path) + ["train.update_in_backward=true",
+                                                      "train.update_in_backward_ctas=0"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="update_in_backward=true needs the AdamW \\+ EMA kernel on one CUDA"):
             _train(tmp_path / "cpu", "train.update_in_backward=true")
