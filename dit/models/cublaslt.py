@@ -175,8 +175,8 @@ class _CublasLt:
         """The plan for ``key`` (``plan``'s arguments) whose algorithm ran fastest among the heuristic's candidates,
         timed once per shape (``_time_candidates``) with ``run(plan)`` on the real operands (the heuristic's first
         choice was up to 13% slower than another candidate, docs/benchmarks.md, run 11). A choice restored by
-        ``set_algorithm_choices`` (a resumed run) is taken as is. While a CUDA graph is being captured nothing can be timed: the first
-        choice then, and tuning waits for an uncaptured call."""
+        ``set_algorithm_choices`` (a resumed run) is taken as is. While a CUDA graph is being captured nothing can be
+        timed: the first choice then, and tuning waits for an uncaptured call."""
         best = self.tuned.get(key)
         if best is not None:
             return best
